@@ -1,0 +1,59 @@
+"""Tiny random models of every supported family, for fast CPU tests.
+
+Each config is the smallest that still exercises what the family does differently: sliding-window layers
+(gemma2, gemma3, qwen2), grouped-query attention, logit soft-capping (gemma2), a projected OPT decoder,
+partial rotary (gpt_neox), learned absolute positions (gpt2, opt).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+NUM_LAYERS = 6
+VOCAB = 96
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size=VOCAB)
+_DECODER = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    num_hidden_layers=NUM_LAYERS, max_position_embeddings=128, **_TOKENS,
+)
+_SLIDING = ["sliding_attention", "full_attention"] * (NUM_LAYERS // 2)
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(_DECODER),
+    "mistral": dict(_DECODER, sliding_window=None),
+    "qwen2": dict(_DECODER, use_sliding_window=True, sliding_window=4, max_window_layers=3),
+    "qwen3": dict(_DECODER, layer_types=list(_SLIDING), sliding_window=4, use_sliding_window=True),
+    "gemma2": dict(_DECODER, sliding_window=4, layer_types=list(_SLIDING), query_pre_attn_scalar=8),
+    "gemma3_text": dict(_DECODER, sliding_window=4, layer_types=list(_SLIDING), query_pre_attn_scalar=8),
+    "phi3": dict(_DECODER),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=NUM_LAYERS,
+                word_embed_proj_dim=16, max_position_embeddings=128, **_TOKENS),
+    "gpt2": dict(n_embd=32, n_head=4, n_layer=NUM_LAYERS, n_positions=128, **_TOKENS),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=NUM_LAYERS,
+                     max_position_embeddings=128, **_TOKENS),
+}
+
+# Where each family keeps its blocks, written out independently of pudding.omit so the parity tests do not
+# trust the code under test to find them.
+BLOCK_PREFIX = {
+    "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers",
+    "gemma2": "model.layers", "gemma3_text": "model.layers", "phi3": "model.layers",
+    "opt": "model.decoder.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers",
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    return AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A randomly initialised, eval-mode model of ``model_type`` with NUM_LAYERS blocks, fp32, eager-free."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    # Random init leaves some norms at exactly 1 and biases at 0; perturb every parameter so that a block
+    # which is wrongly skipped or reordered always changes the output.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
