@@ -7,11 +7,14 @@ partial rotary (gpt_neox), learned absolute positions (gpt2, opt).
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 NUM_LAYERS = 6
-VOCAB = 96
+VOCAB = 320  # room for the tiny byte-level BPE tokenizer below
 _TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size=VOCAB)
 _DECODER = dict(
     hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -57,3 +60,26 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model.eval()
+
+
+_CORPUS = [
+    "Question: Which technology was developed most recently? Answer: cellular telephone",
+    "The man turned on the faucet. Water flowed from the spout because the valve opened.",
+    "A revolving door is convenient for two direction travel, but it also serves as a security measure.",
+    "Sarah was a much better surgeon than Maria so she always got the easier cases.",
+    "How do I ready a guinea pig cage for its new occupants? Provide bedding made of paper strips.",
+] * 4
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with VOCAB entries, trained offline on a fixed corpus (deterministic)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

