@@ -15,7 +15,10 @@ QUESTIONS = [
     ("Question: Which technology was developed most recently?\nAnswer:", [" cellular telephone", " television", " a"]),
     ("The man turned on the faucet. Water flowed", [" because the valve opened.", " from the spout"]),
     ("Sarah was a much better surgeon ", [" than Maria", " so she always got the easier cases"]),  # trailing space
-    ("How do I ready a guinea pig cage?\nAnswer:", [" yes", " no"]),  # single-token continuations
+    ("How do I ready a guinea pig cage?\nAnswer:", [" yes", " no"]),
+    ("Which word comes first in the sentence here?\nAnswer:", [" a", " the"]),  # single-token continuations
+    ("A revolving door is convenient for two direction travel, but it also serves as a security measure at a"
+     " what?\nAnswer:", [" bank vault", " library", " department store", " mall"]),  # long shared context
 ]
 SINGLES = [
     Request("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
@@ -94,3 +97,14 @@ def test_golden_numbers_on_fixed_weights():
 
 GOLDEN_TOKENS = (13, 7)
 GOLDEN_LOGPROBS = (-75.10995, -40.37930)
+
+
+def test_parity_requests_exercise_both_shared_and_packed_paths():
+    """Guards the parity tests above: they must cover context sharing (with and without a second pass) and packing."""
+    tokenizer = tiny_tokenizer()
+    scorer = LikelihoodScorer(tiny_model("llama"), tokenizer)
+    encoded = [encode_request(tokenizer, r) for r in REQUESTS]
+    shared, packed = scorer._split_by_shared_context(encoded)
+    assert packed
+    assert any(all(len(encoded[i].continuation) == 1 for i in g) for g in shared)
+    assert any(any(len(encoded[i].continuation) > 1 for i in g) for g in shared)

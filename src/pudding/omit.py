@@ -144,7 +144,7 @@ def validate_omission(blocks: Iterable[int] | str | None, total: int) -> Omissio
     if blocks is None:
         return ()
     if isinstance(blocks, str):
-        blocks = _parse_block_list(blocks)
+        blocks = parse_block_list(blocks)
     if isinstance(blocks, (int, float, bytes)) or not isinstance(blocks, Iterable):
         raise ConfigError(f"omission set must be a collection of block indices, got {type(blocks).__name__}")
     items = list(blocks)
@@ -162,7 +162,8 @@ def validate_omission(blocks: Iterable[int] | str | None, total: int) -> Omissio
     return tuple(sorted(items))
 
 
-def _parse_block_list(text: str) -> list[int]:
+def parse_block_list(text: str) -> list[int]:
+    """Parse "20, 21" into [20, 21]; ConfigError on anything that is not an integer."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
         return [int(p) for p in parts]

@@ -128,7 +128,7 @@ class LikelihoodScorer:
         scores[0].logprob  # summed log p(" 4" | context)
     """
 
-    def __init__(self, model, tokenizer, *, max_batch_tokens: int = 4096, share_context: bool = True,
+    def __init__(self, model, tokenizer, *, max_batch_tokens: int = 512, share_context: bool = True,
                  add_bos: bool | None = None):
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
@@ -173,12 +173,24 @@ class LikelihoodScorer:
             by_context.setdefault(item.context, []).append(index)
         shared, packed = [], []
         for context, members in by_context.items():
-            longest = len(context) + max(len(encoded[i].continuation) for i in members)
-            if self.share_context and len(members) > 1 and longest <= self.max_length:
+            if self.share_context and self._sharing_pays(context, [encoded[i] for i in members]):
                 shared.append(members)
             else:
                 packed.extend(members)
         return shared, packed
+
+    def _sharing_pays(self, context: tuple[int, ...], members: list[_Encoded]) -> bool:
+        """Share a context only when that saves more tokens than padding the choices to one length costs.
+
+        Sharing saves (n-1) context passes, but the second pass pads every choice to the longest one; for
+        short questions with long, uneven answers (PIQA) packing whole sequences is cheaper.
+        """
+        lengths = [len(m.continuation) for m in members]
+        if len(members) < 2 or len(context) + max(lengths) > self.max_length:
+            return False
+        saved = (len(members) - 1) * len(context)
+        padding = len(members) * max(lengths) - sum(lengths)
+        return saved > padding + 2 * sum(lengths) // len(members)
 
     def _shared_batches(self, groups: list[list[int]], encoded: list[_Encoded]) -> Iterator[list[list[int]]]:
         # Longest contexts first, so each batch pads little and memory peaks early, where it is visible.

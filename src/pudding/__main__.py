@@ -1,0 +1,5 @@
+import sys
+
+from pudding.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""The ``pudding`` command: a thin dispatch table over each stage's entry function.
+
+Heavy libraries are imported inside the handlers so that ``pudding --help`` stays instant. Errors caused by
+the user's input (:class:`~pudding.errors.PuddingError`) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from pudding.errors import PuddingError
+
+EXIT_USAGE = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _omission(text: str) -> tuple[int, ...]:
+    from pudding.omit import parse_block_list
+
+    if text.strip().lower() in ("none", "dense", ""):
+        return ()
+    return tuple(parse_block_list(text))
+
+
+def _add_eval(sub) -> None:
+    parser = sub.add_parser("eval", help="zero-shot multiple-choice accuracy, dense or with blocks omitted",
+                            description="Score tasks zero-shot; each --omit gives one row of results.")
+    parser.add_argument("--model", default="default", help="'default', a .gguf file, a model folder or a hub id")
+    parser.add_argument("--tasks", default="piqa,arc_easy", help="comma-separated task names (see `pudding tasks`)")
+    parser.add_argument("--omit", action="append", type=_omission, metavar="BLOCKS",
+                        help="comma-separated 0-based blocks to omit, or 'none' for dense; repeat for more rows")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="documents per task (seeded sample)")
+    parser.add_argument("--split", default="evaluation", choices=["evaluation", "calibration"])
+    parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
+    parser.add_argument("--output-dir", default="runs/eval", help="where the result JSON is written")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from pudding.evaluate import EvalConfig, evaluate, format_table
+
+    config = EvalConfig(model=args.model, tasks=args.tasks, omissions=tuple(args.omit or [()]), limit=args.limit,
+                        split=args.split, max_batch_tokens=args.batch_tokens, output_dir=args.output_dir,
+                        progress=not args.no_progress)
+    result = evaluate(config)
+    print(format_table(result))
+    print(f"\nwrote {result['path']}")
+    return 0
+
+
+def _add_tasks(sub) -> None:
+    parser = sub.add_parser("tasks", help="list the registered multiple-choice tasks")
+    parser.set_defaults(handler=_run_tasks)
+
+
+def _run_tasks(args) -> int:
+    from pudding.tasks import get_task, task_names
+
+    for name in task_names():
+        print(f"{name:<40} {get_task(name).metric}")
+    return 0
+
+
+SUBCOMMANDS: dict[str, Callable] = {"eval": _add_eval, "tasks": _add_tasks}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pudding", description="Prompt-routed depth pruning of decoder LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pudding`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PuddingError as error:
+        print(f"pudding: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("pudding: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Zero-shot multiple-choice evaluation, dense or with blocks omitted.
+
+One entry function, :func:`evaluate`, configured by :class:`EvalConfig`; ``pudding eval`` is a thin wrapper.
+Each omission set is one row of results; the model is loaded once and every row scores the same documents.
+
+Example::
+
+    from pudding.evaluate import EvalConfig, evaluate
+    result = evaluate(EvalConfig(tasks=("piqa",), omissions=((), (20, 21)), limit=50))
+    result["runs"][1]["tasks"]["piqa"]["acc"]["value"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pudding.errors import ConfigError
+from pudding.load import DEFAULT_MODEL, load_config, load_model, model_name
+from pudding.metrics import DocScores, aggregate
+from pudding.omit import OmissionSet, omit_blocks, validate_omission
+from pudding.provenance import atomic_write_json, provenance
+from pudding.score import LikelihoodScorer, Request
+from pudding.tasks import MCDoc, get_task, load_docs
+
+SPLITS = ("calibration", "evaluation")
+REPORTED_METRICS = ("acc", "acc_norm", "task_likelihood")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of one evaluation run.
+
+    Attributes:
+        model: ``"default"`` (embedded SmolLM2), a ``.gguf`` file, a model folder or a hub id.
+        tasks: registered task names (see ``pudding tasks``); a comma-separated string is accepted.
+        omissions: one omission set per result row; ``()`` is the dense model.
+        limit: documents per task (a fixed, seeded sample of the split); None for all.
+        split: ``"evaluation"`` (reported accuracy) or ``"calibration"``.
+        max_batch_tokens: padded tokens per forward pass.
+        output_dir: where the result JSON goes; None to write nothing.
+        save_samples: store every document's per-choice scores in the JSON (enables later re-analysis).
+        progress: show progress bars.
+    """
+
+    model: str = DEFAULT_MODEL
+    tasks: tuple[str, ...] = ("piqa", "arc_easy")
+    omissions: tuple[OmissionSet, ...] = ((),)
+    limit: int | None = None
+    split: str = "evaluation"
+    max_batch_tokens: int = 512
+    output_dir: str | None = "runs/eval"
+    save_samples: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
+        tasks = [t.strip() for t in tasks if t and t.strip()]
+        if not tasks:
+            raise ConfigError("no tasks given: pass at least one, e.g. --tasks piqa,arc_easy")
+        for name in tasks:
+            get_task(name)  # raises UnknownNameError listing the known tasks
+        object.__setattr__(self, "tasks", tuple(dict.fromkeys(tasks)))
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ConfigError(f"limit must be a positive integer or None, got {self.limit!r}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.max_batch_tokens < 1:
+            raise ConfigError("max_batch_tokens must be positive")
+        if not self.omissions:
+            raise ConfigError("omissions must list at least one set; () is the dense model")
+        # Full range checks need the model's block count; here we only normalise types and duplicates.
+        object.__setattr__(self, "omissions", tuple(validate_omission(o, 10**9) for o in self.omissions))
+
+
+def omission_label(omitted: OmissionSet) -> str:
+    """``"dense"`` or ``"omit 20,21"``: the row name of an omission set in tables."""
+    return "dense" if not omitted else "omit " + ",".join(map(str, omitted))
+
+
+def doc_requests(doc: MCDoc) -> list[Request]:
+    """One scoring request per choice of ``doc``."""
+    return [Request(c, x) for c, x in zip(doc.contexts, doc.continuations)]
+
+
+def score_docs(scorer: LikelihoodScorer, docs: list[MCDoc], progress: bool | str = False) -> list[DocScores]:
+    """Score every choice of every document in one batched pass; results follow ``docs``."""
+    requests = [r for doc in docs for r in doc_requests(doc)]
+    flat = iter(scorer.score(requests, progress=progress))
+    return [DocScores(doc.doc_id, doc.gold, tuple(next(flat) for _ in range(doc.n_choices))) for doc in docs]
+
+
+def _task_summary(task_name: str, scored: list[DocScores], seconds: float) -> dict[str, Any]:
+    summary: dict[str, Any] = {"primary_metric": get_task(task_name).metric, "seconds": round(seconds, 2)}
+    for metric in REPORTED_METRICS:
+        summary[metric] = dataclasses.asdict(aggregate(scored, metric))
+    return summary
+
+
+def _evaluate_omission(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]], omitted: OmissionSet) -> dict:
+    run: dict[str, Any] = {"omitted": list(omitted), "label": omission_label(omitted), "tasks": {}, "samples": {}}
+    with omit_blocks(scorer.model, omitted):
+        for task_name, task_docs in docs.items():
+            start = time.perf_counter()
+            desc = f"{omission_label(omitted)} {task_name}" if config.progress else False
+            scored = score_docs(scorer, task_docs, progress=desc)
+            run["tasks"][task_name] = _task_summary(task_name, scored, time.perf_counter() - start)
+            if config.save_samples:
+                run["samples"][task_name] = [d.to_json() for d in scored]
+    return run
+
+
+def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
+    """Run ``config`` and return the result dict (also written as JSON when ``config.output_dir`` is set).
+
+    Pass an already loaded ``model`` and ``tokenizer`` to skip loading ``config.model``.
+    """
+    if model is None:
+        total = load_config(config.model).num_hidden_layers
+    else:
+        total = model.config.num_hidden_layers
+    for omitted in config.omissions:
+        validate_omission(omitted, total)  # fail before the slow part
+    docs = {name: load_docs(name, config.split, limit=config.limit) for name in config.tasks}
+    if model is None:
+        model, tokenizer = load_model(config.model)
+    scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens)
+    result = {
+        "config": dataclasses.asdict(config),
+        "model": {"spec": config.model, "name": model_name(config.model), "model_type": model.config.model_type,
+                  "num_blocks": total},
+        "provenance": provenance(),
+        "runs": [_evaluate_omission(config, scorer, docs, omitted) for omitted in config.omissions],
+    }
+    if config.output_dir is not None:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        result["path"] = str(atomic_write_json(Path(config.output_dir) / f"eval-{stamp}.json", result))
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The results as a Markdown table: row, task, metric, value, stderr, N (primary metric first)."""
+    lines = ["| model | task | metric | value | stderr | N |", "|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        for task_name, summary in run["tasks"].items():
+            primary = summary["primary_metric"]
+            for metric in (primary, *[m for m in ("acc", "acc_norm") if m != primary]):
+                agg = summary[metric]
+                lines.append(f"| {run['label']} | {task_name} | {metric} | {agg['value']:.4f} | "
+                             f"{agg['stderr']:.4f} | {agg['n']} |")
+    return "\n".join(lines)
