@@ -1,20 +1,34 @@
 """pudding: prompt-routed depth pruning of Hugging Face decoder LLMs.
 
-The package layout follows the pipeline: ``load`` (model) -> ``omit`` (skip blocks) -> ``tasks`` (data) ->
-``score`` (log-likelihoods) -> ``metrics`` -> ``evaluate``.
+The modules follow the pipeline: ``load`` (model) -> ``omit`` (skip blocks) -> ``tasks`` (data) ->
+``score`` (log-likelihoods) -> ``metrics`` -> ``evaluate``. The names below are imported lazily, so that
+``import pudding`` (and ``pudding --help``) does not pull in torch.
 """
 
-from pudding.errors import PuddingError
-from pudding.omit import OmissionSet, omit_blocks, prune_blocks, supported_model_types, validate_omission
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "OmissionSet",
-    "PuddingError",
-    "omit_blocks",
-    "prune_blocks",
-    "supported_model_types",
-    "validate_omission",
-    "__version__",
-]
+_EXPORTS = {
+    "load_model": "pudding.load",
+    "omit_blocks": "pudding.omit",
+    "prune_blocks": "pudding.omit",
+    "validate_omission": "pudding.omit",
+    "supported_model_types": "pudding.omit",
+    "OmissionSet": "pudding.omit",
+    "LikelihoodScorer": "pudding.score",
+    "Request": "pudding.score",
+    "load_docs": "pudding.tasks",
+    "task_names": "pudding.tasks",
+    "EvalConfig": "pudding.evaluate",
+    "evaluate": "pudding.evaluate",
+    "PuddingError": "pudding.errors",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pudding' has no attribute {name!r}")

@@ -25,12 +25,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _omission(text: str) -> tuple[int, ...]:
-    from pudding.omit import parse_block_list
-
-    if text.strip().lower() in ("none", "dense", ""):
-        return ()
-    return tuple(parse_block_list(text))
+def _omission(text: str) -> str:
+    # Parsed later by EvalConfig, so a malformed set gets the same one-line error as every other bad input.
+    return "" if text.strip().lower() in ("none", "dense") else text
 
 
 def _add_eval(sub) -> None:
@@ -51,7 +48,7 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     from pudding.evaluate import EvalConfig, evaluate, format_table
 
-    config = EvalConfig(model=args.model, tasks=args.tasks, omissions=tuple(args.omit or [()]), limit=args.limit,
+    config = EvalConfig(model=args.model, tasks=args.tasks, omissions=tuple(args.omit or [""]), limit=args.limit,
                         split=args.split, max_batch_tokens=args.batch_tokens, output_dir=args.output_dir,
                         progress=not args.no_progress)
     result = evaluate(config)

@@ -151,17 +151,16 @@ class LikelihoodScorer:
         encoded = [encode_request(self.tokenizer, r, self.add_bos) for r in requests]
         shared, packed = self._split_by_shared_context(encoded)
         results: list[ChoiceScore | None] = [None] * len(requests)
-        total = sum(len(e.context) + len(e.continuation) for e in encoded)
         desc = progress if isinstance(progress, str) else "scoring"
-        with torch.inference_mode(), tqdm(total=total, unit="tok", desc=desc, disable=not progress) as bar:
+        with torch.inference_mode(), tqdm(total=len(requests), unit="req", desc=desc, disable=not progress) as bar:
             for groups in self._shared_batches(shared, encoded):
                 for index, score in self._run_shared(groups, encoded, requests):
                     results[index] = score
-                bar.update(sum(len(encoded[g[0]].context) + sum(len(encoded[i].continuation) for i in g) for g in groups))
+                    bar.update()
             for batch in self._packed_batches(packed, encoded):
                 for index, score in self._run_packed(batch, encoded, requests):
                     results[index] = score
-                bar.update(sum(len(encoded[i].context) + len(encoded[i].continuation) for i in batch))
+                    bar.update()
         return results  # type: ignore[return-value]
 
     # --- planning -------------------------------------------------------------------------------------------

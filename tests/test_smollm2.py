@@ -1,0 +1,54 @@
+"""The embedded SmolLM2-135M, end to end: a small smoke test by default, a fuller check under ``-m slow``."""
+
+from __future__ import annotations
+
+import pytest
+
+from pudding.evaluate import doc_requests, score_docs
+from pudding.load import load_model
+from pudding.metrics import aggregate
+from pudding.omit import num_blocks, omit_blocks
+from pudding.score import LikelihoodScorer, score_one_by_one
+from pudding.tasks import load_docs
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("default")
+
+
+def test_default_model_loads_as_30_block_llama_with_pad_token(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama" and num_blocks(model) == 30
+    assert model.config.hidden_size == 576 and not model.training
+    assert tokenizer.pad_token_id is not None
+
+
+def test_batched_scorer_matches_naive_loop_on_real_docs(smollm2):
+    model, tokenizer = smollm2
+    docs = load_docs("arc_easy", "calibration", limit=3) + load_docs("winogrande", "calibration", limit=2)
+    requests = [r for doc in docs for r in doc_requests(doc)]
+    for omitted in ((), (10, 20)):
+        with omit_blocks(model, omitted):
+            want = score_one_by_one(model, tokenizer, requests)
+            got = LikelihoodScorer(model, tokenizer).score(requests)
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want)) < 1e-3
+
+
+def test_dense_piqa_is_above_chance_and_omission_hurts_it(smollm2):
+    model, tokenizer = smollm2
+    scorer = LikelihoodScorer(model, tokenizer)
+    docs = load_docs("piqa", "evaluation", limit=40)
+    dense = score_docs(scorer, docs)
+    with omit_blocks(model, range(8, 26)):  # 18 of 30 blocks: far past what the model survives
+        crippled = score_docs(scorer, docs)
+    assert aggregate(dense, "acc").value > 0.55
+    assert aggregate(crippled, "task_likelihood").value < aggregate(dense, "task_likelihood").value
+
+
+@pytest.mark.slow
+def test_piqa_accuracy_on_200_docs_is_near_the_known_0_64(smollm2):
+    model, tokenizer = smollm2
+    docs = load_docs("piqa", "evaluation", limit=200)
+    value = aggregate(score_docs(LikelihoodScorer(model, tokenizer), docs), "acc").value
+    assert 0.58 <= value <= 0.72
