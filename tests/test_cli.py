@@ -40,6 +40,7 @@ def test_eval_runs_and_writes_json_with_provenance(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| dense | piqa | acc |" in out and "| omit 1,2 | arc_easy | acc |" in out
     (path,) = tmp_path.glob("eval-*.json")
+    assert "| dense | piqa | acc |" in path.with_suffix(".md").read_text()
     result = json.loads(path.read_text())
     assert result["provenance"]["git"]["commit"] and result["provenance"]["date"]
     assert result["config"]["tasks"] == ["piqa", "arc_easy"] and result["config"]["limit"] == 3
@@ -100,3 +101,10 @@ def test_tasks_lists_the_registry(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
     assert "piqa" in out and "arc_challenge" in out and "acc_norm" in out
+
+
+def test_unreachable_hub_id_fails_fast_with_a_clear_message(monkeypatch, capsys):
+    monkeypatch.setattr(load_module, "hub_reachable", lambda: False)
+    status = main(["eval", "--model", "someorg/no-such-model", "--limit", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status != 0 and "hub is unreachable" in err and "someorg/no-such-model" in err

