@@ -14,6 +14,8 @@ unsupported model fails in seconds with the list of supported ones.
 from __future__ import annotations
 
 import importlib.util
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,3 +146,20 @@ def model_name(spec: str) -> str:
     if spec == DEFAULT_MODEL:
         return DEFAULT_MODEL_NAME
     return Path(spec.rstrip("/")).name.removesuffix(".gguf")
+
+
+# Config fields that name or stamp a checkpoint rather than define the network; they differ between copies
+# of the same model (a hub id vs a local folder, a GGUF vs safetensors) and must not break the fingerprint.
+_NON_DEFINING_FIELDS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+                        "_commit_hash", "quantization_config", "tokenizer_class")
+
+
+def model_fingerprint(config) -> dict:
+    """Identity of a model's architecture: ``{"model_type", "num_blocks", "config_sha256"}``.
+
+    Saved into every artifact so a later stage can refuse an artifact made for another model.
+    """
+
+    fields = {k: v for k, v in config.to_dict().items() if k not in _NON_DEFINING_FIELDS}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    return {"model_type": config.model_type, "num_blocks": config.num_hidden_layers, "config_sha256": digest[:16]}

@@ -59,6 +59,30 @@ class ChoiceScore:
 
 
 @dataclass(frozen=True)
+class PackedBatch:
+    """Left-padded, whole-sequence requests ready for one forward pass (see :meth:`LikelihoodScorer.pack`).
+
+    Attributes:
+        indices: positions of the rows in the request list that was packed.
+        input_ids, attention_mask, position_ids: (rows, width) tensors.
+        targets: per row, the continuation token ids; they are the last tokens of the row's sequence.
+        requests: per row, the request (for its text lengths).
+    """
+
+    indices: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    targets: list[torch.Tensor]
+    requests: list[Request]
+
+    @property
+    def keep(self) -> int:
+        """How many final positions need logits: the longest continuation."""
+        return max(len(t) for t in self.targets)
+
+
+@dataclass(frozen=True)
 class _Encoded:
     context: tuple[int, ...]
     continuation: tuple[int, ...]
@@ -241,18 +265,35 @@ class LikelihoodScorer:
         return (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _run_packed(self, batch: list[int], encoded: list[_Encoded], requests: Sequence[Request]):
+        yield from zip(batch, self.score_packed(self._make_packed(batch, encoded, requests)))
+
+    def _make_packed(self, batch: list[int], encoded: list[_Encoded], requests: Sequence[Request]) -> PackedBatch:
         # As lm-eval: keep the last max_length+1 tokens, feed all but the last, score the continuation.
         wholes = [(encoded[i].context + encoded[i].continuation)[-(self.max_length + 1):] for i in batch]
         cont_lens = [len(encoded[i].continuation) for i in batch]
         ids, mask = self._left_pad([w[:-1] for w in wholes])
-        keep = max(cont_lens)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask),
-                            use_cache=False, logits_to_keep=keep).logits
-        for row, index in enumerate(batch):
-            n = cont_lens[row]
-            targets = torch.tensor(wholes[row][-n:], device=logits.device)
-            logprobs, greedy = _token_logprobs(logits[row, keep - n:], targets)
-            yield index, _make_score(requests[index], logprobs, greedy)
+        targets = [torch.tensor(w[-n:], device=ids.device) for w, n in zip(wholes, cont_lens)]
+        return PackedBatch(batch, ids, mask, self._positions(mask), targets, [requests[i] for i in batch])
+
+    def pack(self, requests: Sequence[Request]) -> list[PackedBatch]:
+        """Tokenise and pad ``requests`` into packed batches, without context sharing.
+
+        Callers that score the *same* requests under many omission sets (the candidate search) pack once and
+        call :meth:`score_packed` per set; identical batches also make cached hidden states reusable.
+        """
+        encoded = [encode_request(self.tokenizer, r, self.add_bos) for r in requests]
+        return [self._make_packed(b, encoded, requests) for b in self._packed_batches(list(range(len(requests))), encoded)]
+
+    def score_packed(self, batch: PackedBatch) -> list[ChoiceScore]:
+        """Scores of one packed batch's rows, in row order."""
+        with torch.inference_mode():
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids, use_cache=False, logits_to_keep=batch.keep).logits
+        scores = []
+        for row, (targets, request) in enumerate(zip(batch.targets, batch.requests)):
+            logprobs, greedy = _token_logprobs(logits[row, batch.keep - len(targets):], targets)
+            scores.append(_make_score(request, logprobs, greedy))
+        return scores
 
     def _run_shared(self, groups: list[list[int]], encoded: list[_Encoded], requests: Sequence[Request]):
         contexts = [encoded[g[0]].context for g in groups]

@@ -1,0 +1,149 @@
+"""Greedy block search: prefix reuse is exact, barriers hold, objectives match hand computation, and a
+killed search resumes to the identical result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pudding.errors import ConfigError, UnknownNameError
+from pudding.omit import omit_blocks
+from pudding.score import LikelihoodScorer, Request, score_one_by_one
+from pudding.search import (CandidateEvaluator, OBJECTIVES, check_k, get_objective, greedy_search,
+                            removable_blocks)
+from pudding.tasks import MCDoc
+from tiny import NUM_LAYERS, tiny_model, tiny_tokenizer
+
+DOCS = [
+    MCDoc("t", "a", ("Question: Which technology was developed most recently?\nAnswer:",) * 3,
+          (" cellular telephone", " television", " a"), 0, "Question: Which technology was developed most recently?\nAnswer:"),
+    MCDoc("t", "b", ("The man turned on the faucet. Water flowed",) * 2,
+          (" because the valve opened.", " from the spout"), 1, "The man turned on the faucet. Water flowed"),
+    MCDoc("t", "c", ("Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"),
+          (" always got the easier cases.",) * 2, 1, "Sarah was a much better surgeon than Maria so _ always got the easier cases."),
+]
+REQUESTS = OBJECTIVES["margin"].requests(DOCS)
+
+
+def _evaluator(model_type="llama", reuse=True, batch_tokens=48):
+    scorer = LikelihoodScorer(tiny_model(model_type), tiny_tokenizer(), max_batch_tokens=batch_tokens)
+    return CandidateEvaluator(scorer, REQUESTS, reuse_prefix=reuse)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2", "opt", "qwen2"])
+def test_prefix_reuse_gives_the_same_scores_as_full_forwards(model_type):
+    omissions = [(), (0,), (2,), (3, 4), (1, 5), (4, 5), (2, 3, 4, 5)]
+    with_reuse = _evaluator(model_type, reuse=True).evaluate(omissions)
+    model = tiny_model(model_type)
+    for omitted, got in zip(omissions, with_reuse):
+        with omit_blocks(model, omitted):
+            want = score_one_by_one(model, tiny_tokenizer(), REQUESTS)
+        assert [round(g.logprob, 4) for g in got] == pytest.approx([w.logprob for w in want], abs=1e-4)
+
+
+def test_prefix_reuse_skips_work_and_counts_it():
+    evaluator = _evaluator()
+    evaluator.evaluate([(3,), (4,), (3, 4)])
+    assert evaluator.stats.ratio > 1.3
+
+
+@pytest.mark.parametrize("objective", ["tl", "margin"])
+def test_search_picks_identical_sets_with_and_without_reuse(objective):
+    loss = lambda scores: OBJECTIVES[objective].loss(DOCS, scores)  # noqa: E731
+    requests = OBJECTIVES[objective].requests(DOCS)
+    results = []
+    for reuse in (True, False):
+        scorer = LikelihoodScorer(tiny_model("llama"), tiny_tokenizer(), max_batch_tokens=48)
+        results.append(greedy_search(CandidateEvaluator(scorer, requests, reuse_prefix=reuse), loss, k=3))
+    assert results[0].removal_order == results[1].removal_order
+    assert results[0].trajectory == pytest.approx(results[1].trajectory, abs=1e-4)
+
+
+def test_each_step_removes_the_argmin_and_respects_barriers():
+    evaluator = _evaluator()
+    loss = lambda scores: OBJECTIVES["margin"].loss(DOCS, scores)  # noqa: E731
+    result = greedy_search(evaluator, loss, k=3)
+    assert 0 not in result.blocks and NUM_LAYERS - 1 not in result.blocks
+    for step in result.steps:
+        assert step.loss == min(step.candidate_losses.values())
+        assert step.candidate_losses[step.removed] == step.loss
+    assert sorted(result.steps[1].candidate_losses) == [b for b in range(1, NUM_LAYERS - 1) if b != result.steps[0].removed]
+    wide = greedy_search(_evaluator(), loss, k=2, barriers=(2, 0))
+    assert not {0, 1} & set(wide.blocks)
+
+
+def test_objective_losses_match_hand_computation():
+    scores = score_one_by_one(tiny_model("llama"), tiny_tokenizer(), REQUESTS)
+    gold = [scores[0], scores[4], scores[6]]  # gold of each doc in the flat choice list
+    assert OBJECTIVES["tl"].loss(DOCS, gold) == pytest.approx(-sum(s.logprob / s.n_tokens for s in gold))
+    means = [s.logprob / s.n_tokens for s in scores]
+    want = -((means[0] - (means[1] + means[2]) / 2) + (means[4] - means[3]) + (means[6] - means[5]))
+    assert OBJECTIVES["margin"].loss(DOCS, scores) == pytest.approx(want)
+    assert OBJECTIVES["ppl"].loss(DOCS, scores) == pytest.approx(-sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores))
+    assert OBJECTIVES["ppl"].requests([DOCS[0]]) == [Request("", DOCS[0].contexts[0])]
+
+
+def test_bad_k_and_unknown_objective():
+    assert removable_blocks(30, (1, 1)) == list(range(1, 29))
+    with pytest.raises(ConfigError, match="below the 28 removable"):
+        check_k(28, 30, (1, 1))
+    with pytest.raises(ConfigError, match="at least 1"):
+        check_k(0, 30, (1, 1))
+    with pytest.raises(UnknownNameError, match="known objectives: tl, margin, ppl"):
+        get_objective("bleu")
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    loss = lambda scores: OBJECTIVES["tl"].loss(DOCS, scores)  # noqa: E731
+    path = tmp_path / "ck.json"
+    greedy_search(_evaluator(), loss, k=1, checkpoint=path, identity={"k": 1, "task": "t"})
+    with pytest.raises(ConfigError, match="differs in: k"):
+        greedy_search(_evaluator(), loss, k=2, checkpoint=path, identity={"k": 2, "task": "t"})
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="corrupt"):
+        greedy_search(_evaluator(), loss, k=1, checkpoint=path, identity={"k": 1, "task": "t"})
+    assert path.read_text() == "{not json", "a refused checkpoint must not be overwritten"
+
+
+_CHILD = r"""
+import sys, time, json
+sys.path[:0] = [{tests!r}, {src!r}]
+import pudding.search as search
+from test_search import DOCS, OBJECTIVES, _evaluator
+original = search._Checkpoint.save
+def slow_save(self):
+    original(self)
+    time.sleep(0.5)  # widen the window in which the parent kills us, between two steps
+search._Checkpoint.save = slow_save
+loss = lambda scores: OBJECTIVES["margin"].loss(DOCS, scores)
+result = search.greedy_search(_evaluator(), loss, k=3, checkpoint={ck!r}, identity={{"k": 3}})
+print(json.dumps(result.removal_order))
+"""
+
+
+def test_search_killed_with_sigkill_resumes_to_the_identical_result(tmp_path):
+    tests, src = str(Path(__file__).parent), str(Path(__file__).parents[1] / "src")
+    loss = lambda scores: OBJECTIVES["margin"].loss(DOCS, scores)  # noqa: E731
+    uninterrupted = greedy_search(_evaluator(), loss, k=3)
+    checkpoint = tmp_path / "ck.json"
+    code = _CHILD.format(tests=tests, src=src, ck=str(checkpoint))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if checkpoint.exists() and len(json.loads(checkpoint.read_text())["steps"]) >= 1:
+            break
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    steps_at_kill = len(json.loads(checkpoint.read_text())["steps"])
+    assert 1 <= steps_at_kill < 3, "the child must be killed mid-search"
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(finished.stdout.strip().splitlines()[-1]) == uninterrupted.removal_order
+    assert len(json.loads(checkpoint.read_text())["steps"]) == 3
