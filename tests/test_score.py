@@ -108,3 +108,18 @@ def test_parity_requests_exercise_both_shared_and_packed_paths():
     assert packed
     assert any(all(len(encoded[i].continuation) == 1 for i in g) for g in shared)
     assert any(any(len(encoded[i].continuation) > 1 for i in g) for g in shared)
+
+
+def test_requests_longer_than_the_window_keep_their_last_tokens():
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    long = Request("Question: " + "faucet water " * 30, " flowed from the spout " * 8)
+    scorer = LikelihoodScorer(model, tokenizer, max_length=16)
+    (score,) = scorer.score([long])
+    assert score.n_tokens <= 16
+    encoded = encode_request(tokenizer, long)
+    whole = (encoded.context + encoded.continuation)[-17:]
+    import torch
+    with torch.no_grad():
+        logits = model(torch.tensor([whole[:-1]])).logits[0, -score.n_tokens:]
+    want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(whole[-score.n_tokens:])[:, None]).sum()
+    assert score.logprob == pytest.approx(float(want), abs=1e-4)

@@ -147,3 +147,27 @@ def test_search_killed_with_sigkill_resumes_to_the_identical_result(tmp_path):
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(finished.stdout.strip().splitlines()[-1]) == uninterrupted.removal_order
     assert len(json.loads(checkpoint.read_text())["steps"]) == 3
+
+
+@pytest.mark.parametrize("method", ["shortened_ppl", "taylor", "shortgpt"])
+def test_one_shot_baselines_rank_removable_blocks(method):
+    from pudding.baselines import rank_blocks
+
+    scorer = LikelihoodScorer(tiny_model("llama"), tiny_tokenizer(), max_batch_tokens=64)
+    ranking = rank_blocks(method, scorer, OBJECTIVES["ppl"].requests(DOCS), k=2)
+    assert sorted(ranking.importance) == list(range(1, NUM_LAYERS - 1))
+    assert len(ranking.blocks) == 2 and set(ranking.blocks) <= set(ranking.importance)
+    worst = sorted(ranking.importance, key=ranking.importance.get)[:2]
+    assert set(ranking.blocks) == set(worst)
+    assert all(v == v and v >= 0 for v in ranking.importance.values())  # finite, non-negative
+
+
+def test_shortened_ppl_importance_equals_direct_perplexity():
+    from pudding.baselines import shortened_ppl_importance
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    requests = OBJECTIVES["ppl"].requests(DOCS)
+    importance = shortened_ppl_importance(LikelihoodScorer(model, tokenizer), requests, [2])
+    with omit_blocks(model, [2]):
+        scores = score_one_by_one(model, tokenizer, requests)
+    assert importance[2] == pytest.approx(-sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores), abs=1e-5)

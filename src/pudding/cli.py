@@ -70,7 +70,82 @@ def _run_tasks(args) -> int:
     return 0
 
 
-SUBCOMMANDS: dict[str, Callable] = {"eval": _add_eval, "tasks": _add_tasks}
+def _add_search_options(parser, *, tasks: bool) -> None:
+    parser.add_argument("--model", default="default", help="'default', a .gguf file, a model folder or a hub id")
+    if tasks:
+        parser.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq",
+                            help="comma-separated calibration tasks")
+        parser.add_argument("--objectives", default="tl,margin", help="comma-separated: tl, margin, ppl")
+    parser.add_argument("--k", type=_positive_int, default=6, help="blocks to remove")
+    parser.add_argument("--samples", type=_positive_int, default=32, help="calibration documents per task")
+    parser.add_argument("--max-length", type=_positive_int, default=256, help="tokens kept per request")
+    parser.add_argument("--barriers", default="1,1", help="blocks protected at the start and the end, e.g. 1,1")
+    parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
+    parser.add_argument("--no-prefix-reuse", action="store_true", help="recompute the dense prefix (slower)")
+    parser.add_argument("--run-dir", default="runs/candidates", help="per-search checkpoints; reruns resume")
+    parser.add_argument("--out", required=True, help="folder the pool artifact (pool.json) is written to")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _pool_config(args, **extra):
+    from pudding.candidates import PoolConfig
+    from pudding.errors import ConfigError
+
+    try:
+        barriers = tuple(int(b) for b in args.barriers.split(","))
+    except ValueError:
+        raise ConfigError(f"--barriers must be two integers like 1,1, got {args.barriers!r}") from None
+    if len(barriers) != 2:
+        raise ConfigError(f"--barriers must be two integers like 1,1, got {args.barriers!r}")
+    return PoolConfig(model=args.model, k=args.k, samples=args.samples, max_length=args.max_length,
+                      barriers=barriers, max_batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse,
+                      run_dir=args.run_dir, out=args.out, progress=not args.no_progress, **extra)
+
+
+def _add_candidates(sub) -> None:
+    parser = sub.add_parser("candidates", help="greedy-search candidate omission sets per task and objective",
+                            description="Run the greedy block search per (task, objective) and save the pool.")
+    _add_search_options(parser, tasks=True)
+    parser.set_defaults(handler=_run_candidates)
+
+
+def _describe_pool(pool) -> str:
+    lines = [f"{len(pool.sets)} distinct sets for {pool.model['name']}:"]
+    for entry in pool.sets:
+        found_by = ", ".join("/".join(p for p in (s.method, s.task, s.objective) if p) for s in entry.sources)
+        lines.append(f"  {','.join(map(str, entry.blocks)):<24} {found_by}")
+    return "\n".join(lines)
+
+
+def _run_candidates(args) -> int:
+    from pudding.candidates import build_pool
+
+    pool = build_pool(_pool_config(args, tasks=args.tasks, objectives=args.objectives))
+    print(_describe_pool(pool))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_baselines(sub) -> None:
+    parser = sub.add_parser("baselines", help="static baselines: SLEB, Shortened-LLaMA PPL/Taylor+, ShortGPT",
+                            description="Compute the static depth-pruning baselines at k and save them as a pool.")
+    _add_search_options(parser, tasks=False)
+    parser.add_argument("--methods", default="sleb,shortened_ppl,taylor,shortgpt", help="comma-separated methods")
+    parser.set_defaults(handler=_run_baselines)
+
+
+def _run_baselines(args) -> int:
+    from pudding.candidates import build_baselines
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    pool = build_baselines(_pool_config(args, objectives=("ppl",)), methods)
+    print(_describe_pool(pool))
+    print(f"wrote {args.out}")
+    return 0
+
+
+SUBCOMMANDS: dict[str, Callable] = {"eval": _add_eval, "tasks": _add_tasks, "candidates": _add_candidates,
+                                    "baselines": _add_baselines}
 
 
 def build_parser() -> argparse.ArgumentParser:

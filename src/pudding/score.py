@@ -144,6 +144,7 @@ class LikelihoodScorer:
         max_batch_tokens: padded tokens per forward pass; bounds memory (activations and the kept logits).
         share_context: run a context shared by several requests once (disable only to measure its effect).
         add_bos: prepend BOS to every context; defaults to lm-eval's per-family choice (True for Gemma).
+        max_length: truncate longer requests from the left to this many tokens (default: the model's context).
 
     Example::
 
@@ -153,7 +154,7 @@ class LikelihoodScorer:
     """
 
     def __init__(self, model, tokenizer, *, max_batch_tokens: int = 512, share_context: bool = True,
-                 add_bos: bool | None = None):
+                 add_bos: bool | None = None, max_length: int | None = None):
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
         self.model = model
@@ -161,7 +162,8 @@ class LikelihoodScorer:
         self.max_batch_tokens = max_batch_tokens
         self.share_context = share_context
         self.add_bos = get_architecture(model.config).add_bos_token if add_bos is None else add_bos
-        self.max_length = _model_max_length(model)
+        # Longer requests keep their last max_length tokens (lm-eval's left truncation).
+        self.max_length = min(max_length or _model_max_length(model), _model_max_length(model))
 
     @property
     def device(self) -> torch.device:
@@ -270,7 +272,8 @@ class LikelihoodScorer:
     def _make_packed(self, batch: list[int], encoded: list[_Encoded], requests: Sequence[Request]) -> PackedBatch:
         # As lm-eval: keep the last max_length+1 tokens, feed all but the last, score the continuation.
         wholes = [(encoded[i].context + encoded[i].continuation)[-(self.max_length + 1):] for i in batch]
-        cont_lens = [len(encoded[i].continuation) for i in batch]
+        # A continuation longer than the window itself is scored on its last max_length tokens only.
+        cont_lens = [min(len(encoded[i].continuation), len(w) - 1) for i, w in zip(batch, wholes)]
         ids, mask = self._left_pad([w[:-1] for w in wholes])
         targets = [torch.tensor(w[-n:], device=ids.device) for w, n in zip(wholes, cont_lens)]
         return PackedBatch(batch, ids, mask, self._positions(mask), targets, [requests[i] for i in batch])

@@ -1,0 +1,253 @@
+"""Stage 5 entry point: build a pool of candidate omission sets, or the static baselines, as one artifact.
+
+``build_pool`` runs the greedy search once per (calibration task, objective), deduplicates identical sets,
+and saves a :class:`CandidatePool`. ``build_baselines`` produces the same artifact type for the static
+methods (SLEB = greedy with ``ppl``; Shortened-LLaMA PPL and Taylor+; ShortGPT), so later stages treat
+both alike. Each search checkpoints after every step under ``run_dir`` and resumes there.
+
+The paper chose its ten sets by hand; here the pool is every distinct set the searches find.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pudding.errors import ConfigError
+from pudding.load import DEFAULT_MODEL, load_config, load_model, model_fingerprint, model_name
+from pudding.omit import OmissionSet, validate_omission
+from pudding.provenance import atomic_write_json, provenance
+from pudding.score import LikelihoodScorer
+from pudding.search import CandidateEvaluator, check_k, get_objective, greedy_search
+from pudding.tasks import MCDoc, get_task, load_docs
+
+POOL_FILE = "pool.json"
+POOL_FORMAT = "pudding.pool/1"
+PAPER_TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "boolq")
+
+
+@dataclass(frozen=True)
+class SetSource:
+    """Where one candidate set came from, and what finding it cost."""
+
+    method: str  # "greedy" or a one-shot method of pudding.baselines
+    task: str | None
+    objective: str | None
+    removal_order: list[int]
+    trajectory: list[float]  # loss before and after each removal (greedy) or block importances (one-shot)
+    sample_ids: list[str]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """A distinct omission set and every search that found it."""
+
+    blocks: OmissionSet
+    sources: tuple[SetSource, ...]
+
+    @property
+    def name(self) -> str:
+        source = self.sources[0]
+        return "-".join(p for p in (source.method if source.method != "greedy" else None, source.task,
+                                    source.objective) if p)
+
+
+@dataclass(frozen=True)
+class CandidatePool:
+    """Omission sets for one model, with the model's fingerprint so mismatched models can be refused."""
+
+    sets: tuple[PoolEntry, ...]
+    model: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``directory/pool.json`` atomically and return its path."""
+        data = {"format": POOL_FORMAT, "model": self.model, "config": self.config, "provenance": self.provenance,
+                "sets": [{"blocks": list(e.blocks), "name": e.name, "sources": [asdict(s) for s in e.sources]}
+                         for e in self.sets]}
+        return atomic_write_json(Path(directory) / POOL_FILE, data)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> CandidatePool:
+        """Load a pool folder (or its pool.json); unknown keys are dropped with a warning."""
+        path = Path(directory)
+        path = path / POOL_FILE if path.is_dir() else path
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != POOL_FORMAT:
+                raise ValueError(f"format is {data.get('format')!r}, expected {POOL_FORMAT!r}")
+            sets = tuple(PoolEntry(tuple(s["blocks"]), tuple(SetSource(**_known(SetSource, src))
+                                                             for src in s["sources"])) for s in data["sets"])
+            model = data["model"]
+        except FileNotFoundError:
+            raise ConfigError(f"no candidate pool at {path}") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{path} is not a valid candidate pool: {error}") from None
+        return cls(sets, model, data.get("config", {}), data.get("provenance", {}))
+
+    def check_model(self, config) -> None:
+        """ConfigError if ``config`` is not the model this pool was built for."""
+        fingerprint = model_fingerprint(config)
+        if fingerprint != self.model.get("fingerprint"):
+            raise ConfigError(f"this pool was built for {self.model.get('name')} {self.model.get('fingerprint')}, "
+                              f"not for a model with fingerprint {fingerprint}")
+
+
+def _known(cls, data: dict) -> dict:
+    names = set(cls.__dataclass_fields__)
+    unknown = sorted(set(data) - names)
+    if unknown:
+        warnings.warn(f"ignoring unknown keys {unknown} in {cls.__name__}", stacklevel=3)
+    missing = sorted(names - set(data))
+    if missing:
+        raise KeyError(f"missing keys {missing}")
+    return {k: v for k, v in data.items() if k in names}
+
+
+def deduplicate(found: list[tuple[OmissionSet, SetSource]]) -> tuple[PoolEntry, ...]:
+    """One entry per distinct set, in order of first appearance, listing every source that found it."""
+    merged: dict[OmissionSet, list[SetSource]] = {}
+    for blocks, source in found:
+        merged.setdefault(tuple(sorted(blocks)), []).append(source)
+    return tuple(PoolEntry(blocks, tuple(sources)) for blocks, sources in merged.items())
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Settings of ``pudding candidates``.
+
+    Attributes:
+        model: model spec (see :func:`pudding.load.load_model`).
+        tasks: calibration tasks; one search per task and objective.
+        objectives: search objectives (``tl``, ``margin``, ``ppl``).
+        k: blocks to remove.
+        samples: calibration documents per task (a fixed, seeded sample of the calibration split).
+        max_length: tokens per request; longer ones keep their last ``max_length`` tokens.
+        barriers: blocks protected at the start and at the end.
+        max_batch_tokens: padded tokens per forward pass.
+        reuse_prefix: reuse the dense prefix across candidates (exact; off only to measure its effect).
+        run_dir: checkpoints, one per search; a rerun resumes from them.
+        out: folder the pool artifact is written to.
+    """
+
+    model: str = DEFAULT_MODEL
+    tasks: tuple[str, ...] = PAPER_TASKS
+    objectives: tuple[str, ...] = ("tl", "margin")
+    k: int = 6
+    samples: int = 32
+    max_length: int = 256
+    barriers: tuple[int, int] = (1, 1)
+    max_batch_tokens: int = 512
+    reuse_prefix: bool = True
+    run_dir: str = "runs/candidates"
+    out: str = "runs/pool"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name, value in (("tasks", self.tasks), ("objectives", self.objectives)):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            items = tuple(dict.fromkeys(i.strip() for i in items if i and i.strip()))
+            if not items:
+                raise ConfigError(f"no {name} given")
+            object.__setattr__(self, name, items)
+        for task in self.tasks:
+            get_task(task)
+        for objective in self.objectives:
+            get_objective(objective)
+        for name in ("k", "samples", "max_length", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        object.__setattr__(self, "barriers", tuple(self.barriers))
+
+
+def calibration_docs(task: str, samples: int) -> list[MCDoc]:
+    """The first ``samples`` calibration documents of ``task``; ConfigError if it has fewer."""
+    docs = load_docs(task, "calibration", limit=samples)
+    if len(docs) < samples:
+        raise ConfigError(f"task {task!r} has only {len(docs)} calibration examples, fewer than the "
+                          f"{samples} asked for; lower --samples")
+    return docs
+
+
+def _search_identity(config: PoolConfig, fingerprint: dict, task: str, objective: str, docs: list[MCDoc]) -> dict:
+    ids = [d.doc_id for d in docs]
+    return {"model": fingerprint, "task": task, "objective": objective, "k": config.k,
+            "barriers": list(config.barriers), "max_length": config.max_length,
+            "samples_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+
+
+def _run_search(config: PoolConfig, scorer, fingerprint, task: str, objective_name: str, docs) -> SetSource:
+    objective = get_objective(objective_name)
+    requests = objective.requests(docs)
+    evaluator = CandidateEvaluator(scorer, requests, reuse_prefix=config.reuse_prefix)
+    checkpoint = Path(config.run_dir) / f"{task}-{objective_name}.json"
+    result = greedy_search(evaluator, lambda scores: objective.loss(docs, scores), config.k,
+                           barriers=config.barriers, checkpoint=checkpoint,
+                           identity=_search_identity(config, fingerprint, task, objective_name, docs),
+                           progress=f"{task}/{objective_name}" if config.progress else False)
+    return SetSource("greedy", task, objective_name, result.removal_order, result.trajectory,
+                     [d.doc_id for d in docs], round(result.seconds, 2))
+
+
+def _prepare(config: PoolConfig) -> tuple[dict, dict[str, list[MCDoc]]]:
+    """Validate everything that can fail before the slow part: model, k, and every task's sample count."""
+    model_config = load_config(config.model)
+    check_k(config.k, model_config.num_hidden_layers, config.barriers)
+    data_tasks = {get_objective(o).text_task or t for t in config.tasks for o in config.objectives}
+    docs = {t: calibration_docs(t, config.samples) for t in sorted(data_tasks)}
+    return model_fingerprint(model_config), docs
+
+
+def build_pool(config: PoolConfig) -> CandidatePool:
+    """Run every (task, objective) search, deduplicate, and save the pool to ``config.out``."""
+    fingerprint, docs = _prepare(config)
+    model, tokenizer = load_model(config.model)
+    scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
+    found = []
+    for task in config.tasks:
+        for objective in config.objectives:
+            data = docs[get_objective(objective).text_task or task]
+            source = _run_search(config, scorer, fingerprint, task, objective, data)
+            found.append((tuple(source.removal_order), source))
+    pool = CandidatePool(deduplicate(found), {"spec": config.model, "name": model_name(config.model),
+                                               "fingerprint": fingerprint}, asdict(config), provenance())
+    pool.save_pretrained(config.out)
+    return pool
+
+
+def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "shortened_ppl", "taylor", "shortgpt"),
+                    ) -> CandidatePool:
+    """The static baselines at ``config.k`` on the PPL calibration text, saved as a pool to ``config.out``."""
+    from pudding.baselines import ONE_SHOT_METHODS, rank_blocks
+
+    unknown = [m for m in methods if m != "sleb" and m not in ONE_SHOT_METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown baseline methods {unknown}; known: sleb, {', '.join(ONE_SHOT_METHODS)}")
+    ppl = get_objective("ppl")
+    fingerprint, _ = _prepare(PoolConfig(**{**asdict(config), "tasks": ("boolq",), "objectives": ("ppl",)}))
+    docs = calibration_docs(ppl.text_task, config.samples)
+    model, tokenizer = load_model(config.model)
+    scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
+    found = []
+    for method in methods:
+        if method == "sleb":
+            source = _run_search(config, scorer, fingerprint, "sleb", "ppl", docs)
+            source = SetSource("sleb", None, "ppl", *[getattr(source, f) for f in
+                                                      ("removal_order", "trajectory", "sample_ids", "seconds")])
+        else:
+            ranking = rank_blocks(method, scorer, ppl.requests(docs), config.k, config.barriers)
+            source = SetSource(method, None, None, list(ranking.blocks),
+                               [ranking.importance[b] for b in sorted(ranking.importance)],
+                               [d.doc_id for d in docs], round(ranking.seconds, 2))
+        found.append((tuple(source.removal_order), source))
+    pool = CandidatePool(tuple(PoolEntry(validate_omission(b, fingerprint["num_blocks"]), (s,)) for b, s in found),
+                         {"spec": config.model, "name": model_name(config.model), "fingerprint": fingerprint},
+                         {**asdict(config), "methods": list(methods)}, provenance())
+    pool.save_pretrained(config.out)
+    return pool

@@ -1,0 +1,105 @@
+"""`pudding candidates` / `pudding baselines` on a tiny model: the artifact, dedup, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pudding.candidates import CandidatePool, PoolConfig, SetSource, build_baselines, build_pool, deduplicate
+from pudding.cli import main
+from pudding.errors import ConfigError, UnknownNameError
+from pudding.load import load_config
+from tiny import NUM_LAYERS, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def _config(tiny_dir, tmp_path, **overrides):
+    settings = dict(model=tiny_dir, tasks=("piqa", "arc_easy"), objectives=("tl", "margin"), k=2, samples=4,
+                    run_dir=str(tmp_path / "run"), out=str(tmp_path / "pool"), progress=False)
+    return PoolConfig(**{**settings, **overrides})
+
+
+def test_pool_artifact_records_sets_sources_and_fingerprint(tiny_dir, tmp_path):
+    pool = build_pool(_config(tiny_dir, tmp_path))
+    data = json.loads((tmp_path / "pool" / "pool.json").read_text())
+    assert data["format"] == "pudding.pool/1" and data["provenance"]["git"]["commit"]
+    assert data["model"]["fingerprint"]["num_blocks"] == NUM_LAYERS
+    sources = [s for entry in data["sets"] for s in entry["sources"]]
+    assert sorted((s["task"], s["objective"]) for s in sources) == sorted(
+        (t, o) for t in ("piqa", "arc_easy") for o in ("tl", "margin"))
+    for entry in data["sets"]:
+        assert len(entry["blocks"]) == 2 and not {0, NUM_LAYERS - 1} & set(entry["blocks"])
+        for source in entry["sources"]:
+            assert sorted(source["removal_order"]) == entry["blocks"]
+            assert len(source["trajectory"]) == 3 and len(source["sample_ids"]) == 4 and source["seconds"] >= 0
+    assert len({tuple(e["blocks"]) for e in data["sets"]}) == len(data["sets"])
+    loaded = CandidatePool.from_pretrained(tmp_path / "pool")
+    assert loaded.sets == pool.sets
+    loaded.check_model(load_config(tiny_dir))
+    other = tmp_path / "other"
+    tiny_model("llama", num_hidden_layers=8).save_pretrained(other)
+    with pytest.raises(ConfigError, match="built for"):
+        loaded.check_model(load_config(str(other)))
+
+
+def test_rerun_resumes_from_checkpoints_and_gives_the_same_pool(tiny_dir, tmp_path):
+    first = build_pool(_config(tiny_dir, tmp_path))
+    checkpoints = sorted((tmp_path / "run").glob("*.json"))
+    assert len(checkpoints) == 4
+    stamps = [p.stat().st_mtime_ns for p in checkpoints]
+    second = build_pool(_config(tiny_dir, tmp_path))
+    assert [e.blocks for e in second.sets] == [e.blocks for e in first.sets]
+    assert [p.stat().st_mtime_ns for p in checkpoints] == stamps, "finished searches must not be recomputed"
+
+
+def test_checkpoint_from_another_configuration_is_refused(tiny_dir, tmp_path):
+    build_pool(_config(tiny_dir, tmp_path, tasks=("piqa",), objectives=("tl",)))
+    with pytest.raises(ConfigError, match="differs in: samples_sha256"):
+        build_pool(_config(tiny_dir, tmp_path, tasks=("piqa",), objectives=("tl",), samples=5))
+
+
+def test_deduplicate_merges_sources_of_identical_sets():
+    source = lambda task: SetSource("greedy", task, "tl", [], [], [], 0.0)  # noqa: E731
+    entries = deduplicate([((3, 1), source("a")), ((1, 3), source("b")), ((2, 4), source("c"))])
+    assert [e.blocks for e in entries] == [(1, 3), (2, 4)]
+    assert [s.task for s in entries[0].sources] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(k=4), ConfigError, "below the 4 removable"),
+        (dict(tasks=("copa",), samples=100), ConfigError, "only 53 calibration examples"),
+        (dict(objectives=("bleu",)), UnknownNameError, "unknown objective"),
+        (dict(tasks=()), ConfigError, "no tasks"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_written(tiny_dir, tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        build_pool(_config(tiny_dir, tmp_path, **overrides))
+    assert not (tmp_path / "pool").exists() and not (tmp_path / "run").exists()
+
+
+def test_baselines_artifact_has_one_set_per_method(tiny_dir, tmp_path):
+    pool = build_baselines(_config(tiny_dir, tmp_path))
+    assert [e.sources[0].method for e in pool.sets] == ["sleb", "shortened_ppl", "taylor", "shortgpt"]
+    assert all(len(e.blocks) == 2 for e in pool.sets)
+    with pytest.raises(ConfigError, match="unknown baseline"):
+        build_baselines(_config(tiny_dir, tmp_path), ("magic",))
+
+
+def test_candidates_cli(tiny_dir, tmp_path, capsys):
+    status = main(["candidates", "--model", tiny_dir, "--tasks", "piqa", "--objectives", "tl", "--k", "2",
+                   "--samples", "3", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "pool"),
+                   "--no-progress"])
+    assert status == 0 and "greedy/piqa/tl" in capsys.readouterr().out
+    status = main(["candidates", "--model", tiny_dir, "--k", "9", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert status == 2 and "removable" in capsys.readouterr().err
