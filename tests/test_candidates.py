@@ -103,3 +103,17 @@ def test_candidates_cli(tiny_dir, tmp_path, capsys):
     assert status == 0 and "greedy/piqa/tl" in capsys.readouterr().out
     status = main(["candidates", "--model", tiny_dir, "--k", "9", "--out", str(tmp_path / "x"), "--no-progress"])
     assert status == 2 and "removable" in capsys.readouterr().err
+
+
+def test_importance_map_measures_every_block_per_task_and_draws_it(tiny_dir, tmp_path):
+    from pudding.importance import ImportanceConfig, block_importance
+    from pudding.search import CandidateEvaluator  # noqa: F401  (the map is built on the same evaluator)
+
+    result = block_importance(ImportanceConfig(model=tiny_dir, tasks=("piqa", "arc_challenge"), samples=3,
+                                               out=str(tmp_path / "imp"), progress=False))
+    assert (tmp_path / "imp" / "importance.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "imp" / "importance.json").read_text())
+    assert saved["tasks"]["arc_challenge"]["metric"] == "acc_norm"
+    for row in result["tasks"].values():
+        assert len(row["delta_task_likelihood"]) == NUM_LAYERS == len(row["delta_metric"])
+        assert any(abs(d) > 1e-6 for d in row["delta_task_likelihood"])

@@ -144,8 +144,39 @@ def _run_baselines(args) -> int:
     return 0
 
 
-SUBCOMMANDS: dict[str, Callable] = {"eval": _add_eval, "tasks": _add_tasks, "candidates": _add_candidates,
-                                    "baselines": _add_baselines}
+def _add_importance(sub) -> None:
+    parser = sub.add_parser("importance", help="block-importance map: cost of removing each single block, per task",
+                            description="Measure the change in task likelihood and accuracy when each block alone "
+                                        "is removed, per task; write JSON and a PNG heatmap.")
+    parser.add_argument("--model", default="default", help="'default', a .gguf file, a model folder or a hub id")
+    parser.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq")
+    parser.add_argument("--samples", type=_positive_int, default=64, help="calibration documents per task")
+    parser.add_argument("--max-length", type=_positive_int, default=256, help="tokens kept per request")
+    parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
+    parser.add_argument("--out", required=True, help="folder for importance.json and importance.png")
+    parser.set_defaults(handler=_run_importance)
+
+
+def _run_importance(args) -> int:
+    from pudding.importance import ImportanceConfig, block_importance
+
+    result = block_importance(ImportanceConfig(model=args.model, tasks=args.tasks, samples=args.samples,
+                                               max_length=args.max_length, max_batch_tokens=args.batch_tokens,
+                                               out=args.out))
+    for task, row in result["tasks"].items():
+        worst = sorted(range(len(row["delta_metric"])), key=lambda b: row["delta_task_likelihood"][b])[:3]
+        print(f"{task:<16} dense {row['metric']} {row['dense_metric']:.3f}; most needed blocks {worst}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
+    "tasks": _add_tasks,
+    "eval": _add_eval,
+    "importance": _add_importance,
+    "candidates": _add_candidates,
+    "baselines": _add_baselines,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

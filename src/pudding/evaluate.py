@@ -22,7 +22,7 @@ from typing import Any
 
 from pudding.errors import ConfigError
 from pudding.load import DEFAULT_MODEL, load_config, load_model, model_name
-from pudding.metrics import DocScores, aggregate
+from pudding.metrics import DocScores, aggregate, scores_by_doc
 from pudding.omit import OmissionSet, omit_blocks, validate_omission
 from pudding.provenance import atomic_write_json, atomic_write_text, provenance
 from pudding.score import LikelihoodScorer, Request
@@ -91,8 +91,7 @@ def doc_requests(doc: MCDoc) -> list[Request]:
 def score_docs(scorer: LikelihoodScorer, docs: list[MCDoc], progress: bool | str = False) -> list[DocScores]:
     """Score every choice of every document in one batched pass; results follow ``docs``."""
     requests = [r for doc in docs for r in doc_requests(doc)]
-    flat = iter(scorer.score(requests, progress=progress))
-    return [DocScores(doc.doc_id, doc.gold, tuple(next(flat) for _ in range(doc.n_choices))) for doc in docs]
+    return scores_by_doc(docs, scorer.score(requests, progress=progress))
 
 
 def _task_summary(task_name: str, scored: list[DocScores], seconds: float) -> dict[str, Any]:

@@ -38,6 +38,15 @@ class DocScores:
         }
 
 
+def scores_by_doc(docs: Sequence, scores: Sequence[ChoiceScore]) -> list[DocScores]:
+    """Regroup a flat list of choice scores (all choices of docs[0], then docs[1], ...) per document.
+
+    ``docs`` need ``doc_id``, ``gold`` and ``n_choices`` (e.g. :class:`pudding.tasks.MCDoc`).
+    """
+    flat = iter(scores)
+    return [DocScores(d.doc_id, d.gold, tuple(next(flat) for _ in range(d.n_choices))) for d in docs]
+
+
 def _first_argmax(values: Sequence[float]) -> int:
     # np.argmax semantics: ties go to the first index, as in lm-eval.
     return max(range(len(values)), key=lambda i: (values[i], -i))

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pudding.errors import ConfigError, UnknownNameError
-from pudding.metrics import DocScores, margin, task_likelihood
+from pudding.metrics import margin, scores_by_doc
 from pudding.omit import OmissionSet, get_blocks, omit_blocks
 from pudding.provenance import atomic_write_json
 from pudding.score import ChoiceScore, LikelihoodScorer, PackedBatch, Request
@@ -59,17 +59,12 @@ def _passages(docs: Sequence[MCDoc]) -> list[Request]:
     return [Request("", d.contexts[0].rsplit("\nQuestion:", 1)[0]) for d in docs]
 
 
-def _by_doc(docs: Sequence[MCDoc], scores: Sequence[ChoiceScore]) -> list[DocScores]:
-    flat = iter(scores)
-    return [DocScores(d.doc_id, d.gold, tuple(next(flat) for _ in range(d.n_choices))) for d in docs]
-
-
 def _tl_loss(docs: Sequence[MCDoc], scores: Sequence[ChoiceScore]) -> float:
     return -sum(s.mean_logprob for s in scores)
 
 
 def _margin_loss(docs: Sequence[MCDoc], scores: Sequence[ChoiceScore]) -> float:
-    return -sum(margin(d) for d in _by_doc(docs, scores))
+    return -sum(margin(d) for d in scores_by_doc(docs, scores))
 
 
 def _ppl_loss(docs: Sequence[MCDoc], scores: Sequence[ChoiceScore]) -> float:
