@@ -140,7 +140,7 @@ class PoolConfig:
     tasks: tuple[str, ...] = PAPER_TASKS
     objectives: tuple[str, ...] = ("tl", "margin")
     k: int = 6
-    samples: int = 32
+    samples: int = 16
     max_length: int = 256
     barriers: tuple[int, int] = (1, 1)
     max_batch_tokens: int = 512

@@ -77,7 +77,7 @@ def _add_search_options(parser, *, tasks: bool) -> None:
                             help="comma-separated calibration tasks")
         parser.add_argument("--objectives", default="tl,margin", help="comma-separated: tl, margin, ppl")
     parser.add_argument("--k", type=_positive_int, default=6, help="blocks to remove")
-    parser.add_argument("--samples", type=_positive_int, default=32, help="calibration documents per task")
+    parser.add_argument("--samples", type=_positive_int, default=16, help="calibration documents per task")
     parser.add_argument("--max-length", type=_positive_int, default=256, help="tokens kept per request")
     parser.add_argument("--barriers", default="1,1", help="blocks protected at the start and the end, e.g. 1,1")
     parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
