@@ -10,15 +10,7 @@ from pudding.candidates import CandidatePool, PoolConfig, SetSource, build_basel
 from pudding.cli import main
 from pudding.errors import ConfigError, UnknownNameError
 from pudding.load import load_config
-from tiny import NUM_LAYERS, tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+from tiny import NUM_LAYERS, tiny_model
 
 
 def _config(tiny_dir, tmp_path, **overrides):

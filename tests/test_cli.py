@@ -10,15 +10,7 @@ import pytest
 
 from pudding import load as load_module
 from pudding.cli import SUBCOMMANDS, build_parser, main
-from tiny import NUM_LAYERS, tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+from tiny import NUM_LAYERS
 
 
 def test_subcommands_and_help_lines():
