@@ -119,6 +119,8 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any
 
     Pass an already loaded ``model`` and ``tokenizer`` to skip loading ``config.model``.
     """
+    if (model is None) != (tokenizer is None):
+        raise ConfigError("pass both model and tokenizer, or neither (to load config.model)")
     if model is None:
         total = load_config(config.model).num_hidden_layers
     else:
