@@ -26,9 +26,8 @@ from pudding.metrics import DocScores, aggregate, scores_by_doc
 from pudding.omit import OmissionSet, omit_blocks, validate_omission
 from pudding.provenance import atomic_write_json, atomic_write_text, provenance
 from pudding.score import LikelihoodScorer, Request
-from pudding.tasks import MCDoc, get_task, load_docs
+from pudding.tasks import SPLITS, MCDoc, get_task, load_docs
 
-SPLITS = ("calibration", "evaluation")
 REPORTED_METRICS = ("acc", "acc_norm", "task_likelihood")
 
 
