@@ -91,6 +91,12 @@ class CandidatePool:
             raise ConfigError(f"{path} is not a valid candidate pool: {error}") from None
         return cls(sets, model, data.get("config", {}), data.get("provenance", {}))
 
+    def fingerprint(self) -> str:
+        """A short hash of what later stages depend on: the model's fingerprint and the sets, in order."""
+        key = json.dumps({"model": self.model.get("fingerprint"), "sets": [list(e.blocks) for e in self.sets]},
+                         sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
     def check_model(self, config) -> None:
         """ConfigError if ``config`` is not the model this pool was built for."""
         fingerprint = model_fingerprint(config)

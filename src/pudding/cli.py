@@ -170,12 +170,166 @@ def _run_importance(args) -> int:
     return 0
 
 
+def _add_label(sub) -> None:
+    parser = sub.add_parser("label", help="score calibration prompts under every pool set (the router's labels)",
+                            description="For every document and candidate set, score every choice; write "
+                                        "labels.parquet and labels.json. Sharded and resumable.")
+    parser.add_argument("--pool", required=True, help="candidate pool folder (pudding candidates --out)")
+    parser.add_argument("--model", default=None, help="base model; default: the spec recorded in the pool")
+    parser.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq")
+    parser.add_argument("--samples", type=_positive_int, default=64, help="documents per task")
+    parser.add_argument("--split", default="calibration", choices=["calibration", "evaluation"])
+    parser.add_argument("--max-length", type=_positive_int, default=256, help="tokens kept per request")
+    parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
+    parser.add_argument("--shard-size", type=_positive_int, default=16, help="documents per checkpointed shard")
+    parser.add_argument("--run-dir", default="runs/labels", help="shard checkpoints; reruns resume")
+    parser.add_argument("--out", required=True, help="folder for labels.parquet and labels.json")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(handler=_run_label)
+
+
+def _run_label(args) -> int:
+    from pudding.labels import LabelConfig, build_labels
+
+    out = build_labels(LabelConfig(pool=args.pool, out=args.out, model=args.model, tasks=args.tasks,
+                                   samples=args.samples, split=args.split, max_length=args.max_length,
+                                   max_batch_tokens=args.batch_tokens, shard_size=args.shard_size,
+                                   run_dir=args.run_dir, progress=not args.no_progress))
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_train_router(sub) -> None:
+    parser = sub.add_parser("train-router", help="train a router on labels; writes a PuDDing artifact",
+                            description="Train a router (encoder, embed-mlp or llm-embed) to predict each set's "
+                                        "label from the prompt, and save the complete PuDDing artifact.")
+    parser.add_argument("--labels", required=True, help="label folder (pudding label --out)")
+    parser.add_argument("--pool", required=True, help="the pool the labels were computed for")
+    parser.add_argument("--router", default="embed-mlp", help="encoder, embed-mlp or llm-embed")
+    parser.add_argument("--loss", default="mse", choices=["mse", "ce"])
+    parser.add_argument("--backbone", default="default", help="encoder for encoder/embed-mlp (default: MiniLM)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="default: 60 (frozen), 4 (encoder)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
+    parser.add_argument("--hidden", type=_positive_int, default=256, help="MLP head width")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="PuDDing artifact folder")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(handler=_run_train_router)
+
+
+def _run_train_router(args) -> int:
+    from pudding.train import TrainConfig, train_router
+
+    pudding = train_router(TrainConfig(labels=args.labels, pool=args.pool, out=args.out, router=args.router,
+                                       loss=args.loss, backbone=args.backbone, epochs=args.epochs, lr=args.lr,
+                                       hidden=args.hidden, seed=args.seed, progress=not args.no_progress))
+    val = pudding.training["val"]
+    print(f"validation ({val['n']} prompts): top-1 agreement with the oracle {val['top1_agreement']:.3f}; "
+          f"mean label routed {val['label_routed']:.4f}, best single set {val['label_static']:.4f}, "
+          f"oracle {val['label_oracle']:.4f} ({val['label_gain_captured']:.1%} of the oracle gain)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .jsonl file ({"prompt": ...} per line) or plain text (one per line)."""
+    from pudding.errors import ConfigError
+
+    try:
+        raw = open(path, "rb").read()
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    prompts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start})") from None
+        if not text.strip():
+            continue
+        if path.endswith(".jsonl"):
+            import json
+
+            try:
+                record = json.loads(text)
+            except ValueError as error:
+                raise ConfigError(f"{path}:{number}: not JSON ({error})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ConfigError(f'{path}:{number}: expected an object with a "prompt" string')
+            text = record["prompt"]
+        prompts.append(text)
+    if not prompts:
+        raise ConfigError(f"{path} holds no prompts")
+    return prompts
+
+
+def _add_route(sub) -> None:
+    parser = sub.add_parser("route", help="route prompts in bulk: print each prompt's chosen omission set")
+    parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
+    parser.add_argument("--file", required=True, help=".jsonl with a \"prompt\" per line, or plain text lines")
+    parser.set_defaults(handler=_run_route)
+
+
+def _run_route(args) -> int:
+    import json
+
+    from pudding.routed import PuddingModel
+
+    prompts = read_prompts(args.file)
+    pudding = PuddingModel.from_pretrained(args.model)
+    for prompt, route in zip(prompts, pudding.route(prompts)):
+        print(json.dumps({"prompt": prompt, "set": route.name, "blocks": list(route.blocks),
+                          "scores": route.scores}))
+    return 0
+
+
+def _add_generate(sub) -> None:
+    parser = sub.add_parser("generate", help="route a prompt and generate without its chosen blocks")
+    parser.add_argument("prompts", nargs="+", help="one or more prompts")
+    parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    parser.add_argument("--compare-dense", action="store_true", help="also generate with the dense model and time it")
+    parser.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args) -> int:
+    import time
+
+    from pudding.routed import PuddingModel
+
+    pudding = PuddingModel.from_pretrained(args.model)
+    pudding.generate(args.prompts[:1], max_new_tokens=2)  # warm-up, so the first timing is not a cold start
+    start = time.perf_counter()
+    routes = pudding.route(args.prompts)
+    route_ms = (time.perf_counter() - start) * 1000 / len(args.prompts)
+    for prompt, route in zip(args.prompts, routes):
+        start = time.perf_counter()
+        [out] = pudding.generate([prompt], routes=[route], max_new_tokens=args.max_new_tokens)
+        seconds = time.perf_counter() - start
+        print(f"prompt: {prompt}\n  set {route.name}: omit blocks {list(route.blocks)}")
+        print(f"  answer: {out.text.strip()!r}")
+        line = f"  {out.completion_tokens} tokens in {seconds:.2f} s (router {route_ms:.1f} ms/prompt)"
+        if args.compare_dense:
+            start = time.perf_counter()
+            dense, _ = pudding.generate_with([prompt], (), max_new_tokens=out.completion_tokens,
+                                             min_new_tokens=out.completion_tokens, do_sample=False)
+            dense_seconds = time.perf_counter() - start
+            line += f"; dense {dense_seconds:.2f} s for the same length ({dense_seconds / seconds:.2f}x)"
+            print(f"  dense answer: {dense[0].strip()!r}")
+        print(line)
+    return 0
+
+
 SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "tasks": _add_tasks,
     "eval": _add_eval,
     "importance": _add_importance,
     "candidates": _add_candidates,
     "baselines": _add_baselines,
+    "label": _add_label,
+    "train-router": _add_train_router,
+    "route": _add_route,
+    "generate": _add_generate,
 }
 
 

@@ -1,0 +1,264 @@
+"""Stage 6 of the pipeline: score every calibration document under every candidate set (the router's labels).
+
+For each document and each set of a :class:`~pudding.candidates.CandidatePool`, ``build_labels`` scores
+every choice with those blocks omitted. The paper's label is the gold answer's mean per-token
+log-likelihood (its task likelihood); every choice's summed log-likelihood is kept too, so later stages can
+compute the accuracy of any routing decision, an oracle's included, without running the LLM again.
+
+**Prefix reuse.** Sets that share their first omitted block share the dense blocks before it; the
+:class:`~pudding.search.CandidateEvaluator` computes those once per batch for all sets.
+
+**Storage.** One row per document in a Parquet file written with ``datasets`` (``labels.parquet``), next to
+``labels.json``: the format, the pool's fingerprint (sets and model), the configuration and the provenance.
+Column ``choice_logprob`` is ``[set][choice]``, ``label`` is ``[set]``, in the pool's set order.
+
+**Sharding.** Documents are cut into shards of ``shard_size``; each finished shard is written atomically to
+``run_dir``. A killed job reruns only the missing shards, and the final file is byte-identical to an
+uninterrupted run (the shards are concatenated in a fixed order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pudding.candidates import PAPER_TASKS, CandidatePool
+from pudding.errors import ConfigError
+from pudding.evaluate import doc_requests
+from pudding.load import load_model
+from pudding.metrics import DocScores, scores_by_doc
+from pudding.omit import OmissionSet
+from pudding.provenance import atomic_write_json, provenance
+from pudding.score import LikelihoodScorer
+from pudding.search import CandidateEvaluator
+from pudding.tasks import SPLITS, MCDoc, load_docs
+
+LABELS_FILE = "labels.parquet"
+META_FILE = "labels.json"
+LABELS_FORMAT = "pudding.labels/1"
+SHARD_IDENTITY = "identity.json"
+
+
+def _features():
+    import datasets
+
+    datasets.disable_progress_bars()  # per-shard conversion bars would drown the job's own progress bar
+    return datasets.Features({
+        "task": datasets.Value("string"),
+        "doc_id": datasets.Value("string"),
+        "router_text": datasets.Value("string"),
+        "gold": datasets.Value("int32"),
+        "choice_tokens": datasets.Sequence(datasets.Value("int32")),
+        "choice_chars": datasets.Sequence(datasets.Value("int32")),
+        "choice_logprob": datasets.Sequence(datasets.Sequence(datasets.Value("float64"))),
+        "label": datasets.Sequence(datasets.Value("float64")),
+    })
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Settings of ``pudding label``.
+
+    Attributes:
+        pool: folder (or pool.json) of the candidate pool.
+        model: the base model; ``None`` uses the spec recorded in the pool.
+        tasks: calibration tasks (comma-separated string or tuple).
+        samples: documents per task (the seeded sample of the split; a task with fewer uses all it has).
+        split: ``calibration`` for router training, ``evaluation`` for reproduction tables.
+        shard_size: documents per checkpointed shard.
+        run_dir: where shards are kept; a rerun resumes from them.
+        out: folder for labels.parquet and labels.json.
+    """
+
+    pool: str
+    out: str
+    model: str | None = None
+    tasks: tuple[str, ...] = PAPER_TASKS
+    samples: int = 64
+    split: str = "calibration"
+    max_length: int = 256
+    max_batch_tokens: int = 512
+    shard_size: int = 16
+    reuse_prefix: bool = True
+    run_dir: str = "runs/labels"
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.tasks, str):
+            object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
+        if not self.tasks:
+            raise ConfigError("no tasks given")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        for name in ("samples", "max_length", "max_batch_tokens", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+# --- scoring documents under many sets ----------------------------------------------------------------------
+
+
+def score_sets(scorer: LikelihoodScorer, docs: Sequence[MCDoc], sets: Sequence[OmissionSet],
+               reuse_prefix: bool = True) -> list[list[DocScores]]:
+    """For each omission set, every document's choice scores (reusing the dense prefix across sets)."""
+    requests = [r for d in docs for r in doc_requests(d)]
+    evaluator = CandidateEvaluator(scorer, requests, reuse_prefix=reuse_prefix)
+    return [scores_by_doc(docs, flat) for flat in evaluator.evaluate(list(sets))]
+
+
+def label_rows(docs: Sequence[MCDoc], per_set: Sequence[Sequence[DocScores]]) -> dict[str, list]:
+    """Column-wise rows (one per document) from :func:`score_sets`' output."""
+    columns: dict[str, list] = {name: [] for name in _features()}
+    for i, doc in enumerate(docs):
+        choices = per_set[0][i].choices
+        columns["task"].append(doc.task)
+        columns["doc_id"].append(doc.doc_id)
+        columns["router_text"].append(doc.router_text)
+        columns["gold"].append(doc.gold)
+        columns["choice_tokens"].append([c.n_tokens for c in choices])
+        columns["choice_chars"].append([c.n_chars for c in choices])
+        columns["choice_logprob"].append([[c.logprob for c in s[i].choices] for s in per_set])
+        columns["label"].append([s[i].choices[doc.gold].mean_logprob for s in per_set])
+    return columns
+
+
+# --- shards, checkpoints and the final artifact ----------------------------------------------------------
+
+
+def _write_parquet(columns: dict[str, list], path: Path) -> None:
+    import datasets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        datasets.Dataset.from_dict(columns, features=_features()).to_parquet(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_parquet(path: Path):
+    import datasets
+
+    try:
+        return datasets.Dataset.from_parquet(str(path), features=_features(), keep_in_memory=True)
+    except Exception as error:  # pyarrow raises several types for truncated or foreign files
+        raise ConfigError(f"{path} is not a readable label file ({type(error).__name__}: {error})") from None
+
+
+def _check_run_identity(run_dir: Path, identity: dict) -> None:
+    path = run_dir / SHARD_IDENTITY
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            raise ConfigError(f"{path} is corrupt; delete {run_dir} to start over") from None
+        if saved != identity:
+            differing = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+            raise ConfigError(f"{run_dir} holds shards of another labelling job (differs in: "
+                              f"{', '.join(differing)}); refusing to resume. Delete it or pick another --run-dir")
+    else:
+        atomic_write_json(path, identity)
+
+
+def _shards(docs: list[MCDoc], size: int) -> list[list[MCDoc]]:
+    return [docs[i:i + size] for i in range(0, len(docs), size)]
+
+
+def collect_docs(config: LabelConfig) -> list[MCDoc]:
+    """The documents to label, task by task in the given order; ConfigError if a task has none."""
+    docs = []
+    for task in config.tasks:
+        found = load_docs(task, config.split, limit=config.samples)
+        if not found:
+            raise ConfigError(f"task {task} has no {config.split} documents")
+        docs.extend(found)
+    return docs
+
+
+def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
+                 on_shard: Callable[[int], None] | None = None) -> Path:
+    """Label every document under every pool set; resumable. Returns the output folder.
+
+    ``on_shard(i)`` is called after shard ``i`` is saved (tests use it to simulate a crash).
+    """
+    pool = CandidatePool.from_pretrained(config.pool)
+    docs = collect_docs(config)
+    if model is None:
+        model, tokenizer = load_model(config.model or pool.model["spec"])
+    pool.check_model(model.config)
+    identity = {"format": LABELS_FORMAT, "pool": pool.fingerprint(), "docs": [d.doc_id for d in docs],
+                **{k: v for k, v in asdict(config).items() if k in ("split", "max_length")}}
+    run_dir = Path(config.run_dir)
+    _check_run_identity(run_dir, identity)
+    scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens,
+                              max_length=config.max_length)
+    shards = _shards(docs, config.shard_size)
+    paths = [run_dir / f"shard-{i:05d}.parquet" for i in range(len(shards))]
+    sets = [entry.blocks for entry in pool.sets]
+    with tqdm(total=len(docs), unit="doc", desc="labels", disable=not config.progress) as bar:
+        for i, (shard, path) in enumerate(zip(shards, paths)):
+            if not path.exists():
+                _write_parquet(label_rows(shard, score_sets(scorer, shard, sets, config.reuse_prefix)), path)
+                if on_shard:
+                    on_shard(i)
+            bar.update(len(shard))
+    return _finish(config, pool, paths)
+
+
+def _finish(config: LabelConfig, pool: CandidatePool, paths: list[Path]) -> Path:
+    import datasets
+
+    out = Path(config.out)
+    merged = datasets.concatenate_datasets([_read_parquet(p) for p in paths])
+    _write_parquet(merged.to_dict(), out / LABELS_FILE)
+    atomic_write_json(out / META_FILE, {
+        "format": LABELS_FORMAT, "pool": pool.fingerprint(), "sets": [list(e.blocks) for e in pool.sets],
+        "set_names": [e.name for e in pool.sets], "n_docs": len(merged),
+        "tasks": {t: merged["task"].count(t) for t in config.tasks},
+        "config": asdict(config), "provenance": provenance()})
+    return out
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A loaded label artifact: the per-document table and its metadata."""
+
+    table: Any  # datasets.Dataset
+    meta: dict
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Labels:
+        folder = Path(directory)
+        meta_path = folder / META_FILE
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no label artifact at {folder} (missing {META_FILE})") from None
+        except ValueError as error:
+            raise ConfigError(f"{meta_path} is corrupt: {error}") from None
+        if meta.get("format") != LABELS_FORMAT:
+            raise ConfigError(f"{meta_path} has format {meta.get('format')!r}, expected {LABELS_FORMAT!r}")
+        table = _read_parquet(folder / LABELS_FILE)
+        if len(table) != meta.get("n_docs"):
+            raise ConfigError(f"{folder / LABELS_FILE} has {len(table)} rows, {META_FILE} says {meta.get('n_docs')}")
+        return cls(table, meta)
+
+    def check_pool(self, pool: CandidatePool) -> None:
+        """ConfigError unless these labels were computed for ``pool`` (same sets, same model)."""
+        if self.meta.get("pool") != pool.fingerprint():
+            raise ConfigError("these labels were computed for another candidate pool "
+                              f"(sets {self.meta.get('sets')}); relabel with `pudding label` for this pool")
+
+    @property
+    def n_sets(self) -> int:
+        return len(self.meta["sets"])

@@ -1,0 +1,250 @@
+"""Stage 8 of the pipeline: the PuDDing model, which routes each prompt and generates without its chosen blocks.
+
+A :class:`PuddingModel` holds the base LLM, the candidate pool and a router. ``route`` reads each prompt
+once and picks the set with the best predicted score; ``generate`` groups the prompts by chosen set and runs
+each group with those blocks omitted (the residual stream passes through) and a normal KV cache.
+
+**Artifact.** ``save_pretrained`` writes only pudding's own files, never the LLM and never a pickle:
+
+- ``pudding.json``: format version, the base model's spec, name and fingerprint, and the router config;
+- ``pool.json``: the candidate pool;
+- ``router.safetensors``: the router's trained tensors (the head; the encoder too when it was fine-tuned).
+
+``from_pretrained("default")`` loads the artifact shipped inside the package for the embedded SmolLM2.
+
+**Prompt limits.** An empty prompt is refused. The router truncates a long prompt to its ``max_length``; the
+LLM does not truncate: a prompt that, with ``max_new_tokens``, exceeds the model's context is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pudding.candidates import CandidatePool
+from pudding.errors import ConfigError
+from pudding.load import load_model, model_fingerprint
+from pudding.omit import OmissionSet, omit_blocks
+from pudding.provenance import atomic_write_json, provenance
+from pudding.router import Router, RouterConfig, build_router, load_router_weights, save_router
+
+CONFIG_FILE = "pudding.json"
+ROUTER_FILE = "router.safetensors"
+FORMAT = "pudding.model"
+FORMAT_VERSION = 1
+KNOWN_KEYS = {"format", "version", "base_model", "router", "training", "provenance"}
+DEFAULT_ARTIFACT = Path(__file__).parent / "artifacts" / "smollm2-135m-k6"
+
+
+@dataclass(frozen=True)
+class Route:
+    """The routing decision for one prompt."""
+
+    set_index: int
+    blocks: OmissionSet
+    name: str
+    scores: list[float]  # the router's score of every set (the chosen one is the highest)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One prompt's completion, with its route and timings."""
+
+    text: str
+    route: Route
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float  # wall time of the generate call of this prompt's set group
+
+
+def check_prompts(texts: Sequence[str]) -> list[str]:
+    """The prompts as a list; ConfigError for an empty list, a non-string or an empty prompt."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ConfigError("no prompts given")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ConfigError(f"prompt {i} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise ConfigError(f"prompt {i} is empty")
+    return texts
+
+
+def context_length(model) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class PuddingModel:
+    """A base LLM, its candidate pool and a router: prompt-routed depth pruning.
+
+    Args:
+        model, tokenizer: the base LLM (its fingerprint must match the pool's).
+        pool: the candidate omission sets.
+        router: a router with one output per pool set.
+    """
+
+    def __init__(self, model, tokenizer, pool: CandidatePool, router: Router, training: dict | None = None):
+        pool.check_model(model.config)
+        if router.config.n_sets != len(pool.sets):
+            raise ConfigError(f"the router scores {router.config.n_sets} sets but the pool has {len(pool.sets)}")
+        self.model, self.tokenizer, self.pool, self.router = model, tokenizer, pool, router
+        self.training = training or {}
+
+    # --- loading and saving ---
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path = "default", *, model=None, tokenizer=None) -> PuddingModel:
+        """Load an artifact folder (``default``: the shipped SmolLM2 one); the LLM by its recorded spec.
+
+        Pass ``model`` and ``tokenizer`` to reuse an already loaded LLM; it must match the recorded
+        fingerprint.
+        """
+        folder = DEFAULT_ARTIFACT if str(path) == "default" else Path(path)
+        config = read_config(folder)
+        pool = CandidatePool.from_pretrained(folder)
+        base = config["base_model"]
+        if model is None:
+            model, tokenizer = load_model(base["spec"])
+        fingerprint = model_fingerprint(model.config)
+        if fingerprint != base.get("fingerprint"):
+            raise ConfigError(f"{folder} was built for {base.get('name')} {base.get('fingerprint')}; the given model "
+                              f"has fingerprint {fingerprint}. Refusing to route a different model")
+        router_config = RouterConfig(**_known_fields(RouterConfig, config["router"], folder))
+        router = build_router(router_config, llm=model, llm_tokenizer=tokenizer, for_loading=True)
+        load_router_weights(router, folder / ROUTER_FILE)
+        return cls(model, tokenizer, pool, router.eval(), config.get("training"))
+
+    def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
+        """Write pudding.json, pool.json and router.safetensors (never the LLM) and return the folder."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.pool.save_pretrained(folder)
+        save_router(self.router, folder / ROUTER_FILE)
+        pool_model = self.pool.model
+        summary = training if training is not None else self.training
+        atomic_write_json(folder / CONFIG_FILE, {
+            "format": FORMAT, "version": FORMAT_VERSION,
+            "base_model": {"spec": pool_model.get("spec"), "name": pool_model.get("name"),
+                           "fingerprint": model_fingerprint(self.model.config)},
+            "router": asdict(self.router.config),
+            "training": {k: v for k, v in (summary or {}).items() if k != "history"},
+            "provenance": provenance()})
+        return folder
+
+    # --- routing ---
+
+    def route(self, texts: str | Sequence[str], batch_size: int = 64) -> list[Route]:
+        """Each prompt's chosen omission set and the router's score of every set."""
+        texts = check_prompts(texts)
+        scores = self.router.scores(texts, batch_size)
+        routes = []
+        for row in scores:
+            index = int(row.argmax())
+            entry = self.pool.sets[index]
+            routes.append(Route(index, entry.blocks, entry.name, [round(float(s), 6) for s in row]))
+        return routes
+
+    # --- generation ---
+
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+        try:
+            return self.tokenizer(texts, return_tensors="pt", padding=True)
+        finally:
+            self.tokenizer.padding_side = side
+
+    def check_length(self, texts: list[str], max_new_tokens: int) -> list[int]:
+        """Prompt lengths in tokens; ConfigError if one plus ``max_new_tokens`` exceeds the context."""
+        limit = context_length(self.model)
+        lengths = [len(self.tokenizer(t)["input_ids"]) for t in texts]
+        for i, n in enumerate(lengths):
+            if limit is not None and n + max_new_tokens > limit:
+                raise ConfigError(f"prompt {i} has {n} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                                  f"the model's context of {limit} tokens (pudding does not truncate prompts)")
+        return lengths
+
+    def generate_with(self, texts: list[str], blocks: OmissionSet, **kwargs) -> tuple[list[str], list[int]]:
+        """Generate for ``texts`` with ``blocks`` omitted (one batch); the completions and their lengths."""
+        batch = {k: v.to(self.model.device) for k, v in self._encode(texts).items()}
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        with omit_blocks(self.model, blocks), torch.inference_mode():
+            output = self.model.generate(**batch, **kwargs)
+        new = output[:, batch["input_ids"].shape[1]:]
+        eos = self.model.generation_config.eos_token_id
+        # After its end-of-sequence token a finished row is padded: count and decode only up to it.
+        stops = {t for t in (eos if isinstance(eos, list) else [eos]) if t is not None}
+        lengths = [_completion_length(row.tolist(), stops) for row in new]
+        texts_out = [self.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, lengths)]
+        return texts_out, lengths
+
+    def generate(self, texts: str | Sequence[str], *, routes: Sequence[Route] | None = None,
+                 max_new_tokens: int = 64, do_sample: bool = False, **kwargs) -> list[Generation]:
+        """Route each prompt (unless ``routes`` are given), then generate each set's prompts together."""
+        texts = check_prompts(texts)
+        prompt_lengths = self.check_length(texts, max_new_tokens)
+        routes = list(routes) if routes is not None else self.route(texts)
+        groups: dict[OmissionSet, list[int]] = {}
+        for i, route in enumerate(routes):
+            groups.setdefault(route.blocks, []).append(i)
+        results: list[Generation | None] = [None] * len(texts)
+        for blocks, members in groups.items():
+            start = time.perf_counter()
+            outputs, lengths = self.generate_with([texts[i] for i in members], blocks,
+                                                  max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
+            seconds = time.perf_counter() - start
+            for i, text, n in zip(members, outputs, lengths):
+                results[i] = Generation(text, routes[i], prompt_lengths[i], n, seconds)
+        return results  # type: ignore[return-value]
+
+
+def _completion_length(tokens: list[int], stops: set[int]) -> int:
+    """Tokens up to and including the first stop token (padding after an early finish is not counted)."""
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return i + 1
+    return len(tokens)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """pudding.json as a dict; ConfigError if missing or invalid, a warning for keys from a newer version."""
+    path = folder / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no PuDDing artifact at {folder} (missing {CONFIG_FILE})") from None
+    except ValueError as error:
+        raise ConfigError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a PuDDing artifact config (format {FORMAT!r} expected)")
+    for key in ("base_model", "router"):
+        if key not in config:
+            raise ConfigError(f"{path} lacks the {key!r} entry")
+    unknown = sorted(set(config) - KNOWN_KEYS)
+    version = config.get("version", FORMAT_VERSION)
+    if unknown or (isinstance(version, int) and version > FORMAT_VERSION):
+        warnings.warn(f"{path} was written by a newer pudding (version {version}); ignoring unknown keys {unknown}",
+                      stacklevel=3)
+    return config
+
+
+def _known_fields(cls, data: dict, folder: Path) -> dict:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        warnings.warn(f"{folder / CONFIG_FILE}: ignoring unknown router keys {unknown}", stacklevel=3)
+    return {k: v for k, v in data.items() if k in names}

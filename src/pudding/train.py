@@ -1,0 +1,295 @@
+"""Stage 7 entry point: train a router on a label artifact and save a complete PuDDing artifact.
+
+**Targets.** The paper regresses the raw vector of each set's gold log-likelihood. Most of that vector's
+variance is the prompt's difficulty, which every set shares and which says nothing about which set to pick.
+So the ``mse`` targets are centred per prompt (each set's label minus the mean over sets) and divided by
+one scalar, the standard deviation of the centred training targets; predictions are scaled back. The
+``ce`` loss (the paper's ablation) classifies the set with the highest label.
+
+**Split.** Train and validation are split by question: a prompt's router text is hashed, so the same
+question (even if it occurs in two tasks) never lands on both sides.
+
+**Frozen encoders** (``embed-mlp``, ``llm-embed``) are run once over all prompts; training then touches only
+the head. The ``encoder`` router runs its backbone every step.
+
+The best epoch by validation loss is kept. The history (train and validation loss per epoch, plus routing
+quality) is written as JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pudding.candidates import CandidatePool
+from pudding.errors import ConfigError
+from pudding.labels import Labels
+from pudding.provenance import atomic_write_json, provenance
+from pudding.router import LLM_BACKBONE, Router, RouterConfig, build_router
+from pudding.tasks import get_task
+
+LOSSES = ("mse", "ce")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of ``pudding train-router``.
+
+    Attributes:
+        labels: folder of a label artifact (``pudding label``).
+        pool: the pool those labels were computed for.
+        router: a key of :data:`pudding.router.ROUTERS`.
+        backbone: encoder spec for ``encoder`` / ``embed-mlp`` (``default`` = the embedded MiniLM).
+        epochs, batch_size, lr: optimisation; ``encoder_lr`` is the fine-tuned backbone's rate.
+        val_fraction: share of questions held out for validation.
+        out: the PuDDing artifact folder to write.
+    """
+
+    labels: str
+    pool: str
+    out: str
+    router: str = "embed-mlp"
+    loss: str = "mse"
+    backbone: str = "default"
+    hidden: int = 256
+    max_length: int = 128
+    epochs: int | None = None  # None: 60 for frozen encoders, 4 for the fine-tuned one
+    batch_size: int = 32
+    lr: float = 1e-3
+    encoder_lr: float = 3e-5
+    weight_decay: float = 0.01
+    val_fraction: float = 0.2
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss {self.loss!r}; known losses: {', '.join(LOSSES)}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+
+    @property
+    def n_epochs(self) -> int:
+        return self.epochs or (4 if self.router == "encoder" else 60)
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+
+def is_validation(text: str, fraction: float) -> bool:
+    """Deterministic, question-level split: the same prompt text always lands on the same side."""
+    digest = hashlib.sha256(" ".join(text.split()).lower().encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+@dataclass(frozen=True)
+class RoutingData:
+    """The label table as tensors: prompts, the label matrix, and what is needed to score accuracy."""
+
+    texts: list[str]
+    labels: torch.Tensor  # (docs, sets): gold mean log-likelihood under each set
+    correct: torch.Tensor  # (docs, sets): 1.0 where the set answers the document correctly (task metric)
+    tasks: list[str]
+
+    def subset(self, rows: list[int]) -> RoutingData:
+        return RoutingData([self.texts[i] for i in rows], self.labels[rows], self.correct[rows],
+                           [self.tasks[i] for i in rows])
+
+
+def _is_correct(logprobs: list[float], chars: list[int], gold: int, metric: str) -> float:
+    values = [lp / c for lp, c in zip(logprobs, chars)] if metric == "acc_norm" else logprobs
+    best = max(range(len(values)), key=lambda i: (values[i], -i))  # first argmax, as lm-eval
+    return float(best == gold)
+
+
+def routing_data(labels: Labels) -> RoutingData:
+    """Tensors from a label artifact; ``correct`` uses each task's lm-eval metric (acc or acc_norm)."""
+    table = labels.table
+    metrics = {t: get_task(t).metric for t in set(table["task"])}
+    correct = [[_is_correct(lp, row_chars, gold, metrics[task]) for lp in per_set]
+               for task, per_set, row_chars, gold in zip(table["task"], table["choice_logprob"],
+                                                         table["choice_chars"], table["gold"])]
+    return RoutingData(list(table["router_text"]), torch.tensor(table["label"], dtype=torch.float64),
+                       torch.tensor(correct, dtype=torch.float64), list(table["task"]))
+
+
+def split_rows(texts: list[str], fraction: float) -> tuple[list[int], list[int]]:
+    val = [i for i, t in enumerate(texts) if is_validation(t, fraction)]
+    held = set(val)
+    return [i for i in range(len(texts)) if i not in held], val
+
+
+# --- routing quality ---------------------------------------------------------------------------------------
+
+
+def routing_quality(chosen: torch.Tensor, data: RoutingData, static_set: int) -> dict[str, float]:
+    """How good a routing decision is, against the oracle and against one static set.
+
+    ``label_gain_captured`` is (router - static) / (oracle - static) on the mean label: 1 is the oracle,
+    0 is no better than always using ``static_set``.
+    """
+    rows = torch.arange(len(chosen))
+    oracle = data.labels.argmax(1)
+    routed_label = data.labels[rows, chosen].mean().item()
+    static_label = data.labels[:, static_set].mean().item()
+    oracle_label = data.labels.max(1).values.mean().item()
+    gap = oracle_label - static_label
+    return {
+        "n": len(chosen),
+        "top1_agreement": (chosen == oracle).double().mean().item(),
+        "label_routed": routed_label,
+        "label_oracle": oracle_label,
+        "label_static": static_label,
+        "label_gain_captured": (routed_label - static_label) / gap if gap > 0 else float("nan"),
+        "acc_routed": data.correct[rows, chosen].mean().item(),
+        "acc_static": data.correct[:, static_set].mean().item(),
+        "acc_oracle_label": data.correct[rows, oracle].mean().item(),
+    }
+
+
+# --- training --------------------------------------------------------------------------------------------
+
+
+def _targets(labels: torch.Tensor, loss: str, scale: float) -> torch.Tensor:
+    if loss == "ce":
+        return labels.argmax(1)
+    return ((labels - labels.mean(1, keepdim=True)) / scale).float()
+
+
+def _loss_fn(loss: str):
+    return nn.MSELoss() if loss == "mse" else nn.CrossEntropyLoss()
+
+
+class _Features:
+    """Encoder outputs, cached for frozen encoders, recomputed (with gradients) for the fine-tuned one."""
+
+    def __init__(self, router: Router, texts: list[str], progress: bool):
+        self.router, self.texts = router, texts
+        self.cache = None
+        if not router.trains_encoder:
+            with torch.no_grad():
+                chunks = [router.encode(texts[i:i + 64])
+                          for i in tqdm(range(0, len(texts), 64), desc="features", disable=not progress)]
+            self.cache = torch.cat(chunks).float()
+
+    def __call__(self, rows: list[int]) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[rows]
+        return self.router.encode([self.texts[i] for i in rows])
+
+
+def _predict(router: Router, features: _Features, rows: list[int], batch_size: int = 64) -> torch.Tensor:
+    router.eval()
+    with torch.no_grad():
+        return torch.cat([router.head(features(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)])
+
+
+def _optimizer(router: Router, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{"params": list(router.head.parameters()), "lr": config.lr}]
+    if router.trains_encoder:
+        groups.append({"params": [p for p in router.encoder.parameters() if p.requires_grad], "lr": config.encoder_lr})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def fit(router: Router, data: RoutingData, train: list[int], val: list[int], config: TrainConfig) -> dict[str, Any]:
+    """Train ``router`` in place; keep the epoch with the lowest validation loss. Returns the history."""
+    torch.manual_seed(config.seed)
+    features = _Features(router, data.texts, config.progress)
+    scale = router.config.target_scale
+    targets = _targets(data.labels, config.loss, scale)
+    loss_fn, optimizer = _loss_fn(config.loss), _optimizer(router, config)
+    static = int(data.labels[train].mean(0).argmax())  # the best single set, chosen on training data
+    history, best, best_state = [], math.inf, None
+    generator = torch.Generator().manual_seed(config.seed)
+    for epoch in tqdm(range(1, config.n_epochs + 1), desc=f"train {router.kind}", disable=not config.progress):
+        router.train()  # dropout in the head (and the encoder when fine-tuned); cached features are fixed
+        order = [train[i] for i in torch.randperm(len(train), generator=generator).tolist()]
+        total = 0.0
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start:start + config.batch_size]
+            loss = loss_fn(router.head(features(rows)), targets[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(rows)
+        train_out, val_out = _predict(router, features, train), _predict(router, features, val)
+        record = {"epoch": epoch, "train_loss": loss_fn(train_out, targets[train]).item(),
+                  "train_loss_running": total / len(train), "val_loss": loss_fn(val_out, targets[val]).item(),
+                  "val": routing_quality(val_out.argmax(1), data.subset(val), static)}
+        history.append(record)
+        if record["val_loss"] < best:
+            best = record["val_loss"]
+            best_state = {k: v.detach().clone() for k, v in router.trainable_state().items()}
+    router.load_state_dict(best_state, strict=False)
+    router.eval()
+    best_epoch = min(history, key=lambda r: r["val_loss"])
+    return {"history": history, "best_epoch": best_epoch["epoch"], "static_set": static,
+            "val": best_epoch["val"], "train": routing_quality(_predict(router, features, train).argmax(1),
+                                                                data.subset(train), static)}
+
+
+def plot_history(history: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (loss_ax, agree_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title=title)
+    loss_ax.legend()
+    agree_ax.plot(epochs, [r["val"]["top1_agreement"] for r in history], label="top-1 agreement with oracle")
+    agree_ax.plot(epochs, [r["val"]["label_gain_captured"] for r in history], label="oracle label gain captured")
+    agree_ax.set(xlabel="epoch", title="validation routing quality")
+    agree_ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def train_router(config: TrainConfig, *, model=None, tokenizer=None):
+    """Train a router on ``config.labels`` and save a PuDDing artifact to ``config.out``; returns the model."""
+    from pudding.load import load_model
+    from pudding.routed import PuddingModel
+
+    pool = CandidatePool.from_pretrained(config.pool)
+    labels = Labels.load(config.labels)
+    labels.check_pool(pool)
+    data = routing_data(labels)
+    train, val = split_rows(data.texts, config.val_fraction)
+    if not train or not val:
+        raise ConfigError(f"{len(data.texts)} labelled prompts are too few to split into train and validation")
+    if model is None:
+        model, tokenizer = load_model(pool.model["spec"])
+    pool.check_model(model.config)
+    centred = data.labels[train] - data.labels[train].mean(1, keepdim=True)
+    scale = float(centred.std()) if config.loss == "mse" and float(centred.std()) > 0 else 1.0
+    backbone = LLM_BACKBONE if config.router == "llm-embed" else config.backbone
+    router_config = RouterConfig(config.router, len(pool.sets), backbone, config.hidden, config.max_length,
+                                 config.loss, scale)
+    router = build_router(router_config, llm=model, llm_tokenizer=tokenizer)
+    start = time.perf_counter()
+    result = fit(router, data, train, val, config)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["n_train"], result["n_val"] = len(train), len(val)
+    pudding = PuddingModel(model, tokenizer, pool, router, training={"config": asdict(config), **result})
+    out = pudding.save_pretrained(config.out)
+    atomic_write_json(out / "training.json", {"config": asdict(config), "router": asdict(router_config), **result,
+                                              "labels": labels.meta.get("config"), "provenance": provenance()})
+    plot_history(result["history"], f"{config.router} router ({config.loss})", out / "training.png")
+    return pudding

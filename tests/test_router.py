@@ -1,0 +1,300 @@
+"""Labels, routers and the PuDDing model on a tiny llama (6 blocks) and a tiny BERT router backbone."""
+
+import hashlib
+import json
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
+
+from pudding.candidates import CandidatePool, PoolEntry, SetSource
+from pudding.cli import main
+from pudding.errors import ConfigError
+from pudding.evaluate import score_docs
+from pudding.labels import LABELS_FILE, LabelConfig, Labels, build_labels, collect_docs
+from pudding.load import model_fingerprint
+from pudding.omit import omit_blocks
+from pudding.routed import CONFIG_FILE, ROUTER_FILE, PuddingModel, Route
+from pudding.score import LikelihoodScorer
+from pudding.train import TrainConfig, is_validation, routing_data, split_rows, train_router
+from tiny import VOCAB, tiny_model, tiny_tokenizer
+
+SETS = [(1, 2), (2, 3), (3, 4), (1, 4)]
+TASKS = ("piqa", "arc_easy")
+
+
+def make_pool(model, spec: str, sets=SETS) -> CandidatePool:
+    entries = tuple(PoolEntry(s, (SetSource("greedy", "piqa", "tl", list(s), [], [], 0.0),)) for s in sets)
+    return CandidatePool(entries, {"spec": spec, "name": "tiny", "fingerprint": model_fingerprint(model.config)})
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    """A tiny random BERT with the tiny tokenizer: stands in for MiniLM as the router backbone."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, tiny_dir, llm):
+    root = tmp_path_factory.mktemp("labelled")
+    pool = make_pool(llm[0], tiny_dir)
+    pool.save_pretrained(root / "pool")
+    config = LabelConfig(pool=str(root / "pool"), out=str(root / "labels"), tasks=TASKS, samples=12,
+                         shard_size=5, run_dir=str(root / "run"), progress=False)
+    build_labels(config, model=llm[0], tokenizer=llm[1])
+    return root, config
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- labels ------------------------------------------------------------------------------------------------
+
+
+def test_labels_equal_direct_scoring_under_each_set(labelled, llm):
+    root, config = labelled
+    labels = Labels.load(root / "labels")
+    docs = collect_docs(config)
+    assert len(labels.table) == len(docs) == 24 and labels.n_sets == len(SETS)
+    assert labels.table["doc_id"] == [d.doc_id for d in docs]
+    scorer = LikelihoodScorer(*llm, max_length=config.max_length)
+    for s, blocks in enumerate(SETS):
+        with omit_blocks(llm[0], blocks):
+            direct = score_docs(scorer, docs)
+        for row, doc in zip(labels.table, direct):
+            assert row["label"][s] == pytest.approx(doc.choices[doc.gold].mean_logprob, abs=1e-4)
+            assert row["choice_logprob"][s] == pytest.approx([c.logprob for c in doc.choices], abs=1e-4)
+
+
+def test_killed_labelling_resumes_to_the_identical_file(labelled, tmp_path, llm):
+    root, config = labelled
+    crashed = LabelConfig(**{**config.__dict__, "out": str(tmp_path / "out"), "run_dir": str(tmp_path / "run")})
+
+    def crash(index):
+        if index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_labels(crashed, model=llm[0], tokenizer=llm[1], on_shard=crash)
+    assert len(list((tmp_path / "run").glob("shard-*.parquet"))) == 2
+    assert not (tmp_path / "out").exists()
+    build_labels(crashed, model=llm[0], tokenizer=llm[1])
+    assert _sha(tmp_path / "out" / LABELS_FILE) == _sha(root / "labels" / LABELS_FILE)
+
+
+def test_labelling_refuses_a_pool_of_another_model_and_a_foreign_run_dir(labelled, tmp_path, llm, tiny_dir):
+    root, config = labelled
+    other = make_pool(tiny_model("llama", num_hidden_layers=8), tiny_dir)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match="built for"):
+        build_labels(LabelConfig(**{**config.__dict__, "pool": str(tmp_path / "other")}),
+                     model=llm[0], tokenizer=llm[1])
+    with pytest.raises(ConfigError, match="another labelling job"):
+        build_labels(LabelConfig(**{**config.__dict__, "samples": 3}), model=llm[0], tokenizer=llm[1])
+
+
+def test_corrupt_label_file_is_refused(labelled, tmp_path):
+    root, _ = labelled
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "labels.json").write_text((root / "labels" / "labels.json").read_text())
+    (broken / LABELS_FILE).write_bytes((root / "labels" / LABELS_FILE).read_bytes()[:200])
+    with pytest.raises(ConfigError, match="not a readable label file"):
+        Labels.load(broken)
+
+
+def test_train_validation_split_is_by_question():
+    texts = ["What is 2+2?", "what is  2+2?", "Name a bird."] * 10
+    train, val = split_rows(texts, 0.5)
+    normal = lambda t: " ".join(t.split()).lower()  # noqa: E731
+    assert not {normal(texts[i]) for i in train} & {normal(texts[i]) for i in val}
+    assert is_validation("What is 2+2?", 0.5) == is_validation("what is 2+2?", 0.5)
+
+
+# --- routers and the artifact ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["embed-mlp", "encoder", "llm-embed"])
+def trained(request, labelled, llm, encoder_dir, tmp_path_factory):
+    root, _ = labelled
+    out = tmp_path_factory.mktemp(f"artifact-{request.param}")
+    config = TrainConfig(labels=str(root / "labels"), pool=str(root / "pool"), out=str(out), router=request.param,
+                         backbone=encoder_dir, epochs=3, hidden=16, val_fraction=0.4, progress=False)
+    return out, train_router(config, model=llm[0], tokenizer=llm[1])
+
+
+def test_training_writes_history_and_quality(trained):
+    out, pudding = trained
+    history = json.loads((out / "training.json").read_text())
+    assert [r["epoch"] for r in history["history"]] == [1, 2, 3]
+    for key in ("train_loss", "val_loss"):
+        assert all(r[key] >= 0 for r in history["history"])
+    val = history["val"]
+    assert 0 <= val["top1_agreement"] <= 1 and val["label_routed"] <= val["label_oracle"] + 1e-9
+    assert (out / "training.png").stat().st_size > 1000
+    assert history["n_train"] + history["n_val"] == 24
+
+
+def test_artifact_round_trip_keeps_routes_and_writes_no_llm_weights(trained, llm):
+    from safetensors import safe_open
+
+    out, pudding = trained
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted([CONFIG_FILE, "pool.json", ROUTER_FILE, "training.json", "training.png"])
+    with safe_open(str(out / ROUTER_FILE), "pt") as handle:
+        keys = list(handle.keys())
+    llm_keys = set(llm[0].state_dict())
+    assert not llm_keys & set(keys) and not any(k.startswith("_embedding") for k in keys)
+    if pudding.router.kind == "encoder":
+        assert any(k.startswith("encoder.") for k in keys)
+    else:
+        assert all(k.startswith("head.") for k in keys)
+    prompts = ["Question: Which gas do plants absorb?\nAnswer:", "How do I boil an egg?", "The cat sat on"]
+    before = pudding.route(prompts)
+    reloaded = PuddingModel.from_pretrained(out, model=llm[0], tokenizer=llm[1])
+    assert reloaded.route(prompts) == before
+    assert all(r.blocks in SETS and r.scores[r.set_index] == max(r.scores) for r in before)
+
+
+def test_loading_refuses_another_model_and_a_truncated_router(trained, tmp_path, tiny_dir):
+    import shutil
+
+    out, pudding = trained
+    other = tiny_model("llama", seed=1, num_hidden_layers=8)
+    with pytest.raises(ConfigError, match="Refusing"):
+        PuddingModel.from_pretrained(out, model=other, tokenizer=tiny_tokenizer())
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = (copy / ROUTER_FILE).read_bytes()
+    (copy / ROUTER_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="safetensors"):
+        PuddingModel.from_pretrained(copy, model=pudding.model, tokenizer=pudding.tokenizer)
+
+
+def test_config_from_a_newer_version_warns(trained, tmp_path):
+    import shutil
+
+    out, pudding = trained
+    copy = tmp_path / "newer"
+    shutil.copytree(out, copy)
+    config = json.loads((copy / CONFIG_FILE).read_text())
+    config["version"], config["shiny_new_feature"] = 2, {"x": 1}
+    (copy / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="newer pudding"):
+        reloaded = PuddingModel.from_pretrained(copy, model=pudding.model, tokenizer=pudding.tokenizer)
+    assert reloaded.route(["a prompt"]) == pudding.route(["a prompt"])
+
+
+def test_train_router_refuses_labels_of_another_pool(labelled, llm, tmp_path, tiny_dir):
+    root, _ = labelled
+    make_pool(llm[0], tiny_dir, sets=[(1, 2), (2, 3)]).save_pretrained(tmp_path / "pool2")
+    with pytest.raises(ConfigError, match="another candidate pool"):
+        train_router(TrainConfig(labels=str(root / "labels"), pool=str(tmp_path / "pool2"), out=str(tmp_path / "x"),
+                                 progress=False), model=llm[0], tokenizer=llm[1])
+    assert not (tmp_path / "x").exists()
+
+
+def test_routing_data_marks_correct_sets(labelled):
+    root, _ = labelled
+    data = routing_data(Labels.load(root / "labels"))
+    assert data.labels.shape == data.correct.shape == (24, len(SETS))
+    assert set(data.correct.unique().tolist()) <= {0.0, 1.0}
+
+
+# --- generation --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pudding_model(trained):
+    return trained[1]
+
+
+def _alone(pudding, prompt, blocks, n):
+    batch = pudding.tokenizer(prompt, return_tensors="pt")
+    with omit_blocks(pudding.model, blocks):
+        out = pudding.model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                                     min_new_tokens=n)
+    return out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def test_mixed_set_batch_equals_each_prompt_alone(pudding_model):
+    pudding = pudding_model
+    prompts = ["The man turned on the faucet.", "Sarah was a much better surgeon", "A revolving door",
+               "How do I ready a guinea pig cage"]
+    routes = [Route(i, SETS[i], "s", [0.0] * len(SETS)) for i in (0, 1, 0, 3)]
+    outputs = pudding.generate(prompts, routes=routes, max_new_tokens=6, min_new_tokens=6)
+    for prompt, route, out in zip(prompts, routes, outputs):
+        expected = _alone(pudding, prompt, route.blocks, 6)
+        assert out.text == pudding.tokenizer.decode(expected, skip_special_tokens=True)
+        assert out.route == route and out.completion_tokens == 6
+    # and routed end to end, each prompt gets the set the router chose for it
+    routed = pudding.generate(prompts, max_new_tokens=3)
+    assert [g.route for g in routed] == pudding.route(prompts)
+
+
+def test_bad_prompts_are_refused(pudding_model):
+    with pytest.raises(ConfigError, match="empty"):
+        pudding_model.route(["fine", "   "])
+    with pytest.raises(ConfigError, match="no prompts"):
+        pudding_model.generate([])
+    with pytest.raises(ConfigError, match="context of 128"):
+        pudding_model.generate(["word " * 120], max_new_tokens=16)
+    # the router itself truncates: a long prompt routes fine
+    assert len(pudding_model.route(["word " * 500])) == 1
+
+
+# --- the command line --------------------------------------------------------------------------------------
+
+
+def test_cli_route_and_generate(trained, tmp_path, capsys, monkeypatch, llm):
+    out, pudding = trained
+    monkeypatch.setattr(PuddingModel, "from_pretrained",
+                        classmethod(lambda cls, path, **kw: pudding))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is the capital of France?"}\n{"prompt": "The cat sat on"}\n')
+    assert main(["route", "--model", str(out), "--file", str(prompts)]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [tuple(l["blocks"]) for l in lines] == [r.blocks for r in pudding.route(
+        ["What is the capital of France?", "The cat sat on"])]
+    assert main(["generate", "--model", str(out), "--max-new-tokens", "3", "--compare-dense", "Hello"]) == 0
+    text = capsys.readouterr().out
+    assert "omit blocks" in text and "dense" in text
+
+
+def test_cli_refuses_non_utf8_and_empty_prompt_files(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    assert main(["route", "--file", str(bad)]) == 2
+    assert "bad.jsonl:2: not UTF-8" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    assert main(["route", "--file", str(empty)]) == 2
+    assert "no prompts" in capsys.readouterr().err
+
+
+def test_cli_label_and_train_router(labelled, tmp_path, monkeypatch, llm, encoder_dir):
+    import pudding.labels
+    import pudding.load
+
+    root, _ = labelled
+    monkeypatch.setattr(pudding.labels, "load_model", lambda spec: llm)
+    monkeypatch.setattr(pudding.load, "load_model", lambda spec: llm)
+    assert main(["label", "--pool", str(root / "pool"), "--tasks", "piqa", "--samples", "6",
+                 "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "labels"), "--no-progress"]) == 0
+    assert len(Labels.load(tmp_path / "labels").table) == 6
+    assert main(["train-router", "--labels", str(root / "labels"), "--pool", str(root / "pool"),
+                 "--router", "llm-embed", "--epochs", "2", "--out", str(tmp_path / "art"), "--no-progress"]) == 0
+    assert (tmp_path / "art" / CONFIG_FILE).exists()
