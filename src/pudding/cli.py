@@ -320,6 +320,49 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    parser = sub.add_parser("serve", help="OpenAI-compatible server that routes every request",
+                            description="Serve /v1/completions and /v1/chat/completions, routing each request and "
+                                        "batching requests that chose the same set. Binds to 127.0.0.1 by default.")
+    parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--batch-window-ms", type=float, default=10.0, help="wait for same-set peers this long")
+    parser.add_argument("--max-batch-size", type=_positive_int, default=16)
+    parser.add_argument("--max-concurrency", type=_positive_int, default=64, help="requests in flight; more get 429")
+    parser.add_argument("--max-tokens-limit", type=_positive_int, default=1024, help="largest max_tokens accepted")
+    parser.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000)
+    parser.add_argument("--force-set", type=int, default=None, help="serve one fixed set (a gateway backend)")
+    parser.add_argument("--gateway", action="store_true", help="run only the router and forward to --backend servers")
+    parser.add_argument("--backend", action="append", default=[], metavar="SET=URL",
+                        help="gateway backend serving one set (index or name), e.g. 3=http://10.0.0.5:8000")
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from pudding.errors import ConfigError
+    from pudding.routed import PuddingModel
+    from pudding.serve import ServeSettings, create_app, run_server
+
+    settings = ServeSettings(batch_window_ms=args.batch_window_ms, max_batch_size=args.max_batch_size,
+                             max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit,
+                             max_body_bytes=args.max_body_bytes, force_set=args.force_set)
+    if args.gateway:
+        from pudding.gateway import create_gateway, parse_backends
+
+        pudding = PuddingModel.from_pretrained(args.model, router_only=True)
+        app = create_gateway(pudding, parse_backends(args.backend, pudding), settings)
+    else:
+        if args.backend:
+            raise ConfigError("--backend needs --gateway")
+        pudding = PuddingModel.from_pretrained(args.model)
+        if args.force_set is not None and not 0 <= args.force_set < len(pudding.pool.sets):
+            raise ConfigError(f"--force-set {args.force_set} is out of range: the pool has {len(pudding.pool.sets)} sets")
+        app = create_app(pudding, settings)
+    run_server(app, args.host, args.port)
+    return 0
+
+
 SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "tasks": _add_tasks,
     "eval": _add_eval,
@@ -330,6 +373,7 @@ SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "train-router": _add_train_router,
     "route": _add_route,
     "generate": _add_generate,
+    "serve": _add_serve,
 }
 
 

@@ -30,7 +30,7 @@ import torch
 
 from pudding.candidates import CandidatePool
 from pudding.errors import ConfigError
-from pudding.load import load_model, model_fingerprint
+from pudding.load import load_config, load_model, model_fingerprint
 from pudding.omit import OmissionSet, omit_blocks
 from pudding.provenance import atomic_write_json, provenance
 from pudding.router import Router, RouterConfig, build_router, load_router_weights, save_router
@@ -97,8 +97,9 @@ class PuddingModel:
         router: a router with one output per pool set.
     """
 
-    def __init__(self, model, tokenizer, pool: CandidatePool, router: Router, training: dict | None = None):
-        pool.check_model(model.config)
+    def __init__(self, model, tokenizer, pool: CandidatePool, router: Router, training: dict | None = None,
+                 *, config=None):
+        pool.check_model(config if model is None else model.config)
         if router.config.n_sets != len(pool.sets):
             raise ConfigError(f"the router scores {router.config.n_sets} sets but the pool has {len(pool.sets)}")
         self.model, self.tokenizer, self.pool, self.router = model, tokenizer, pool, router
@@ -107,26 +108,31 @@ class PuddingModel:
     # --- loading and saving ---
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = "default", *, model=None, tokenizer=None) -> PuddingModel:
+    def from_pretrained(cls, path: str | Path = "default", *, model=None, tokenizer=None,
+                        router_only: bool = False) -> PuddingModel:
         """Load an artifact folder (``default``: the shipped SmolLM2 one); the LLM by its recorded spec.
 
         Pass ``model`` and ``tokenizer`` to reuse an already loaded LLM; it must match the recorded
-        fingerprint.
+        fingerprint. ``router_only`` skips loading the LLM (only its config is read, to check the
+        fingerprint) where the router does not need it: ``route`` works, ``generate`` does not.
         """
         folder = DEFAULT_ARTIFACT if str(path) == "default" else Path(path)
         config = read_config(folder)
         pool = CandidatePool.from_pretrained(folder)
         base = config["base_model"]
-        if model is None:
+        router_config = RouterConfig(**_known_fields(RouterConfig, config["router"], folder))
+        model_config = None
+        if model is None and router_only and router_config.kind != "llm-embed":
+            model_config = load_config(base["spec"])
+        elif model is None:
             model, tokenizer = load_model(base["spec"])
-        fingerprint = model_fingerprint(model.config)
+        fingerprint = model_fingerprint(model_config if model is None else model.config)
         if fingerprint != base.get("fingerprint"):
             raise ConfigError(f"{folder} was built for {base.get('name')} {base.get('fingerprint')}; the given model "
                               f"has fingerprint {fingerprint}. Refusing to route a different model")
-        router_config = RouterConfig(**_known_fields(RouterConfig, config["router"], folder))
         router = build_router(router_config, llm=model, llm_tokenizer=tokenizer, for_loading=True)
         load_router_weights(router, folder / ROUTER_FILE)
-        return cls(model, tokenizer, pool, router.eval(), config.get("training"))
+        return cls(model, tokenizer, pool, router.eval(), config.get("training"), config=model_config)
 
     def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
         """Write pudding.json, pool.json and router.safetensors (never the LLM) and return the folder."""
@@ -134,6 +140,8 @@ class PuddingModel:
         folder.mkdir(parents=True, exist_ok=True)
         self.pool.save_pretrained(folder)
         save_router(self.router, folder / ROUTER_FILE)
+        if self.model is None:
+            raise ConfigError("a router-only PuddingModel cannot be saved; load it with its LLM")
         pool_model = self.pool.model
         summary = training if training is not None else self.training
         atomic_write_json(folder / CONFIG_FILE, {
@@ -196,6 +204,8 @@ class PuddingModel:
                  max_new_tokens: int = 64, do_sample: bool = False, **kwargs) -> list[Generation]:
         """Route each prompt (unless ``routes`` are given), then generate each set's prompts together."""
         texts = check_prompts(texts)
+        if self.model is None:
+            raise ConfigError("this PuddingModel was loaded router-only; load it with its LLM to generate")
         prompt_lengths = self.check_length(texts, max_new_tokens)
         routes = list(routes) if routes is not None else self.route(texts)
         groups: dict[OmissionSet, list[int]] = {}
