@@ -363,6 +363,34 @@ def _run_serve(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    parser = sub.add_parser("export", help="write a statically pruned model as a standard HF checkpoint",
+                            description="Remove blocks for good and save a checkpoint that vanilla "
+                                        "AutoModelForCausalLM.from_pretrained loads (safetensors, renumbered).")
+    parser.add_argument("--model", default="default",
+                        help="with --omit: a base model spec; with --all-sets: a PuDDing artifact or 'default'")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--omit", help="comma-separated 0-based blocks to remove")
+    which.add_argument("--all-sets", action="store_true", help="export every set of a PuDDing artifact + manifest")
+    parser.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args) -> int:
+    if args.all_sets:
+        from pudding.export import MANIFEST_FILE, export_all_sets
+        from pudding.routed import PuddingModel
+
+        out = export_all_sets(PuddingModel.from_pretrained(args.model), args.out)
+        print(f"wrote {len(list(out.glob('set-*')))} checkpoints and {out / MANIFEST_FILE}")
+        return 0
+    from pudding.export import export_from_spec
+
+    out, omission = export_from_spec(args.model, args.omit, args.out)
+    print(f"wrote {out} without blocks {list(omission)}")
+    return 0
+
+
 SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "tasks": _add_tasks,
     "eval": _add_eval,
@@ -374,6 +402,7 @@ SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "route": _add_route,
     "generate": _add_generate,
     "serve": _add_serve,
+    "export": _add_export,
 }
 
 

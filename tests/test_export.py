@@ -1,0 +1,74 @@
+"""Exported pruned checkpoints load with vanilla transformers and match in-library omission."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pudding.cli import main
+from pudding.errors import ConfigError
+from pudding.export import MANIFEST_FILE, export_all_sets, export_pruned
+from pudding.omit import omit_blocks
+from tiny import tiny_model, tiny_tokenizer
+
+OMIT = (1, 3)
+SETS = [(1, 2), (2, 3)]
+IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8]])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "opt", "gpt2", "gpt_neox", "phi3"])
+def test_export_loads_with_vanilla_transformers_and_matches(family, tmp_path):
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = export_pruned(model, tiny_tokenizer(), OMIT, tmp_path / "pruned")
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert loaded.config.num_hidden_layers == model.config.num_hidden_layers - len(OMIT)
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["pudding_export"]["omitted_blocks"] == list(OMIT)
+    if "layer_types" in config:
+        assert len(config["layer_types"]) == config["num_hidden_layers"]
+    with torch.no_grad(), omit_blocks(model, OMIT):
+        expected = model(IDS).logits
+    with torch.no_grad():
+        assert torch.allclose(loaded(IDS).logits, expected, atol=1e-5)
+    # the source model is untouched
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not hasattr(model.config, "pudding_export")
+
+
+def test_export_refuses_bad_sets_and_non_empty_folders(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError):
+        export_pruned(model, None, (9,), tmp_path / "x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        export_pruned(model, None, OMIT, tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_export_all_sets_writes_a_manifest(tmp_path, tiny_dir):
+    from pudding.candidates import CandidatePool, PoolEntry, SetSource
+    from pudding.load import model_fingerprint
+    from pudding.routed import PuddingModel
+    from pudding.router import RouterConfig, build_router
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    entries = tuple(PoolEntry(s, (SetSource("greedy", "t", "tl", list(s), [], [], 0.0),)) for s in SETS[:2])
+    pool = CandidatePool(entries, {"spec": tiny_dir, "name": "tiny", "fingerprint": model_fingerprint(model.config)})
+    router = build_router(RouterConfig("llm-embed", 2, "llm", hidden=8), llm=model, llm_tokenizer=tiny_tokenizer())
+    out = export_all_sets(PuddingModel(model, tiny_tokenizer(), pool, router), tmp_path / "sets")
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert [s["blocks"] for s in manifest["sets"]] == [list(s) for s in SETS[:2]]
+    for entry in manifest["sets"]:
+        loaded = AutoModelForCausalLM.from_pretrained(out / entry["path"])
+        assert loaded.config.num_hidden_layers == 6 - len(entry["blocks"])
+
+
+def test_cli_export(tmp_path, tiny_dir, capsys):
+    assert main(["export", "--model", tiny_dir, "--omit", "2,4", "--out", str(tmp_path / "e")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "e").config.num_hidden_layers == 4
+    assert main(["export", "--model", tiny_dir, "--omit", "0,99", "--out", str(tmp_path / "f")]) == 2
+    assert "pudding: error" in capsys.readouterr().err
