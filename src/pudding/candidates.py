@@ -140,6 +140,8 @@ class PoolConfig:
         reuse_prefix: reuse the dense prefix across candidates (exact; off only to measure its effect).
         run_dir: checkpoints, one per search; a rerun resumes from them.
         out: folder the pool artifact is written to.
+        executor: ``local``, or ``ray`` to spread each step's candidates over Ray actors (identical results).
+        ray_address, ray_actors: the Ray cluster (``None`` starts a local one) and the number of replicas.
     """
 
     model: str = DEFAULT_MODEL
@@ -154,8 +156,13 @@ class PoolConfig:
     run_dir: str = "runs/candidates"
     out: str = "runs/pool"
     progress: bool = True
+    executor: str = "local"
+    ray_address: str | None = None
+    ray_actors: int = 2
 
     def __post_init__(self):
+        if self.executor not in ("local", "ray"):
+            raise ConfigError(f"executor must be 'local' or 'ray', got {self.executor!r}")
         for name, value in (("tasks", self.tasks), ("objectives", self.objectives)):
             items = value.split(",") if isinstance(value, str) else list(value)
             items = tuple(dict.fromkeys(i.strip() for i in items if i and i.strip()))
@@ -189,9 +196,15 @@ def _search_identity(config: PoolConfig, fingerprint: dict, task: str, objective
 
 
 def _run_search(config: PoolConfig, scorer, fingerprint, task: str, objective_name: str, docs) -> SetSource:
+    """One greedy search; ``scorer`` is a LikelihoodScorer, or the list of Ray workers for ``executor=ray``."""
     objective = get_objective(objective_name)
     requests = objective.requests(docs)
-    evaluator = CandidateEvaluator(scorer, requests, reuse_prefix=config.reuse_prefix)
+    if config.executor == "ray":
+        from pudding.distributed import RayCandidateEvaluator
+
+        evaluator = RayCandidateEvaluator(scorer, requests, reuse_prefix=config.reuse_prefix)
+    else:
+        evaluator = CandidateEvaluator(scorer, requests, reuse_prefix=config.reuse_prefix)
     checkpoint = Path(config.run_dir) / f"{task}-{objective_name}.json"
     result = greedy_search(evaluator, lambda scores: objective.loss(docs, scores), config.k,
                            barriers=config.barriers, checkpoint=checkpoint,
@@ -210,11 +223,20 @@ def _prepare(config: PoolConfig) -> tuple[dict, dict[str, list[MCDoc]]]:
     return model_fingerprint(model_config), docs
 
 
+def _make_scorer(config: PoolConfig):
+    if config.executor == "ray":
+        from pudding.distributed import RaySettings, start_workers
+
+        return start_workers(RaySettings(config.ray_address, config.ray_actors), config.model,
+                             config.max_batch_tokens, config.max_length)
+    model, tokenizer = load_model(config.model)
+    return LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
+
+
 def build_pool(config: PoolConfig) -> CandidatePool:
     """Run every (task, objective) search, deduplicate, and save the pool to ``config.out``."""
     fingerprint, docs = _prepare(config)
-    model, tokenizer = load_model(config.model)
-    scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
+    scorer = _make_scorer(config)
     found = []
     for task in config.tasks:
         for objective in config.objectives:
@@ -232,6 +254,8 @@ def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "sho
     """The static baselines at ``config.k`` on the PPL calibration text, saved as a pool to ``config.out``."""
     from pudding.baselines import ONE_SHOT_METHODS, rank_blocks
 
+    if config.executor != "local":
+        raise ConfigError("the baselines run on the local executor only (the one-shot methods need gradients)")
     unknown = [m for m in methods if m != "sleb" and m not in ONE_SHOT_METHODS]
     if unknown or not methods:
         raise ConfigError(f"unknown baseline methods {unknown}; known: sleb, {', '.join(ONE_SHOT_METHODS)}")

@@ -85,6 +85,15 @@ def _add_search_options(parser, *, tasks: bool) -> None:
     parser.add_argument("--run-dir", default="runs/candidates", help="per-search checkpoints; reruns resume")
     parser.add_argument("--out", required=True, help="folder the pool artifact (pool.json) is written to")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_executor_options(parser)
+
+
+def _add_executor_options(parser) -> None:
+    parser.add_argument("--executor", default="local", choices=["local", "ray"],
+                        help="ray: spread the work over Ray actors, one model replica each (pip install pudding[ray])")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto', 'ray://head:10001'); "
+                                                            "default: start a local one")
+    parser.add_argument("--ray-actors", type=_positive_int, default=2, help="model replicas (Ray actors)")
 
 
 def _pool_config(args, **extra):
@@ -99,7 +108,8 @@ def _pool_config(args, **extra):
         raise ConfigError(f"--barriers must be two integers like 1,1, got {args.barriers!r}")
     return PoolConfig(model=args.model, k=args.k, samples=args.samples, max_length=args.max_length,
                       barriers=barriers, max_batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse,
-                      run_dir=args.run_dir, out=args.out, progress=not args.no_progress, **extra)
+                      run_dir=args.run_dir, out=args.out, progress=not args.no_progress, executor=args.executor,
+                      ray_address=args.ray_address, ray_actors=args.ray_actors, **extra)
 
 
 def _add_candidates(sub) -> None:
@@ -185,6 +195,7 @@ def _add_label(sub) -> None:
     parser.add_argument("--run-dir", default="runs/labels", help="shard checkpoints; reruns resume")
     parser.add_argument("--out", required=True, help="folder for labels.parquet and labels.json")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_executor_options(parser)
     parser.set_defaults(handler=_run_label)
 
 
@@ -194,7 +205,8 @@ def _run_label(args) -> int:
     out = build_labels(LabelConfig(pool=args.pool, out=args.out, model=args.model, tasks=args.tasks,
                                    samples=args.samples, split=args.split, max_length=args.max_length,
                                    max_batch_tokens=args.batch_tokens, shard_size=args.shard_size,
-                                   run_dir=args.run_dir, progress=not args.no_progress))
+                                   run_dir=args.run_dir, progress=not args.no_progress, executor=args.executor,
+                                   ray_address=args.ray_address, ray_actors=args.ray_actors))
     print(f"wrote {out}")
     return 0
 

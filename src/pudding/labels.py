@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from pudding.candidates import PAPER_TASKS, CandidatePool
 from pudding.errors import ConfigError
 from pudding.evaluate import doc_requests
-from pudding.load import load_model
+from pudding.load import load_config, load_model
 from pudding.metrics import DocScores, scores_by_doc
 from pudding.omit import OmissionSet
 from pudding.provenance import atomic_write_json, provenance
@@ -89,12 +89,17 @@ class LabelConfig:
     reuse_prefix: bool = True
     run_dir: str = "runs/labels"
     progress: bool = True
+    executor: str = "local"  # or "ray": shards are scored by Ray actors (see pudding.distributed)
+    ray_address: str | None = None
+    ray_actors: int = 2
 
     def __post_init__(self):
         if isinstance(self.tasks, str):
             object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
         if not self.tasks:
             raise ConfigError("no tasks given")
+        if self.executor not in ("local", "ray"):
+            raise ConfigError(f"executor must be 'local' or 'ray', got {self.executor!r}")
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         for name in ("samples", "max_length", "max_batch_tokens", "shard_size"):
@@ -193,26 +198,44 @@ def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
     """
     pool = CandidatePool.from_pretrained(config.pool)
     docs = collect_docs(config)
-    if model is None:
-        model, tokenizer = load_model(config.model or pool.model["spec"])
-    pool.check_model(model.config)
+    spec = config.model or pool.model["spec"]
+    if model is None and config.executor == "ray":
+        pool.check_model(load_config(spec))  # the actors load the model; the driver only checks it
+    else:
+        if model is None:
+            model, tokenizer = load_model(spec)
+        pool.check_model(model.config)
     identity = {"format": LABELS_FORMAT, "pool": pool.fingerprint(), "docs": [d.doc_id for d in docs],
                 **{k: v for k, v in asdict(config).items() if k in ("split", "max_length")}}
     run_dir = Path(config.run_dir)
     _check_run_identity(run_dir, identity)
-    scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens,
-                              max_length=config.max_length)
     shards = _shards(docs, config.shard_size)
     paths = [run_dir / f"shard-{i:05d}.parquet" for i in range(len(shards))]
+    missing = [i for i, path in enumerate(paths) if not path.exists()]
     sets = [entry.blocks for entry in pool.sets]
     with tqdm(total=len(docs), unit="doc", desc="labels", disable=not config.progress) as bar:
-        for i, (shard, path) in enumerate(zip(shards, paths)):
-            if not path.exists():
-                _write_parquet(label_rows(shard, score_sets(scorer, shard, sets, config.reuse_prefix)), path)
-                if on_shard:
-                    on_shard(i)
-            bar.update(len(shard))
+        bar.update(len(docs) - sum(len(shards[i]) for i in missing))
+        for i, columns in _scored_shards(config, spec, model, tokenizer, shards, missing, sets):
+            _write_parquet(columns, paths[i])
+            if on_shard:
+                on_shard(i)
+            bar.update(len(shards[i]))
     return _finish(config, pool, paths)
+
+
+def _scored_shards(config: LabelConfig, spec: str, model, tokenizer, shards, missing: list[int], sets):
+    """Yield (shard index, label columns) for every missing shard, locally or on Ray actors."""
+    if config.executor == "ray":
+        from pudding.distributed import RaySettings, ray_label_shards, start_workers
+
+        workers = start_workers(RaySettings(config.ray_address, config.ray_actors), spec, config.max_batch_tokens,
+                                config.max_length)
+        for j, columns in ray_label_shards(workers, [shards[i] for i in missing], sets, config.reuse_prefix):
+            yield missing[j], columns
+        return
+    scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
+    for i in missing:
+        yield i, label_rows(shards[i], score_sets(scorer, shards[i], sets, config.reuse_prefix))
 
 
 def _finish(config: LabelConfig, pool: CandidatePool, paths: list[Path]) -> Path:
