@@ -422,6 +422,30 @@ def _run_lm_eval_tasks(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    parser = sub.add_parser("bench", help="latency and memory: dense vs statically pruned vs routed (PuDDing)",
+                            description="Pre-fill and generation latency, router and set-switch time, resident "
+                                        "weights and peak RSS; each variant in its own process.")
+    parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
+    parser.add_argument("--lengths", default="128,256,512", help="prompt lengths in tokens for pre-fill")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the decode test")
+    parser.add_argument("--repeats", type=int, default=5, help="measurements per figure, after one warm-up")
+    parser.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned)")
+    parser.add_argument("--cache-dir", default="runs/block-cache", help="block cache for the routed model")
+    parser.add_argument("--out", default="results/bench", help="folder for bench.json and bench.md")
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from pudding.bench import BenchConfig, render_markdown, run_bench
+
+    report = run_bench(BenchConfig(model=args.model, lengths=args.lengths, new_tokens=args.new_tokens,
+                                   repeats=args.repeats, threads=args.threads, cache_dir=args.cache_dir,
+                                   out=args.out))
+    print(render_markdown(report))
+    return 0
+
+
 SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "tasks": _add_tasks,
     "eval": _add_eval,
@@ -435,6 +459,7 @@ SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "serve": _add_serve,
     "export": _add_export,
     "lm-eval-tasks": _add_lm_eval_tasks,
+    "bench": _add_bench,
 }
 
 

@@ -131,6 +131,15 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(spec: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of ``spec`` (with a pad token), without reading the weights."""
+    source = resolve_model_source(spec)
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file,
+                                              local_files_only=_cache_only(source))
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     """Give ``tokenizer`` a pad token if it has none (EOS, else UNK); padded positions are always masked."""
     if tokenizer.pad_token is not None:

@@ -1,0 +1,249 @@
+"""``pudding bench``: latency and memory of the dense, the statically pruned and the routed (PuDDing) model.
+
+Each variant runs in its own fresh Python process, so its peak resident memory is its own:
+
+- ``dense``: the base model as loaded;
+- ``static``: the base model with the routed set's blocks pruned in place (the same k, the same blocks as
+  the routed run, so the two differ only by the router and the set switch);
+- ``routed``: built from the block cache with only the kept blocks resident (:mod:`pudding.lazy`); each
+  measurement includes routing the prompt and making its set resident.
+
+Measured per variant, after a warm-up, ``repeats`` times (median and interquartile range):
+
+- pre-fill: time to the first token for prompts of each length in ``lengths`` tokens;
+- decode: the time to generate ``new_tokens`` tokens (forced length) after a 128-token prompt;
+- for ``routed``: the router time and the set-switch time, also separately.
+
+Torch threads are pinned to ``threads``; the machine's load average is recorded before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pudding.errors import ConfigError
+from pudding.provenance import atomic_write_json, atomic_write_text, provenance
+
+VARIANTS = ("dense", "static", "routed")
+TEXT_TASK = "boolq"  # long Wikipedia passages: real text to cut prompts of exact token lengths from
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of ``pudding bench``."""
+
+    model: str = "default"  # a PuDDing artifact
+    lengths: tuple[int, ...] = (128, 256, 512)
+    new_tokens: int = 128
+    repeats: int = 5
+    threads: int = 2
+    cache_dir: str = "runs/block-cache"
+    out: str | None = "results/bench"
+
+    def __post_init__(self):
+        if isinstance(self.lengths, str):
+            object.__setattr__(self, "lengths", tuple(int(x) for x in self.lengths.split(",") if x.strip()))
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats must be at least 1, got {self.repeats}")
+        if self.new_tokens < 1 or self.threads < 1 or not self.lengths or min(self.lengths) < 1:
+            raise ConfigError("new_tokens, threads and every length must be positive")
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "q1": quartiles[0], "q3": quartiles[2],
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _prompt_ids(tokenizer, length: int):
+    """Exactly ``length`` tokens of real text (BoolQ passages)."""
+    import torch
+
+    from pudding.tasks import load_docs
+
+    ids: list[int] = []
+    for doc in load_docs(TEXT_TASK, "evaluation", limit=200):
+        ids.extend(tokenizer(doc.contexts[0] + "\n\n", add_special_tokens=False)["input_ids"])
+        if len(ids) >= length:
+            break
+    if len(ids) < length:
+        raise ConfigError(f"not enough text for a {length}-token prompt")
+    return torch.tensor([ids[:length]])
+
+
+# --- inside one variant's process ----------------------------------------------------------------------------
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
+    import torch
+
+    from pudding.lazy import BlockStore, build_lazy_model, resident_bytes, write_cache
+    from pudding.omit import omit_blocks, prune_blocks
+    from pudding.routed import PuddingModel, context_length
+
+    torch.set_num_threads(config.threads)
+    from pudding.load import load_tokenizer
+    from pudding.routed import DEFAULT_ARTIFACT, read_config
+
+    folder = DEFAULT_ARTIFACT if config.model == "default" else Path(config.model)
+    spec = read_config(folder)["base_model"]["spec"]
+    load_start = time.perf_counter()
+    store = None
+    if variant == "routed":
+        cache = Path(config.cache_dir)
+        if not (cache / "blocks.safetensors").exists():
+            raise ConfigError(f"no block cache at {cache}; the bench writes it in its dense run first")
+        model = build_lazy_model(cache)
+        store = BlockStore(model, cache)
+        pudding = PuddingModel.from_pretrained(folder, model=model, tokenizer=load_tokenizer(spec))
+    else:
+        pudding = PuddingModel.from_pretrained(folder)
+    model, tokenizer = pudding.model, pudding.tokenizer
+    load_seconds = time.perf_counter() - load_start
+    limit = context_length(model)
+    too_long = [n for n in config.lengths if limit and n + config.new_tokens > limit]
+    if too_long:
+        raise ConfigError(f"prompt lengths {too_long} plus {config.new_tokens} new tokens exceed the context ({limit})")
+    prompts = {n: _prompt_ids(tokenizer, n) for n in sorted(set(config.lengths) | {128})}
+    texts = {n: tokenizer.decode(ids[0]) for n, ids in prompts.items()}
+    [route] = pudding.route([texts[128]])
+    blocks = route.blocks
+    total = model.config.num_hidden_layers
+    if variant == "dense":
+        write_cache(model, config.cache_dir)  # for the routed run; idempotent
+    if variant == "static":
+        prune_blocks(model, blocks, inplace=True)
+
+    def run(ids, new_tokens: int) -> dict[str, float]:
+        timing = {"router": 0.0, "switch": 0.0}
+        if variant == "routed":
+            timing["router"] = _timed(lambda: pudding.route([texts[ids.shape[1]]]))
+            if store is not None:
+                timing["switch"] = store.ensure([i for i in range(total) if i not in blocks]).seconds
+        mask = torch.ones_like(ids)
+        with omit_blocks(model, blocks if variant == "routed" else ()), torch.inference_mode():
+            timing["generate"] = _timed(lambda: model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id))
+        timing["total"] = timing["router"] + timing["switch"] + timing["generate"]
+        return timing
+
+    load_before = os.getloadavg()
+    run(prompts[128], 2)  # warm-up
+    prefill = {n: [run(prompts[n], 1) for _ in range(config.repeats)] for n in config.lengths}
+    decode = [run(prompts[128], config.new_tokens) for _ in range(config.repeats)]
+    # Decode per token: total generation minus the 128-token pre-fill, over the new tokens after the first.
+    prefill_128 = statistics.median(t["generate"] for t in prefill.get(128, [run(prompts[128], 1)]))
+    return {
+        "variant": variant, "omitted": list(blocks) if variant != "dense" else [], "set": route.name,
+        "load_seconds": load_seconds,
+        "prefill_seconds": {str(n): _summary([t["total"] for t in runs]) for n, runs in prefill.items()},
+        "decode_seconds": _summary([t["total"] for t in decode]),
+        "decode_seconds_per_token": _summary([(t["generate"] - prefill_128) / (config.new_tokens - 1)
+                                              for t in decode]) if config.new_tokens > 1 else None,
+        "router_seconds": _summary([t["router"] for runs in prefill.values() for t in runs]),
+        "switch_seconds": _summary([t["switch"] for runs in prefill.values() for t in runs]),
+        "resident_weight_bytes": resident_bytes(model),
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "threads": torch.get_num_threads(),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+    }
+
+
+# --- the orchestrating process ---------------------------------------------------------------------------------
+
+
+def _run_variant(variant: str, config: BenchConfig, workdir: Path) -> dict[str, Any]:
+    config_path, result_path = workdir / f"{variant}-config.json", workdir / f"{variant}-result.json"
+    config_path.write_text(json.dumps(asdict(config)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
+    process = subprocess.run([sys.executable, "-m", "pudding.bench", variant, str(config_path), str(result_path)],
+                             env=env, capture_output=True, text=True)
+    if process.returncode != 0:
+        tail = (process.stderr or process.stdout).strip().splitlines()[-5:]
+        raise ConfigError(f"bench variant {variant} failed: " + " | ".join(tail))
+    return json.loads(result_path.read_text())
+
+
+def ratios(results: dict[str, dict]) -> dict[str, Any]:
+    """The three ratios the issue asks for, per prompt length where it applies."""
+    def median(variant, length):
+        return results[variant]["prefill_seconds"][str(length)]["median"]
+
+    lengths = list(results["dense"]["prefill_seconds"])
+    return {
+        "routed_over_static_prefill": {n: median("routed", n) / median("static", n) for n in lengths},
+        "dense_over_routed_prefill": {n: median("dense", n) / median("routed", n) for n in lengths},
+        "dense_over_routed_decode": results["dense"]["decode_seconds"]["median"]
+        / results["routed"]["decode_seconds"]["median"],
+        "routed_over_dense_resident_weights": results["routed"]["resident_weight_bytes"]
+        / results["dense"]["resident_weight_bytes"],
+        "routed_over_dense_peak_rss": results["routed"]["peak_rss_bytes"] / results["dense"]["peak_rss_bytes"],
+    }
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Run every variant in its own process; return (and write) the results with the ratios."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {v: _run_variant(v, config, Path(tmp)) for v in VARIANTS}
+    report = {"config": asdict(config), "variants": results, "ratios": ratios(results),
+              "provenance": provenance()}
+    if config.out:
+        out = Path(config.out)
+        atomic_write_json(out / "bench.json", report)
+        atomic_write_text(out / "bench.md", render_markdown(report))
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    ms = lambda s: f"{1000 * s:.1f}"  # noqa: E731
+    variants = report["variants"]
+    lengths = list(variants["dense"]["prefill_seconds"])
+    lines = [f"# pudding bench ({report['provenance']['date']}, commit {report['provenance']['git'].get('commit', '?')[:10]})",
+             "", f"Command: `{' '.join(report['provenance']['command'])}`", "",
+             "| variant | " + " | ".join(f"pre-fill {n} tok (ms)" for n in lengths)
+             + f" | {report['config']['new_tokens']} tokens (s) | router (ms) | set switch (ms) | weights (MB) | peak RSS (MB) |",
+             "|---" * (len(lengths) + 6) + "|"]
+    for name, v in variants.items():
+        cells = [f"{ms(v['prefill_seconds'][n]['median'])} [{ms(v['prefill_seconds'][n]['q1'])}-"
+                 f"{ms(v['prefill_seconds'][n]['q3'])}]" for n in lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['decode_seconds']['median']:.2f} | "
+                     f"{ms(v['router_seconds']['median'])} | {ms(v['switch_seconds']['median'])} | "
+                     f"{v['resident_weight_bytes'] / 1e6:.0f} | {v['peak_rss_bytes'] / 1e6:.0f} |")
+    r = report["ratios"]
+    lines += ["", "Medians over repeats, [interquartile range]. Ratios:", "",
+              "- routed / static pre-fill: " + ", ".join(f"{n} tok {x:.3f}" for n, x in r["routed_over_static_prefill"].items()),
+              "- dense / routed pre-fill: " + ", ".join(f"{n} tok {x:.3f}" for n, x in r["dense_over_routed_prefill"].items()),
+              f"- dense / routed generation of {report['config']['new_tokens']} tokens: {r['dense_over_routed_decode']:.3f}",
+              f"- routed / dense resident weight bytes: {r['routed_over_dense_resident_weights']:.3f}",
+              f"- routed / dense peak RSS: {r['routed_over_dense_peak_rss']:.3f}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one variant, in a fresh process (see _run_variant)
+    variant_name, config_file, result_file = sys.argv[1:4]
+    settings = json.loads(Path(config_file).read_text())
+    settings["lengths"] = tuple(settings["lengths"])
+    Path(result_file).write_text(json.dumps(_measure_variant(variant_name, BenchConfig(**settings))))

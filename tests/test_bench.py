@@ -1,0 +1,51 @@
+"""`pudding bench` on a tiny artifact: every variant runs, the ratios are computed, bad input is refused."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pudding.bench import BenchConfig, run_bench
+from pudding.candidates import CandidatePool, PoolEntry, SetSource
+from pudding.cli import main
+from pudding.errors import ConfigError
+from pudding.load import model_fingerprint
+from pudding.routed import PuddingModel
+from pudding.router import RouterConfig, build_router
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("bench")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    sets = [(1, 2), (3, 4)]
+    entries = tuple(PoolEntry(s, (SetSource("greedy", "t", "tl", list(s), [], [], 0.0),)) for s in sets)
+    pool = CandidatePool(entries, {"spec": tiny_dir, "name": "tiny", "fingerprint": model_fingerprint(model.config)})
+    torch.manual_seed(0)
+    router = build_router(RouterConfig("llm-embed", 2, "llm", hidden=8), llm=model, llm_tokenizer=tokenizer)
+    PuddingModel(model, tokenizer, pool, router).save_pretrained(root / "artifact")
+    return root
+
+
+def test_bench_runs_every_variant_and_reports_ratios(artifact):
+    report = run_bench(BenchConfig(model=str(artifact / "artifact"), lengths="16,32", new_tokens=4, repeats=2,
+                                   threads=1, cache_dir=str(artifact / "cache"), out=str(artifact / "out")))
+    variants = report["variants"]
+    assert set(variants) == {"dense", "static", "routed"}
+    assert variants["static"]["omitted"] == variants["routed"]["omitted"] and len(variants["routed"]["omitted"]) == 2
+    # only the 4 kept blocks of 6 are resident in the routed model, none of the omitted ones
+    assert variants["routed"]["resident_weight_bytes"] < variants["dense"]["resident_weight_bytes"]
+    assert variants["routed"]["resident_weight_bytes"] == variants["static"]["resident_weight_bytes"]
+    assert set(report["ratios"]["dense_over_routed_prefill"]) == {"16", "32"}
+    assert variants["routed"]["router_seconds"]["median"] > 0 and variants["dense"]["router_seconds"]["median"] == 0
+    assert (artifact / "out" / "bench.md").read_text().count("| routed |") == 1
+
+
+def test_bench_refuses_bad_input(artifact, capsys):
+    with pytest.raises(ConfigError, match="repeats"):
+        BenchConfig(repeats=0)
+    assert main(["bench", "--model", str(artifact / "artifact"), "--repeats", "0"]) == 2
+    assert "repeats" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="exceed the context"):
+        run_bench(BenchConfig(model=str(artifact / "artifact"), lengths="200", new_tokens=4, repeats=1, threads=1,
+                              cache_dir=str(artifact / "cache"), out=None))
