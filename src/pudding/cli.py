@@ -446,6 +446,31 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _add_reproduce(sub) -> None:
+    parser = sub.add_parser("reproduce", help="the paper's tables on the embedded model (resumable)",
+                            description="Build or reuse the pool, baselines and routers, score the evaluation "
+                                        "splits under every set, and write every table, ablation and plot.")
+    parser.add_argument("--model", default="default", help="base model spec")
+    parser.add_argument("--k", type=_positive_int, default=6, help="blocks removed")
+    parser.add_argument("--budget", default="small", help="documents per task: tiny, small (default) or full")
+    parser.add_argument("--out", default=None, help="default: results/<model>/k<k>")
+    parser.add_argument("--run-dir", default="runs/reproduce", help="checkpoints; reruns resume")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(handler=_run_reproduce)
+
+
+def _run_reproduce(args) -> int:
+    from pudding.reproduce import ReproduceConfig, reproduce
+
+    result = reproduce(ReproduceConfig(model=args.model, k=args.k, budget=args.budget, out=args.out,
+                                       run_dir=args.run_dir, progress=not args.no_progress))
+    main_rows = result["tables"]["main"]["rows"]
+    for row, data in main_rows.items():
+        print(f"{row:<32} average {data['average']:.3f}")
+    print(f"wrote {result['out']}")
+    return 0
+
+
 SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "tasks": _add_tasks,
     "eval": _add_eval,
@@ -459,6 +484,7 @@ SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "serve": _add_serve,
     "export": _add_export,
     "lm-eval-tasks": _add_lm_eval_tasks,
+    "reproduce": _add_reproduce,
     "bench": _add_bench,
 }
 

@@ -1,0 +1,349 @@
+"""``pudding reproduce``: the paper's tables, measured by pudding on data no stage has seen.
+
+One resumable command:
+
+1. reuse the committed pool, baselines and routers when they match the model and k, else build them;
+2. score every evaluation document of the paper's six tasks and of six unseen tasks under every set that
+   any row needs (dense, each baseline, each pool set): this is the only expensive step, sharded and
+   checkpointed like ``pudding label`` (it *is* ``pudding label`` on the evaluation split);
+3. evaluate every row from those per-document scores, without running the LLM again: the static rows,
+   a random pool set, PuDDing (each router's choice on the prompt), and the oracle (in hindsight, the pool
+   set that answers each document correctly if any does);
+4. write one JSON per table (with provenance), a Markdown rendering and the plots.
+
+Budgets (``--budget``) fix the documents per task; the default ``small`` is sized for about two hours on a
+2-core CPU including the pool, and states its size in every table.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pudding.candidates import PAPER_TASKS, CandidatePool, PoolConfig, PoolEntry, SetSource, build_baselines, build_pool
+from pudding.errors import ConfigError
+from pudding.labels import LabelConfig, Labels, build_labels
+from pudding.load import load_model, model_name
+from pudding.provenance import atomic_write_json, atomic_write_text, provenance
+from pudding.routed import DEFAULT_ARTIFACT, PuddingModel
+from pudding.tasks import get_task
+from pudding.train import RoutingData, TrainConfig, routing_data, train_router
+
+UNSEEN_TASKS = ("mmlu", "openbookqa", "sciq", "commonsense_qa", "social_iqa", "medmcqa")
+BUDGETS = {  # documents per task: (paper tasks, unseen tasks, calibration labels for the routers)
+    "tiny": (8, 4, 12),
+    "small": (48, 24, 64),
+    "full": (500, 200, 256),
+}
+COMMITTED = {"default": Path("results/smollm2")}
+ROUTER_ABLATIONS = (("embed-mlp", "mse"), ("embed-mlp", "ce"), ("llm-embed", "mse"), ("encoder", "mse"))
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """Settings of ``pudding reproduce``."""
+
+    model: str = "default"
+    k: int = 6
+    budget: str = "small"
+    out: str | None = None  # default: results/<model>/k<k>
+    run_dir: str = "runs/reproduce"
+    routers: tuple[tuple[str, str], ...] = ROUTER_ABLATIONS
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"unknown budget {self.budget!r}; known: {', '.join(BUDGETS)}")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out) if self.out else Path("results") / _slug(self.model) / f"k{self.k}"
+
+
+def _slug(spec: str) -> str:
+    return "smollm2" if spec == "default" else model_name(spec).replace("/", "--")
+
+
+# --- stage 1: the artifacts the rows need --------------------------------------------------------------------
+
+
+def _pool(config: ReproduceConfig) -> CandidatePool:
+    committed = COMMITTED.get(config.model)
+    if committed and config.k == 6 and (committed / "pool" / "pool.json").exists():
+        return CandidatePool.from_pretrained(committed / "pool")
+    pool_config = PoolConfig(model=config.model, k=config.k, run_dir=str(Path(config.run_dir) / "pool"),
+                             out=str(config.folder / "pool"), progress=config.progress)
+    path = config.folder / "pool" / "pool.json"
+    return CandidatePool.from_pretrained(path) if path.exists() else build_pool(pool_config)
+
+
+def _baselines(config: ReproduceConfig) -> CandidatePool:
+    committed = COMMITTED.get(config.model)
+    for folder in ([committed / "baselines"] if committed and config.k == 6 else []) + [config.folder / "baselines"]:
+        if (folder / "pool.json").exists():
+            return CandidatePool.from_pretrained(folder)
+    return build_baselines(PoolConfig(model=config.model, k=config.k, objectives=("ppl",),
+                                      run_dir=str(Path(config.run_dir) / "baselines"),
+                                      out=str(config.folder / "baselines"), progress=config.progress))
+
+
+def _calibration_labels(config: ReproduceConfig, pool_dir: Path, model=None, tokenizer=None) -> Path:
+    committed = COMMITTED.get(config.model)
+    if committed and config.k == 6 and (committed / "labels" / "labels.json").exists():
+        return committed / "labels"
+    out = config.folder / "labels"
+    if not (out / "labels.json").exists():
+        build_labels(LabelConfig(pool=str(pool_dir), out=str(out), samples=BUDGETS[config.budget][2],
+                                 run_dir=str(Path(config.run_dir) / "labels"), progress=config.progress),
+                     model=model, tokenizer=tokenizer)
+    return out
+
+
+def _routers(config: ReproduceConfig, pool: CandidatePool, pool_dir: Path, model, tokenizer) -> dict[str, PuddingModel]:
+    """One PuddingModel per (router kind, loss): committed ones when they match the pool, else trained."""
+    routers = {}
+    labels_dir = None
+    for kind, loss in config.routers:
+        name = f"{kind}-{loss}"
+        candidates = [config.folder / "routers" / name]
+        committed = COMMITTED.get(config.model)
+        if committed and config.k == 6:
+            candidates.insert(0, committed / "routers" / name)
+            if (kind, loss) == ("embed-mlp", "mse"):
+                candidates.insert(0, DEFAULT_ARTIFACT)
+        found = None
+        for folder in candidates:
+            if (folder / "pudding.json").exists() and (folder / "router.safetensors").exists():
+                candidate = PuddingModel.from_pretrained(folder, model=model, tokenizer=tokenizer)
+                if candidate.pool.fingerprint() == pool.fingerprint():
+                    found = candidate
+                    break
+        if found is None:
+            labels_dir = labels_dir or _calibration_labels(config, pool_dir, model, tokenizer)
+            found = train_router(TrainConfig(labels=str(labels_dir), pool=str(pool_dir),
+                                             out=str(config.folder / "routers" / name), router=kind, loss=loss,
+                                             progress=config.progress), model=model, tokenizer=tokenizer)
+        routers[name] = found
+    return routers
+
+
+# --- stage 2: per-document scores under every set -----------------------------------------------------------
+
+
+def _scoring_pool(pool: CandidatePool, baselines: CandidatePool) -> tuple[CandidatePool, dict[str, int]]:
+    """One pool with every distinct set any row needs, and each row name's index in it."""
+    entries: list[PoolEntry] = []
+    index: dict[tuple, int] = {}
+    rows: dict[str, int] = {}
+
+    def add(name: str, blocks: tuple, source: SetSource):
+        if blocks not in index:
+            index[blocks] = len(entries)
+            entries.append(PoolEntry(blocks, (source,)))
+        rows[name] = index[blocks]
+
+    add("dense", (), SetSource("dense", None, None, [], [], [], 0.0))
+    for entry in baselines.sets:
+        add(entry.sources[0].method, entry.blocks, entry.sources[0])
+    for i, entry in enumerate(pool.sets):
+        add(f"pool:{i}", entry.blocks, entry.sources[0])
+    return CandidatePool(tuple(entries), pool.model, {"rows": rows}, provenance()), rows
+
+
+def _eval_scores(config: ReproduceConfig, scoring_pool: CandidatePool, tasks: tuple[str, ...], samples: int,
+                 name: str, model, tokenizer) -> Labels:
+    folder = config.folder / "scores" / name
+    pool_dir = Path(config.run_dir) / "scoring-pool"
+    scoring_pool.save_pretrained(pool_dir)
+    if not (folder / "labels.json").exists() or Labels.load(folder).meta.get("pool") != scoring_pool.fingerprint():
+        build_labels(LabelConfig(pool=str(pool_dir), out=str(folder), tasks=tasks, samples=samples,
+                                 split="evaluation", run_dir=str(Path(config.run_dir) / f"scores-{name}"),
+                                 progress=config.progress), model=model, tokenizer=tokenizer)
+    return Labels.load(folder)
+
+
+# --- stage 3: rows from scores ------------------------------------------------------------------------------
+
+
+def mean_stderr(values: list[float]) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else float("nan")
+    return {"value": mean, "stderr": math.sqrt(var / n) if n > 1 else float("nan"), "n": n}
+
+
+def _route_indices(pudding: PuddingModel, texts: list[str], allowed: list[int], pool_rows: list[int]) -> list[int]:
+    """Scoring-pool column of the set each text is routed to, with the argmax restricted to ``allowed``."""
+    scores = pudding.router.scores(texts)
+    mask = torch.full((scores.shape[1],), float("-inf"))
+    mask[allowed] = 0.0
+    return [pool_rows[int(i)] for i in (scores + mask).argmax(1)]
+
+
+def _row_columns(data: RoutingData, rows: dict[str, int], pool_size: int, routers: dict[str, PuddingModel],
+                 static_best: int, seed: int) -> dict[str, list[float]]:
+    """Per-document correctness (0/1) for every row of the tables."""
+    n = len(data.texts)
+    pool_rows = [rows[f"pool:{i}"] for i in range(pool_size)]
+    correct = data.correct
+    columns = {name: correct[:, rows[name]].tolist() for name in rows if not name.startswith("pool:")}
+    columns["best static TL set"] = correct[:, rows[f"pool:{static_best}"]].tolist()
+    rng = random.Random(seed)
+    columns["random pool set"] = [correct[i, rng.choice(pool_rows)].item() for i in range(n)]
+    for name, pudding in routers.items():
+        chosen = _route_indices(pudding, data.texts, list(range(pool_size)), pool_rows)
+        columns[f"PuDDing ({name})"] = [correct[i, c].item() for i, c in enumerate(chosen)]
+    columns["oracle"] = correct[:, pool_rows].max(1).values.tolist()
+    return columns
+
+
+def _table(data: RoutingData, columns: dict[str, list[float]], tasks: tuple[str, ...]) -> dict[str, Any]:
+    by_task = {t: [i for i, task in enumerate(data.tasks) if task == t] for t in tasks}
+    table = {}
+    for row, values in columns.items():
+        cells = {t: mean_stderr([values[i] for i in idx]) for t, idx in by_task.items() if idx}
+        table[row] = {"tasks": cells, "average": sum(c["value"] for c in cells.values()) / len(cells)}
+    return {"metrics": {t: get_task(t).metric for t in tasks}, "rows": table}
+
+
+def paired_differences(columns: dict[str, list[float]], ours: str, others: list[str]) -> dict[str, dict]:
+    """Mean per-document difference ours - other over all documents, with a normal 95% interval."""
+    out = {}
+    for other in others:
+        diffs = [a - b for a, b in zip(columns[ours], columns[other])]
+        stats = mean_stderr(diffs)
+        half = 1.96 * stats["stderr"]
+        out[other] = {"difference": stats["value"], "ci95": [stats["value"] - half, stats["value"] + half],
+                      "n": stats["n"]}
+    return out
+
+
+# --- outputs --------------------------------------------------------------------------------------------------
+
+
+def render_table(title: str, table: dict[str, Any], note: str = "") -> str:
+    tasks = list(table["metrics"])
+    lines = [f"### {title}", "", note, "", "| row | " + " | ".join(f"{t} ({table['metrics'][t]})" for t in tasks)
+             + " | average |", "|---" * (len(tasks) + 2) + "|"]
+    for row, data in table["rows"].items():
+        cells = [f"{data['tasks'][t]['value']:.3f} ± {data['tasks'][t]['stderr']:.3f}" if t in data["tasks"] else "-"
+                 for t in tasks]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | **{data['average']:.3f}** |")
+    n = {t: next(iter(table["rows"].values()))["tasks"][t]["n"] for t in tasks}
+    lines += ["", "N per task: " + ", ".join(f"{t} {n[t]}" for t in tasks) + ". Mean ± standard error.", ""]
+    return "\n".join(lines)
+
+
+def _plot_omission_rates(data: RoutingData, chosen_blocks: list[tuple], total: int, path: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(data.tasks))
+    rates = []
+    for task in tasks:
+        rows = [b for b, t in zip(chosen_blocks, data.tasks) if t == task]
+        rates.append([sum(block in b for b in rows) / len(rows) for block in range(total)])
+    fig, ax = plt.subplots(figsize=(12, 0.5 * len(tasks) + 1.5))
+    image = ax.imshow(rates, aspect="auto", cmap="Blues", vmin=0, vmax=1)
+    ax.set(xticks=range(total), yticks=range(len(tasks)), yticklabels=tasks, xlabel="block",
+           title="How often the router omits each block, per task")
+    fig.colorbar(image, ax=ax, label="omission rate")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {t: r for t, r in zip(tasks, rates)}
+
+
+def reproduce(config: ReproduceConfig) -> dict[str, Any]:
+    """Run everything and write the tables; returns the summary."""
+    paper_n, unseen_n, _ = BUDGETS[config.budget]
+    model, tokenizer = load_model(config.model)
+    pool = _pool(config)
+    pool.check_model(model.config)
+    baselines = _baselines(config)
+    pool_dir = Path(config.run_dir) / "pool-artifact"
+    pool.save_pretrained(pool_dir)
+    routers = _routers(config, pool, pool_dir, model, tokenizer)
+    scoring_pool, rows = _scoring_pool(pool, baselines)
+    main_scores = _eval_scores(config, scoring_pool, PAPER_TASKS, paper_n, "paper-tasks", model, tokenizer)
+    unseen_scores = _eval_scores(config, scoring_pool, UNSEEN_TASKS, unseen_n, "unseen-tasks", model, tokenizer)
+
+    calibration = routing_data(Labels.load(_calibration_labels(config, pool_dir, model, tokenizer)))
+    static_best = int(calibration.labels.mean(0).argmax())  # chosen on calibration data only
+    ranking = calibration.labels.mean(0).argsort(descending=True).tolist()
+    default_router = f"{config.routers[0][0]}-{config.routers[0][1]}"
+    headline = {default_router: routers[default_router]}
+    static_rows = ["dense", "sleb", "shortened_ppl", "taylor", "shortgpt", "best static TL set", "random pool set"]
+    out = config.folder
+    stamp = {"config": asdict(config), "budget": {"paper_tasks": paper_n, "unseen_tasks": unseen_n},
+             "pool": pool.fingerprint(), "provenance": provenance()}
+    tables, markdown = {}, [f"# PuDDing reproduction on {_slug(config.model)}, k={config.k} "
+                            f"(budget {config.budget}: {paper_n} documents per paper task, {unseen_n} per unseen task)", ""]
+    for name, scores, tasks in (("main", main_scores, PAPER_TASKS), ("generalisation", unseen_scores, UNSEEN_TASKS)):
+        data = routing_data(scores)
+        columns = _row_columns(data, rows, len(pool.sets), headline, static_best, config.seed)
+        ordered = {r: columns[r] for r in static_rows if r in columns}
+        ordered.update({r: v for r, v in columns.items() if r not in ordered})
+        table = _table(data, ordered, tasks)
+        ours = f"PuDDing ({default_router})"
+        table["paired_differences"] = paired_differences(ordered, ours, [r for r in ordered if r in static_rows])
+        tables[name] = table
+        atomic_write_json(out / f"{name}.json", {**stamp, **table})
+        markdown.append(render_table(f"{'Main table (paper Table 1)' if name == 'main' else 'Unseen tasks (paper Table 5)'}",
+                                     table))
+        markdown.append(render_paired(table["paired_differences"], ours))
+
+    data = routing_data(main_scores)
+    ablations = {}
+    # router type and loss
+    columns = _row_columns(data, rows, len(pool.sets), routers, static_best, config.seed)
+    ablations["router"] = _table(data, {r: v for r, v in columns.items() if r.startswith("PuDDing") or r == "oracle"},
+                                 PAPER_TASKS)
+    # candidate-search objective and pool size: restrict the default router's choice
+    pool_rows = [rows[f"pool:{i}"] for i in range(len(pool.sets))]
+    restricted = {}
+    for objective in ("tl", "margin"):
+        allowed = [i for i, e in enumerate(pool.sets) if any(s.objective == objective for s in e.sources)]
+        if allowed:
+            chosen = _route_indices(routers[default_router], data.texts, allowed, pool_rows)
+            restricted[f"PuDDing, {objective} sets only ({len(allowed)})"] = [
+                data.correct[i, c].item() for i, c in enumerate(chosen)]
+    restricted["SLEB (ppl, static)"] = data.correct[:, rows["sleb"]].tolist() if "sleb" in rows else []
+    ablations["objective"] = _table(data, {k: v for k, v in restricted.items() if v}, PAPER_TASKS)
+    sizes = {}
+    for size in sorted({1, 3, 5, len(pool.sets)}):
+        if size <= len(pool.sets):
+            chosen = _route_indices(routers[default_router], data.texts, ranking[:size], pool_rows)
+            sizes[f"{size} sets"] = [data.correct[i, c].item() for i, c in enumerate(chosen)]
+    ablations["pool_size"] = _table(data, sizes, PAPER_TASKS)
+    for name, table in ablations.items():
+        atomic_write_json(out / f"ablation-{name}.json", {**stamp, **table})
+        markdown.append(render_table(f"Ablation: {name.replace('_', ' ')}", table))
+
+    chosen = _route_indices(routers[default_router], data.texts, list(range(len(pool.sets))), pool_rows)
+    blocks_of = {rows[f"pool:{i}"]: pool.sets[i].blocks for i in range(len(pool.sets))}
+    rates = _plot_omission_rates(data, [blocks_of[c] for c in chosen], model.config.num_hidden_layers,
+                                 out / "omission-rates.png")
+    atomic_write_json(out / "omission-rates.json", {**stamp, "rates": rates})
+    markdown += ["![omission rates](omission-rates.png)", ""]
+    atomic_write_text(out / "README.md", "\n".join(markdown) + f"\nCommand: `{' '.join(stamp['provenance']['command'])}`; "
+                      f"commit {stamp['provenance']['git'].get('commit', '?')}; {stamp['provenance']['date']}.\n")
+    return {"tables": tables, "ablations": ablations, "out": str(out)}
+
+
+def render_paired(differences: dict[str, dict], ours: str) -> str:
+    lines = [f"Paired differences, {ours} minus each static row, over all documents (95% interval):", ""]
+    for other, d in differences.items():
+        lines.append(f"- vs {other}: {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (N={d['n']})")
+    return "\n".join(lines) + "\n"
+
+
