@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every step that produced the committed SmolLM2 artifacts, in order. Each step resumes where it stopped,
+# so rerunning this script after an interruption continues the work.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+P=.venv/bin/pudding
+# 1. candidate pool: 6 tasks x {tl, margin}, k=6 of 30 blocks, 16 calibration documents per task
+$P candidates --model default --k 6 --run-dir results/smollm2/pool-run --out results/smollm2/pool --no-progress
+# 2. router labels: every calibration prompt (64 per task) under every pool set
+$P label --pool results/smollm2/pool --samples 64 --run-dir runs/labels-smollm2 --out results/smollm2/labels --no-progress
+# 3. the shipped PuDDing artifact: frozen MiniLM + MLP head (small enough to commit)
+$P train-router --labels results/smollm2/labels --pool results/smollm2/pool --router embed-mlp --loss mse \
+    --out src/pudding/artifacts/smollm2-135m-k6 --no-progress
+# 4. static baselines at the same k
+$P baselines --model default --k 6 --run-dir runs/baselines-smollm2 --out results/smollm2/baselines --no-progress
+# 5. the paper's tables (trains the ablation routers it needs, then scores the evaluation splits)
+$P reproduce --model default --k 6 --budget small --no-progress
