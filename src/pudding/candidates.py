@@ -159,6 +159,7 @@ class PoolConfig:
     executor: str = "local"
     ray_address: str | None = None
     ray_actors: int = 2
+    ray_gpus_per_actor: float = 0.0
 
     def __post_init__(self):
         if self.executor not in ("local", "ray"):
@@ -227,7 +228,7 @@ def _make_scorer(config: PoolConfig):
     if config.executor == "ray":
         from pudding.distributed import RaySettings, start_workers
 
-        return start_workers(RaySettings(config.ray_address, config.ray_actors), config.model,
+        return start_workers(RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor), config.model,
                              config.max_batch_tokens, config.max_length)
     model, tokenizer = load_model(config.model)
     return LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)

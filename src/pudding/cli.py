@@ -94,6 +94,7 @@ def _add_executor_options(parser) -> None:
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto', 'ray://head:10001'); "
                                                             "default: start a local one")
     parser.add_argument("--ray-actors", type=_positive_int, default=2, help="model replicas (Ray actors)")
+    parser.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="GPUs each replica asks Ray for")
 
 
 def _pool_config(args, **extra):
@@ -109,7 +110,8 @@ def _pool_config(args, **extra):
     return PoolConfig(model=args.model, k=args.k, samples=args.samples, max_length=args.max_length,
                       barriers=barriers, max_batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse,
                       run_dir=args.run_dir, out=args.out, progress=not args.no_progress, executor=args.executor,
-                      ray_address=args.ray_address, ray_actors=args.ray_actors, **extra)
+                      ray_address=args.ray_address, ray_actors=args.ray_actors,
+                      ray_gpus_per_actor=args.ray_gpus_per_actor, **extra)
 
 
 def _add_candidates(sub) -> None:
@@ -206,7 +208,8 @@ def _run_label(args) -> int:
                                    samples=args.samples, split=args.split, max_length=args.max_length,
                                    max_batch_tokens=args.batch_tokens, shard_size=args.shard_size,
                                    run_dir=args.run_dir, progress=not args.no_progress, executor=args.executor,
-                                   ray_address=args.ray_address, ray_actors=args.ray_actors))
+                                   ray_address=args.ray_address, ray_actors=args.ray_actors,
+                                   ray_gpus_per_actor=args.ray_gpus_per_actor))
     print(f"wrote {out}")
     return 0
 

@@ -92,6 +92,7 @@ class LabelConfig:
     executor: str = "local"  # or "ray": shards are scored by Ray actors (see pudding.distributed)
     ray_address: str | None = None
     ray_actors: int = 2
+    ray_gpus_per_actor: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.tasks, str):
@@ -228,7 +229,8 @@ def _scored_shards(config: LabelConfig, spec: str, model, tokenizer, shards, mis
     if config.executor == "ray":
         from pudding.distributed import RaySettings, ray_label_shards, start_workers
 
-        workers = start_workers(RaySettings(config.ray_address, config.ray_actors), spec, config.max_batch_tokens,
+        workers = start_workers(RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor), spec,
+                                config.max_batch_tokens,
                                 config.max_length)
         for j, columns in ray_label_shards(workers, [shards[i] for i in missing], sets, config.reuse_prefix):
             yield missing[j], columns
