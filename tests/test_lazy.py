@@ -46,3 +46,32 @@ def test_budget_keeps_recent_blocks_and_refuses_less_than_one_block(tmp_path):
     switch = store.ensure([0, 1, 5])
     assert switch.dropped == () and set(store.resident) == {0, 1, 3, 5}
     assert store.ensure([0, 3, 5]).loaded == ()
+
+
+def test_pudding_model_with_a_block_store_generates_the_same(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pudding.candidates import CandidatePool, PoolEntry, SetSource
+    from pudding.load import model_fingerprint
+    from pudding.routed import PuddingModel, Route
+    from pudding.router import RouterConfig, build_router
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    sets = [(1, 2), (3, 4)]
+    entries = tuple(PoolEntry(s, (SetSource("greedy", "t", "tl", list(s), [], [], 0.0),)) for s in sets)
+    pool = CandidatePool(entries, {"spec": tiny_dir, "name": "tiny", "fingerprint": model_fingerprint(dense.config)})
+    router = build_router(RouterConfig("llm-embed", 2, "llm", hidden=8), llm=dense, llm_tokenizer=tokenizer)
+    write_cache(dense, tmp_path)
+    lazy = build_lazy_model(tmp_path)
+    reference = PuddingModel(dense, tokenizer, pool, router)
+    routed = PuddingModel(lazy, tokenizer, pool, router)
+    routed.use_block_store(BlockStore(lazy, tmp_path))
+    routes = [Route(0, sets[0], "a", []), Route(1, sets[1], "b", [])]
+    prompts = ["The man turned on the faucet.", "A revolving door is"]
+    for route in routes:
+        want = reference.generate(prompts, routes=[route, route], max_new_tokens=5)
+        got = routed.generate(prompts, routes=[route, route], max_new_tokens=5)
+        assert [g.text for g in got] == [w.text for w in want]
+        kept = [i for i in range(6) if i not in route.blocks]
+        assert sum(resident_bytes(b) for b in get_blocks(lazy)) == sum(resident_bytes(get_blocks(dense)[i]) for i in kept)

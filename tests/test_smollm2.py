@@ -52,3 +52,20 @@ def test_piqa_accuracy_on_200_docs_is_near_the_known_0_64(smollm2):
     docs = load_docs("piqa", "evaluation", limit=200)
     value = aggregate(score_docs(LikelihoodScorer(model, tokenizer), docs), "acc").value
     assert 0.58 <= value <= 0.72
+
+
+def test_shipped_artifact_routes_and_generates(smollm2):
+    """The committed PuDDing artifact loads on a fresh machine, routes, and generates without its blocks."""
+    from pudding.routed import PuddingModel
+
+    model, tokenizer = smollm2
+    pudding = PuddingModel.from_pretrained("default", model=model, tokenizer=tokenizer)
+    assert pudding.pool.sets and all(len(e.blocks) == 6 for e in pudding.pool.sets)
+    prompts = ["Question: Which gas do plants absorb from the air?\nAnswer:",
+               "How do I get a stain out of a shirt?"]
+    routes = pudding.route(prompts)
+    assert all(r.blocks in {e.blocks for e in pudding.pool.sets} for r in routes)
+    outputs = pudding.generate(prompts, max_new_tokens=4)
+    assert [o.route for o in outputs] == routes and all(o.completion_tokens >= 1 for o in outputs)
+    # routing again after a reload gives the same decisions
+    assert PuddingModel.from_pretrained("default", model=model, tokenizer=tokenizer).route(prompts) == routes

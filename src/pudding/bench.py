@@ -148,6 +148,17 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
         timing["total"] = timing["router"] + timing["switch"] + timing["generate"]
         return timing
 
+    switches = []
+    if store is not None and len(pudding.pool.sets) > 1:
+        # The paper's Table 7 analog: alternate between the two pool sets that differ most.
+        pairs = [(a.blocks, b.blocks) for a in pudding.pool.sets for b in pudding.pool.sets]
+        first, second = max(pairs, key=lambda p: len(set(p[0]) ^ set(p[1])))
+        for _ in range(config.repeats):
+            for blocks_now in (first, second):
+                switch = store.ensure([i for i in range(total) if i not in blocks_now])
+                switches.append({"seconds": switch.seconds, "loaded": len(switch.loaded),
+                                 "dropped": len(switch.dropped)})
+        store.ensure([i for i in range(total) if i not in blocks])
     load_before = os.getloadavg()
     run(prompts[128], 2)  # warm-up
     prefill = {n: [run(prompts[n], 1) for _ in range(config.repeats)] for n in config.lengths}
@@ -163,6 +174,9 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
                                               for t in decode]) if config.new_tokens > 1 else None,
         "router_seconds": _summary([t["router"] for runs in prefill.values() for t in runs]),
         "switch_seconds": _summary([t["switch"] for runs in prefill.values() for t in runs]),
+        "set_switch": {"seconds": _summary([w["seconds"] for w in switches[1:]]),
+                       "blocks_loaded": switches[-1]["loaded"], "blocks_dropped": switches[-1]["dropped"],
+                       "block_bytes": max(store.block_size.values())} if len(switches) > 1 else None,
         "resident_weight_bytes": resident_bytes(model),
         "peak_rss_bytes": _peak_rss_bytes(),
         "threads": torch.get_num_threads(),
@@ -233,6 +247,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{ms(v['router_seconds']['median'])} | {ms(v['switch_seconds']['median'])} | "
                      f"{v['resident_weight_bytes'] / 1e6:.0f} | {v['peak_rss_bytes'] / 1e6:.0f} |")
     r = report["ratios"]
+    switch = variants["routed"].get("set_switch")
+    if switch:
+        lines += ["", f"Set switch (routed, only the difference moves): {switch['blocks_loaded']} blocks loaded and "
+                      f"{switch['blocks_dropped']} dropped in {ms(switch['seconds']['median'])} ms (median; "
+                      f"{switch['block_bytes'] / 1e6:.1f} MB per block)."]
     lines += ["", "Medians over repeats, [interquartile range]. Ratios:", "",
               "- routed / static pre-fill: " + ", ".join(f"{n} tok {x:.3f}" for n, x in r["routed_over_static_prefill"].items()),
               "- dense / routed pre-fill: " + ", ".join(f"{n} tok {x:.3f}" for n, x in r["dense_over_routed_prefill"].items()),

@@ -104,6 +104,11 @@ class PuddingModel:
             raise ConfigError(f"the router scores {router.config.n_sets} sets but the pool has {len(pool.sets)}")
         self.model, self.tokenizer, self.pool, self.router = model, tokenizer, pool, router
         self.training = training or {}
+        self.block_store = None  # a pudding.lazy.BlockStore: only the kept blocks are resident
+
+    def use_block_store(self, store) -> None:
+        """Keep only each generation's kept blocks resident (see :mod:`pudding.lazy`)."""
+        self.block_store = store
 
     # --- loading and saving ---
 
@@ -188,6 +193,9 @@ class PuddingModel:
 
     def generate_with(self, texts: list[str], blocks: OmissionSet, **kwargs) -> tuple[list[str], list[int]]:
         """Generate for ``texts`` with ``blocks`` omitted (one batch); the completions and their lengths."""
+        if self.block_store is not None:
+            total = len(self.block_store.block_size)
+            self.block_store.ensure(i for i in range(total) if i not in blocks)
         batch = {k: v.to(self.model.device) for k, v in self._encode(texts).items()}
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         with omit_blocks(self.model, blocks), torch.inference_mode():
