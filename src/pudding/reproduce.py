@@ -37,7 +37,7 @@ from pudding.train import RoutingData, TrainConfig, routing_data, train_router
 UNSEEN_TASKS = ("mmlu", "openbookqa", "sciq", "commonsense_qa", "social_iqa", "medmcqa")
 BUDGETS = {  # documents per task: (paper tasks, unseen tasks, calibration labels for the routers)
     "tiny": (8, 4, 12),
-    "small": (40, 20, 64),
+    "small": (30, 15, 64),
     "full": (500, 200, 256),
 }
 COMMITTED = {"default": Path("results/smollm2")}
