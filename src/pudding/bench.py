@@ -169,6 +169,8 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
         "variant": variant, "omitted": list(blocks) if variant != "dense" else [], "set": route.name,
         "load_seconds": load_seconds,
         "prefill_seconds": {str(n): _summary([t["total"] for t in runs]) for n, runs in prefill.items()},
+        # the model's own share, without routing and set switching: isolates what the router costs
+        "prefill_model_seconds": {str(n): _summary([t["generate"] for t in runs]) for n, runs in prefill.items()},
         "decode_seconds": _summary([t["total"] for t in decode]),
         "decode_seconds_per_token": _summary([(t["generate"] - prefill_128) / (config.new_tokens - 1)
                                               for t in decode]) if config.new_tokens > 1 else None,
@@ -207,6 +209,8 @@ def ratios(results: dict[str, dict]) -> dict[str, Any]:
     lengths = list(results["dense"]["prefill_seconds"])
     return {
         "routed_over_static_prefill": {n: median("routed", n) / median("static", n) for n in lengths},
+        "routed_model_only_over_static_prefill": {
+            n: results["routed"]["prefill_model_seconds"][n]["median"] / median("static", n) for n in lengths},
         "dense_over_routed_prefill": {n: median("dense", n) / median("routed", n) for n in lengths},
         "dense_over_routed_decode": results["dense"]["decode_seconds"]["median"]
         / results["routed"]["decode_seconds"]["median"],
@@ -254,6 +258,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"{switch['block_bytes'] / 1e6:.1f} MB per block)."]
     lines += ["", "Medians over repeats, [interquartile range]. Ratios:", "",
               "- routed / static pre-fill: " + ", ".join(f"{n} tok {x:.3f}" for n, x in r["routed_over_static_prefill"].items()),
+              "- routed without the router and switch / static pre-fill: " + ", ".join(
+                  f"{n} tok {x:.3f}" for n, x in r["routed_model_only_over_static_prefill"].items()),
               "- dense / routed pre-fill: " + ", ".join(f"{n} tok {x:.3f}" for n, x in r["dense_over_routed_prefill"].items()),
               f"- dense / routed generation of {report['config']['new_tokens']} tokens: {r['dense_over_routed_decode']:.3f}",
               f"- routed / dense resident weight bytes: {r['routed_over_dense_resident_weights']:.3f}",
