@@ -17,6 +17,7 @@ Budgets (``--budget``) fix the documents per task; the default ``small`` is size
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -105,9 +106,10 @@ def _calibration_labels(config: ReproduceConfig, pool_dir: Path, model=None, tok
     return out
 
 
-def _routers(config: ReproduceConfig, pool: CandidatePool, pool_dir: Path, model, tokenizer) -> dict[str, PuddingModel]:
-    """One PuddingModel per (router kind, loss): committed ones when they match the pool, else trained."""
-    routers = {}
+def _routers(config: ReproduceConfig, pool: CandidatePool, pool_dir: Path, model, tokenizer
+             ) -> tuple[dict[str, PuddingModel], dict[str, Path]]:
+    """One PuddingModel per (router kind, loss), and its folder: committed ones when they match, else trained."""
+    routers, folders = {}, {}
     labels_dir = None
     for kind, loss in config.routers:
         name = f"{kind}-{loss}"
@@ -122,15 +124,16 @@ def _routers(config: ReproduceConfig, pool: CandidatePool, pool_dir: Path, model
             if (folder / "pudding.json").exists() and (folder / "router.safetensors").exists():
                 candidate = PuddingModel.from_pretrained(folder, model=model, tokenizer=tokenizer)
                 if candidate.pool.fingerprint() == pool.fingerprint():
-                    found = candidate
+                    found, folders[name] = candidate, folder
                     break
         if found is None:
             labels_dir = labels_dir or _calibration_labels(config, pool_dir, model, tokenizer)
             found = train_router(TrainConfig(labels=str(labels_dir), pool=str(pool_dir),
                                              out=str(config.folder / "routers" / name), router=kind, loss=loss,
                                              progress=config.progress), model=model, tokenizer=tokenizer)
+            folders[name] = config.folder / "routers" / name
         routers[name] = found
-    return routers
+    return routers, folders
 
 
 # --- stage 2: per-document scores under every set -----------------------------------------------------------
@@ -263,6 +266,31 @@ def _plot_omission_rates(data: RoutingData, chosen_blocks: list[tuple], total: i
     return {t: r for t, r in zip(tasks, rates)}
 
 
+def _plot_convergence(router_dirs: dict[str, Path], path: Path) -> None:
+    """Validation loss per epoch of every router (the convergence curves the reviewers asked for)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name, folder in router_dirs.items():
+        history_file = Path(folder) / "training.json"
+        if not history_file.exists():
+            continue
+        history = json.loads(history_file.read_text())["history"]
+        epochs = [r["epoch"] for r in history]
+        axes[0].plot(epochs, [r["val_loss"] for r in history], label=name)
+        axes[1].plot(epochs, [r["val"]["top1_agreement"] for r in history], label=name)
+    axes[0].set(xlabel="epoch", ylabel="validation loss (own loss, own scale)", title="router convergence")
+    axes[1].set(xlabel="epoch", ylabel="top-1 agreement with the oracle", title="validation routing")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     """Run everything and write the tables; returns the summary."""
     paper_n, unseen_n, _ = BUDGETS[config.budget]
@@ -272,7 +300,7 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     baselines = _baselines(config)
     pool_dir = Path(config.run_dir) / "pool-artifact"
     pool.save_pretrained(pool_dir)
-    routers = _routers(config, pool, pool_dir, model, tokenizer)
+    routers, router_dirs = _routers(config, pool, pool_dir, model, tokenizer)
     scoring_pool, rows = _scoring_pool(pool, baselines)
     main_scores = _eval_scores(config, scoring_pool, PAPER_TASKS, paper_n, "paper-tasks", model, tokenizer)
     unseen_scores = _eval_scores(config, scoring_pool, UNSEEN_TASKS, unseen_n, "unseen-tasks", model, tokenizer)
@@ -335,6 +363,8 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
                                  out / "omission-rates.png")
     atomic_write_json(out / "omission-rates.json", {**stamp, "rates": rates})
     markdown += ["![omission rates](omission-rates.png)", ""]
+    _plot_convergence(router_dirs, out / "router-convergence.png")
+    markdown += ["![router convergence](router-convergence.png)", ""]
     atomic_write_text(out / "README.md", "\n".join(markdown) + f"\nCommand: `{' '.join(stamp['provenance']['command'])}`; "
                       f"commit {stamp['provenance']['git'].get('commit', '?')}; {stamp['provenance']['date']}.\n")
     return {"tables": tables, "ablations": ablations, "out": str(out)}
