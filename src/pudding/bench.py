@@ -99,7 +99,8 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
 
     from pudding.lazy import BlockStore, build_lazy_model, resident_bytes, write_cache
     from pudding.omit import omit_blocks, prune_blocks
-    from pudding.routed import PuddingModel, context_length
+    from pudding.load import context_length
+    from pudding.routed import PuddingModel
 
     torch.set_num_threads(config.threads)
     from pudding.load import load_tokenizer

@@ -208,12 +208,7 @@ class SetBatchingEngine:
             return lambda text: loop.call_soon_threadsafe(job.events.put_nowait, ("token", text))
 
         rows = [_RowText(self.tokenizer, job.stop, job.max_tokens, emitter(job)) for job in jobs]
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            batch = self.tokenizer([j.prompt for j in jobs], return_tensors="pt", padding=True)
-        finally:
-            self.tokenizer.padding_side = side
+        batch = self.tokenizer([j.prompt for j in jobs], return_tensors="pt", padding=True, padding_side="left")
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         error = None
         try:

@@ -17,7 +17,7 @@ from fastapi import Request  # at module level: FastAPI resolves the (postponed)
 
 from pudding.errors import ConfigError
 from pudding.routed import PuddingModel
-from pudding.serve import BLOCKS_HEADER, SET_HEADER, OpenAIError, ServeSettings
+from pudding.serve import BLOCKS_HEADER, SET_HEADER, OpenAIError, ServeSettings, chat_router_text
 
 
 def parse_backends(specs: list[str], pudding: PuddingModel) -> dict[int, str]:
@@ -68,8 +68,7 @@ def create_gateway(pudding: PuddingModel, backends: dict[int, str], settings: Se
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise OpenAIError(400, "messages must be a non-empty list", param="messages")
-            return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict)
-                             and m.get("role") == "user")
+            return chat_router_text(messages)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]

@@ -19,9 +19,6 @@ uninterrupted run (the shards are concatenated in a fixed order).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +32,7 @@ from pudding.evaluate import doc_requests
 from pudding.load import load_config, load_model
 from pudding.metrics import DocScores, scores_by_doc
 from pudding.omit import OmissionSet
-from pudding.provenance import atomic_write_json, provenance
+from pudding.provenance import atomic_output, atomic_write_json, differing_keys, provenance, read_json
 from pudding.score import LikelihoodScorer
 from pudding.search import CandidateEvaluator
 from pudding.tasks import SPLITS, MCDoc, load_docs
@@ -141,15 +138,8 @@ def label_rows(docs: Sequence[MCDoc], per_set: Sequence[Sequence[DocScores]]) ->
 def _write_parquet(columns: dict[str, list], path: Path) -> None:
     import datasets
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        datasets.Dataset.from_dict(columns, features=_features()).to_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        datasets.Dataset.from_dict(columns, features=_features()).to_parquet(str(tmp))
 
 
 def _read_parquet(path: Path):
@@ -164,14 +154,11 @@ def _read_parquet(path: Path):
 def _check_run_identity(run_dir: Path, identity: dict) -> None:
     path = run_dir / SHARD_IDENTITY
     if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except ValueError:
-            raise ConfigError(f"{path} is corrupt; delete {run_dir} to start over") from None
+        saved = read_json(path, f"{path} vanished")
         if saved != identity:
-            differing = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
             raise ConfigError(f"{run_dir} holds shards of another labelling job (differs in: "
-                              f"{', '.join(differing)}); refusing to resume. Delete it or pick another --run-dir")
+                              f"{', '.join(differing_keys(saved, identity))}); refusing to resume. Delete it or "
+                              "pick another --run-dir")
     else:
         atomic_write_json(path, identity)
 
@@ -265,12 +252,7 @@ class Labels:
     def load(cls, directory: str | Path) -> Labels:
         folder = Path(directory)
         meta_path = folder / META_FILE
-        try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no label artifact at {folder} (missing {META_FILE})") from None
-        except ValueError as error:
-            raise ConfigError(f"{meta_path} is corrupt: {error}") from None
+        meta = read_json(meta_path, f"no label artifact at {folder} (missing {META_FILE})")
         if meta.get("format") != LABELS_FORMAT:
             raise ConfigError(f"{meta_path} has format {meta.get('format')!r}, expected {LABELS_FORMAT!r}")
         table = _read_parquet(folder / LABELS_FILE)

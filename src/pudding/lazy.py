@@ -26,6 +26,7 @@ from torch import nn
 
 from pudding.errors import ConfigError
 from pudding.omit import get_architecture, get_blocks
+from pudding.provenance import atomic_output
 
 BLOCKS_FILE = "blocks.safetensors"
 REST_FILE = "rest.safetensors"
@@ -80,9 +81,8 @@ def write_cache(model: nn.Module, folder: str | Path) -> Path:
         seen.add(value.data_ptr())
         rest[key] = value.detach().contiguous()
     for name, tensors in ((BLOCKS_FILE, blocks), (REST_FILE, rest)):
-        tmp = folder / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(folder / name)
+        with atomic_output(folder / name) as tmp:
+            save_file(tensors, str(tmp))
     model.config.to_json_file(folder / CONFIG_FILE)
     return folder
 
@@ -105,7 +105,9 @@ class BlockStore:
         self._file = safe_open(str(self.path), framework="pt")
         blocks = get_blocks(model)
         self.names = {i: [k for k in self._file.keys() if k.split(".", 1)[0] == str(i)] for i in range(len(blocks))}
-        self.block_size = {i: sum(self._nbytes(k) for k in names) for i, names in self.names.items()}
+        # meta tensors keep their shape and dtype, so this holds whether a block is resident or not
+        self.block_size = {i: sum(t.numel() * t.element_size() for t in block.state_dict().values())
+                           for i, block in enumerate(blocks)}
         largest = max(self.block_size.values())
         if budget_bytes is not None and budget_bytes < largest:
             raise ConfigError(f"a memory budget of {budget_bytes} bytes cannot hold one block ({largest} bytes)")
@@ -114,15 +116,6 @@ class BlockStore:
         for i, block in enumerate(blocks):
             if resident_bytes(block):
                 _release(block)
-
-    def _nbytes(self, key: str) -> int:
-        sliced = self._file.get_slice(key)
-        shape, dtype = sliced.get_shape(), sliced.get_dtype()
-        size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}[dtype]
-        n = 1
-        for dim in shape:
-            n *= dim
-        return n * size
 
     def _load(self, index: int) -> None:
         prefix = f"{index}."

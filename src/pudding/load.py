@@ -163,6 +163,16 @@ _NON_DEFINING_FIELDS = ("_name_or_path", "transformers_version", "torch_dtype", 
                         "_commit_hash", "quantization_config", "tokenizer_class")
 
 
+def context_length(model) -> int | None:
+    """The model's maximum sequence length from its config, or None if the config does not say."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def model_fingerprint(config) -> dict:
     """Identity of a model's architecture: ``{"model_type", "num_blocks", "config_sha256"}``.
 

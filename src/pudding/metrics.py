@@ -47,19 +47,19 @@ def scores_by_doc(docs: Sequence, scores: Sequence[ChoiceScore]) -> list[DocScor
     return [DocScores(d.doc_id, d.gold, tuple(next(flat) for _ in range(d.n_choices))) for d in docs]
 
 
-def _first_argmax(values: Sequence[float]) -> int:
+def first_argmax(values: Sequence[float]) -> int:
     # np.argmax semantics: ties go to the first index, as in lm-eval.
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
 def acc(doc: DocScores) -> float:
     """1.0 if the highest summed log-likelihood is the gold choice."""
-    return float(_first_argmax([c.logprob for c in doc.choices]) == doc.gold)
+    return float(first_argmax([c.logprob for c in doc.choices]) == doc.gold)
 
 
 def acc_norm(doc: DocScores) -> float:
     """1.0 if the highest log-likelihood per character is the gold choice (lm-eval's length normalisation)."""
-    return float(_first_argmax([c.logprob / c.n_chars for c in doc.choices]) == doc.gold)
+    return float(first_argmax([c.logprob / c.n_chars for c in doc.choices]) == doc.gold)
 
 
 def task_likelihood(doc: DocScores) -> float:

@@ -18,7 +18,6 @@ Budgets (``--budget``) fix the documents per task; the default ``small`` is size
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pudding.candidates import PAPER_TASKS, CandidatePool, PoolConfig, PoolEntry
 from pudding.errors import ConfigError
 from pudding.labels import LabelConfig, Labels, build_labels
 from pudding.load import load_model, model_name
+from pudding.metrics import mean_with_stderr
 from pudding.provenance import atomic_write_json, atomic_write_text, provenance
 from pudding.routed import DEFAULT_ARTIFACT, PuddingModel
 from pudding.tasks import get_task
@@ -175,23 +175,20 @@ def _eval_scores(config: ReproduceConfig, scoring_pool: CandidatePool, tasks: tu
 
 
 def mean_stderr(values: list[float]) -> dict[str, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else float("nan")
-    return {"value": mean, "stderr": math.sqrt(var / n) if n > 1 else float("nan"), "n": n}
+    return asdict(mean_with_stderr(values))
 
 
-def _route_indices(pudding: PuddingModel, texts: list[str], allowed: list[int], pool_rows: list[int]) -> list[int]:
-    """Scoring-pool column of the set each text is routed to, with the argmax restricted to ``allowed``."""
-    scores = pudding.router.scores(texts)
+def _route_indices(scores: torch.Tensor, allowed: list[int], pool_rows: list[int]) -> list[int]:
+    """Scoring-pool column of the set each document is routed to, given the router's per-set ``scores``
+    (documents x pool sets), with the argmax restricted to the pool sets in ``allowed``."""
     mask = torch.full((scores.shape[1],), float("-inf"))
     mask[allowed] = 0.0
     return [pool_rows[int(i)] for i in (scores + mask).argmax(1)]
 
 
-def _row_columns(data: RoutingData, rows: dict[str, int], pool_size: int, routers: dict[str, PuddingModel],
+def _row_columns(data: RoutingData, rows: dict[str, int], pool_size: int, router_scores: dict[str, torch.Tensor],
                  static_best: int, seed: int) -> dict[str, list[float]]:
-    """Per-document correctness (0/1) for every row of the tables."""
+    """Per-document correctness (0/1) for every row of the tables; one PuDDing row per router's scores."""
     n = len(data.texts)
     pool_rows = [rows[f"pool:{i}"] for i in range(pool_size)]
     correct = data.correct
@@ -199,8 +196,8 @@ def _row_columns(data: RoutingData, rows: dict[str, int], pool_size: int, router
     columns["best static TL set"] = correct[:, rows[f"pool:{static_best}"]].tolist()
     rng = random.Random(seed)
     columns["random pool set"] = [correct[i, rng.choice(pool_rows)].item() for i in range(n)]
-    for name, pudding in routers.items():
-        chosen = _route_indices(pudding, data.texts, list(range(pool_size)), pool_rows)
+    for name, scores in router_scores.items():
+        chosen = _route_indices(scores, list(range(pool_size)), pool_rows)
         columns[f"PuDDing ({name})"] = [correct[i, c].item() for i, c in enumerate(chosen)]
     columns["oracle"] = correct[:, pool_rows].max(1).values.tolist()
     return columns
@@ -309,16 +306,19 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     static_best = int(calibration.labels.mean(0).argmax())  # chosen on calibration data only
     ranking = calibration.labels.mean(0).argsort(descending=True).tolist()
     default_router = f"{config.routers[0][0]}-{config.routers[0][1]}"
-    headline = {default_router: routers[default_router]}
+    main_data, unseen_data = routing_data(main_scores), routing_data(unseen_scores)
+    # Each router reads each prompt once; every table and ablation then restricts or reuses these scores.
+    main_router_scores = {name: pudding.router.scores(main_data.texts) for name, pudding in routers.items()}
+    headline_scores = {"main": {default_router: main_router_scores[default_router]},
+                       "generalisation": {default_router: routers[default_router].router.scores(unseen_data.texts)}}
     static_rows = ["dense", "sleb", "shortened_ppl", "taylor", "shortgpt", "best static TL set", "random pool set"]
     out = config.folder
     stamp = {"config": asdict(config), "budget": {"paper_tasks": paper_n, "unseen_tasks": unseen_n},
              "pool": pool.fingerprint(), "provenance": provenance()}
     tables, markdown = {}, [f"# PuDDing reproduction on {_slug(config.model)}, k={config.k} "
                             f"(budget {config.budget}: {paper_n} documents per paper task, {unseen_n} per unseen task)", ""]
-    for name, scores, tasks in (("main", main_scores, PAPER_TASKS), ("generalisation", unseen_scores, UNSEEN_TASKS)):
-        data = routing_data(scores)
-        columns = _row_columns(data, rows, len(pool.sets), headline, static_best, config.seed)
+    for name, data, tasks in (("main", main_data, PAPER_TASKS), ("generalisation", unseen_data, UNSEEN_TASKS)):
+        columns = _row_columns(data, rows, len(pool.sets), headline_scores[name], static_best, config.seed)
         ordered = {r: columns[r] for r in static_rows if r in columns}
         ordered.update({r: v for r, v in columns.items() if r not in ordered})
         table = _table(data, ordered, tasks)
@@ -330,10 +330,10 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
                                      table))
         markdown.append(render_paired(table["paired_differences"], ours))
 
-    data = routing_data(main_scores)
+    data, default_scores = main_data, main_router_scores[default_router]
     ablations = {}
     # router type and loss
-    columns = _row_columns(data, rows, len(pool.sets), routers, static_best, config.seed)
+    columns = _row_columns(data, rows, len(pool.sets), main_router_scores, static_best, config.seed)
     ablations["router"] = _table(data, {r: v for r, v in columns.items() if r.startswith("PuDDing") or r == "oracle"},
                                  PAPER_TASKS)
     # candidate-search objective and pool size: restrict the default router's choice
@@ -342,7 +342,7 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     for objective in ("tl", "margin"):
         allowed = [i for i, e in enumerate(pool.sets) if any(s.objective == objective for s in e.sources)]
         if allowed:
-            chosen = _route_indices(routers[default_router], data.texts, allowed, pool_rows)
+            chosen = _route_indices(default_scores, allowed, pool_rows)
             restricted[f"PuDDing, {objective} sets only ({len(allowed)})"] = [
                 data.correct[i, c].item() for i, c in enumerate(chosen)]
     restricted["SLEB (ppl, static)"] = data.correct[:, rows["sleb"]].tolist() if "sleb" in rows else []
@@ -350,14 +350,14 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     sizes = {}
     for size in sorted({1, 3, 5, len(pool.sets)}):
         if size <= len(pool.sets):
-            chosen = _route_indices(routers[default_router], data.texts, ranking[:size], pool_rows)
+            chosen = _route_indices(default_scores, ranking[:size], pool_rows)
             sizes[f"{size} sets"] = [data.correct[i, c].item() for i, c in enumerate(chosen)]
     ablations["pool_size"] = _table(data, sizes, PAPER_TASKS)
     for name, table in ablations.items():
         atomic_write_json(out / f"ablation-{name}.json", {**stamp, **table})
         markdown.append(render_table(f"Ablation: {name.replace('_', ' ')}", table))
 
-    chosen = _route_indices(routers[default_router], data.texts, list(range(len(pool.sets))), pool_rows)
+    chosen = _route_indices(default_scores, list(range(len(pool.sets))), pool_rows)
     blocks_of = {rows[f"pool:{i}"]: pool.sets[i].blocks for i in range(len(pool.sets))}
     rates = _plot_omission_rates(data, [blocks_of[c] for c in chosen], model.config.num_hidden_layers,
                                  out / "omission-rates.png")

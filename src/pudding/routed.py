@@ -18,7 +18,6 @@ LLM does not truncate: a prompt that, with ``max_new_tokens``, exceeds the model
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,9 +29,9 @@ import torch
 
 from pudding.candidates import CandidatePool
 from pudding.errors import ConfigError
-from pudding.load import load_config, load_model, model_fingerprint
+from pudding.load import context_length, load_config, load_model, model_fingerprint
 from pudding.omit import OmissionSet, omit_blocks
-from pudding.provenance import atomic_write_json, provenance
+from pudding.provenance import atomic_write_json, provenance, read_json
 from pudding.router import Router, RouterConfig, build_router, load_router_weights, save_router
 
 CONFIG_FILE = "pudding.json"
@@ -77,15 +76,6 @@ def check_prompts(texts: Sequence[str]) -> list[str]:
         if not text.strip():
             raise ConfigError(f"prompt {i} is empty")
     return texts
-
-
-def context_length(model) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 class PuddingModel:
@@ -174,12 +164,8 @@ class PuddingModel:
     # --- generation ---
 
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-        try:
-            return self.tokenizer(texts, return_tensors="pt", padding=True)
-        finally:
-            self.tokenizer.padding_side = side
+        # left padding: decoder-only generation continues from the right edge
+        return self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
 
     def check_length(self, texts: list[str], max_new_tokens: int) -> list[int]:
         """Prompt lengths in tokens; ConfigError if one plus ``max_new_tokens`` exceeds the context."""
@@ -241,12 +227,7 @@ def _completion_length(tokens: list[int], stops: set[int]) -> int:
 def read_config(folder: Path) -> dict[str, Any]:
     """pudding.json as a dict; ConfigError if missing or invalid, a warning for keys from a newer version."""
     path = folder / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no PuDDing artifact at {folder} (missing {CONFIG_FILE})") from None
-    except ValueError as error:
-        raise ConfigError(f"{path} is not valid JSON: {error}") from None
+    config = read_json(path, f"no PuDDing artifact at {folder} (missing {CONFIG_FILE})")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a PuDDing artifact config (format {FORMAT!r} expected)")
     for key in ("base_model", "router"):

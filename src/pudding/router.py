@@ -104,13 +104,8 @@ class Router(nn.Module):
         return _mlp(width, self.config.hidden, self.config.n_sets)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "right"
-        try:
-            return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length,
-                                  return_tensors="pt")
-        finally:
-            self.tokenizer.padding_side = side
+        return self.tokenizer(list(texts), padding=True, padding_side="right", truncation=True,
+                              max_length=self.config.max_length, return_tensors="pt")
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -219,21 +214,13 @@ def build_router(config: RouterConfig, *, llm=None, llm_tokenizer=None, for_load
 
 def save_router(router: Router, path: str | Path) -> None:
     """Write the router's trainable tensors to a safetensors file atomically."""
-    import os
-    import tempfile
-
     from safetensors.torch import save_file
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in router.trainable_state().items()}, tmp,
+    from pudding.provenance import atomic_output
+
+    with atomic_output(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in router.trainable_state().items()}, str(tmp),
                   metadata={"kind": router.config.kind, "n_sets": str(router.config.n_sets)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_router_weights(router: Router, path: str | Path) -> None:

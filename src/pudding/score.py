@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from pudding.load import context_length
 from pudding.omit import get_architecture
 
 
@@ -128,12 +129,7 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
 
 
 def _model_max_length(model) -> int:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
+    return context_length(model) or 2048
 
 
 class LikelihoodScorer:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from pudding.errors import ConfigError, UnknownNameError
 from pudding.metrics import margin, scores_by_doc
 from pudding.omit import OmissionSet, get_blocks, omit_blocks
-from pudding.provenance import atomic_write_json
+from pudding.provenance import atomic_write_json, differing_keys
 from pudding.score import ChoiceScore, LikelihoodScorer, PackedBatch, Request
 from pudding.tasks import MCDoc
 
@@ -280,8 +280,7 @@ class _Checkpoint:
             raise ConfigError(f"checkpoint {self.path} is corrupt or not a search checkpoint ({error}); "
                               "delete it to start over") from None
         if saved_identity != self.identity:
-            differing = sorted(k for k in set(saved_identity) | set(self.identity)
-                               if saved_identity.get(k) != self.identity.get(k))
+            differing = differing_keys(saved_identity, self.identity)
             raise ConfigError(f"checkpoint {self.path} was written for another model or configuration "
                               f"(differs in: {', '.join(differing)}); refusing to resume. Delete it or choose "
                               "another run directory")

@@ -28,7 +28,8 @@ from typing import Any, Literal
 from fastapi import Request  # at module level: FastAPI resolves the (postponed) handler annotations here
 
 from pudding.engine import Job, Sampling, SetBatchingEngine
-from pudding.routed import PuddingModel, Route, context_length
+from pudding.load import context_length
+from pudding.routed import PuddingModel, Route
 
 SET_HEADER = "X-Pudding-Set"
 BLOCKS_HEADER = "X-Pudding-Omitted-Blocks"
@@ -94,6 +95,11 @@ def _schemas():
 
 
 CompletionRequest, ChatRequest = _schemas()
+
+
+def chat_router_text(messages: list[dict]) -> str:
+    """What the router reads for a chat: the user messages' text (the router was trained on prompts)."""
+    return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict) and m.get("role") == "user")
 
 
 @dataclass
@@ -341,7 +347,7 @@ def create_app(pudding: PuddingModel, settings: ServeSettings | None = None):
         if getattr(pudding.tokenizer, "chat_template", None) is None:
             raise OpenAIError(400, "this model's tokenizer has no chat template; use /v1/completions")
         prompt = pudding.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        router_text = "\n".join(m.content for m in body.messages if m.role == "user")
+        router_text = chat_router_text(messages)
         prepared = [prepare(prompt, router_text, max_tokens_of(body))]
         return await handle(body, "/v1/chat/completions", prepared, chat=True)
 

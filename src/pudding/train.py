@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from pudding.candidates import CandidatePool
 from pudding.errors import ConfigError
 from pudding.labels import Labels
-from pudding.provenance import atomic_write_json, provenance
+from pudding.metrics import first_argmax
+from pudding.provenance import atomic_output, atomic_write_json, provenance
 from pudding.router import LLM_BACKBONE, Router, RouterConfig, build_router
 from pudding.tasks import get_task
 
@@ -108,8 +109,7 @@ class RoutingData:
 
 def _is_correct(logprobs: list[float], chars: list[int], gold: int, metric: str) -> float:
     values = [lp / c for lp, c in zip(logprobs, chars)] if metric == "acc_norm" else logprobs
-    best = max(range(len(values)), key=lambda i: (values[i], -i))  # first argmax, as lm-eval
-    return float(best == gold)
+    return float(first_argmax(values) == gold)
 
 
 def routing_data(labels: Labels) -> RoutingData:
@@ -255,11 +255,9 @@ def plot_history(history: list[dict], title: str, path: Path) -> None:
     agree_ax.set(xlabel="epoch", title="validation routing quality")
     agree_ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def train_router(config: TrainConfig, *, model=None, tokenizer=None):
