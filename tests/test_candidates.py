@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pudding.candidates import CandidatePool, PoolConfig, SetSource, build_baselines, build_pool, deduplicate
+from pudding.candidates import (CandidatePool, PoolConfig, SetSource, build_baselines, build_pool, deduplicate,
+                               shrink_pool)
 from pudding.cli import main
 from pudding.errors import ConfigError, UnknownNameError
 from pudding.load import load_config
@@ -86,6 +87,33 @@ def test_baselines_artifact_has_one_set_per_method(tiny_dir, tmp_path):
     assert all(len(e.blocks) == 2 for e in pool.sets)
     with pytest.raises(ConfigError, match="unknown baseline"):
         build_baselines(_config(tiny_dir, tmp_path), ("magic",))
+
+
+def _found(pool):
+    return sorted((s.method, s.task or "", s.objective or "", tuple(e.blocks)) for e in pool.sets for s in e.sources)
+
+
+@pytest.mark.parametrize("builder", [build_pool, build_baselines])
+def test_shrinking_a_pool_equals_searching_at_the_smaller_k(tiny_dir, tmp_path, builder):
+    large = builder(_config(tiny_dir, tmp_path, k=3, run_dir=str(tmp_path / "run3"), out=str(tmp_path / "k3")))
+    small = builder(_config(tiny_dir, tmp_path, k=1, run_dir=str(tmp_path / "run1"), out=str(tmp_path / "k1")))
+    shrunk = shrink_pool(large, 1)
+    assert _found(shrunk) == _found(small)
+    assert len({e.blocks for e in shrunk.sets}) == len(shrunk.sets)  # sets that coincide at k=1 are merged
+    assert shrunk.config["k"] == 1 and shrunk.config["derived_from"]["pool"] == large.fingerprint()
+    assert shrink_pool(large, 3) is large
+    with pytest.raises(ConfigError, match="only be shrunk"):
+        shrink_pool(large, 4)
+
+
+def test_candidates_cli_derives_a_smaller_k_without_searching(tiny_dir, tmp_path, capsys):
+    build_pool(_config(tiny_dir, tmp_path, k=3))
+    status = main(["candidates", "--from-pool", str(tmp_path / "pool"), "--k", "2", "--out", str(tmp_path / "k2"),
+                   "--model", tiny_dir])
+    assert status == 0 and "derived from" in capsys.readouterr().out
+    assert CandidatePool.from_pretrained(tmp_path / "k2").config["k"] == 2
+    status = main(["baselines", "--from-pool", str(tmp_path / "pool"), "--k", "5", "--out", str(tmp_path / "k5")])
+    assert status == 2 and "only be shrunk" in capsys.readouterr().err
 
 
 def test_candidates_cli(tiny_dir, tmp_path, capsys):

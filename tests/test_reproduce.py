@@ -1,9 +1,12 @@
 """`pudding reproduce` end to end on a tiny model (tiny budget): every table, ablation and plot is written."""
 
 import json
+import shutil
 
 import pytest
 
+import pudding.reproduce
+from pudding.candidates import CandidatePool
 from pudding.reproduce import ReproduceConfig, paired_differences, reproduce
 
 
@@ -14,11 +17,11 @@ def test_paired_differences():
 
 
 def test_reproduce_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
-    config = ReproduceConfig(model=tiny_dir, k=2, budget="tiny", out=str(tmp_path / "out"),
+    config = ReproduceConfig(model=tiny_dir, k=2, budget="tiny", out=str(tmp_path / "results" / "k2"),
                              run_dir=str(tmp_path / "run"), routers=(("llm-embed", "mse"), ("llm-embed", "ce")),
                              progress=False)
     result = reproduce(config)
-    out = tmp_path / "out"
+    out = tmp_path / "results" / "k2"
     main = json.loads((out / "main.json").read_text())
     rows = main["rows"]
     for row in ("dense", "sleb", "shortened_ppl", "taylor", "shortgpt", "best static TL set", "random pool set",
@@ -31,9 +34,29 @@ def test_reproduce_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
     assert set(main["paired_differences"]) >= {"dense", "sleb"}
     assert main["provenance"]["git"] and main["budget"]["paper_tasks"] == 8
     for name in ("generalisation.json", "ablation-router.json", "ablation-objective.json", "ablation-pool_size.json",
-                 "omission-rates.png", "README.md"):
+                 "omission-rates.png", "router-convergence.png", "block-importance.png", "README.md"):
         assert (out / name).exists(), name
     assert "PuDDing (llm-embed-ce)" in json.loads((out / "ablation-router.json").read_text())["rows"]
     # a rerun resumes from the saved scores and reproduces the tables exactly
     again = reproduce(config)
     assert again["tables"]["main"]["rows"] == result["tables"]["main"]["rows"]
+
+
+def test_a_smaller_k_reuses_the_larger_searches_and_joins_the_accuracy_against_k_plot(tiny_dir, tmp_path,
+                                                                                       monkeypatch):
+    results = tmp_path / "results"
+    routers = (("llm-embed", "mse"),)
+    reproduce(ReproduceConfig(model=tiny_dir, k=2, budget="tiny", out=str(results / "k2"), run_dir=str(tmp_path / "r2"),
+                              routers=routers, progress=False))
+    for name in ("pool", "baselines"):  # laid out like the committed results/smollm2
+        shutil.copytree(results / "k2" / name, results / name)
+    monkeypatch.setitem(pudding.reproduce.COMMITTED, tiny_dir, results)
+    reproduce(ReproduceConfig(model=tiny_dir, k=1, budget="tiny", out=str(results / "k1"), run_dir=str(tmp_path / "r1"),
+                              routers=routers, progress=False))
+    pool = CandidatePool.from_pretrained(results / "k1" / "pool")
+    assert pool.config["k"] == 1 and pool.config["derived_from"]["k"] == 2  # shrunk, not searched again
+    assert json.loads((results / "k1" / "main.json").read_text())["config"]["k"] == 1
+    curve = json.loads((results / "accuracy-vs-k-tiny.json").read_text())
+    assert [p["k"] for p in curve["series"]["PuDDing"]] == [1, 2]
+    assert [p["k"] for p in curve["series"]["dense"]] == [0, 1, 2]
+    assert (results / "accuracy-vs-k-tiny.png").exists() and curve["provenance"]["git"]

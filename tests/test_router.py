@@ -148,6 +148,17 @@ def test_training_writes_history_and_quality(trained):
     assert history["n_train"] + history["n_val"] == 24
 
 
+def test_training_is_reproducible_whatever_ran_before(trained, labelled, llm, encoder_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out, pudding = trained
+    config = TrainConfig(**{**json.loads((out / "training.json").read_text())["config"], "out": str(tmp_path)})
+    torch.rand(7)  # the global generator is no longer where it was when the fixture trained
+    train_router(config, model=llm[0], tokenizer=llm[1])
+    first, again = load_file(out / "router.safetensors"), load_file(tmp_path / "router.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
 def test_artifact_round_trip_keeps_routes_and_writes_no_llm_weights(trained, llm):
     from safetensors import safe_open
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from pudding.load import DEFAULT_MODEL, load_config, load_model, model_fingerpri
 from pudding.omit import OmissionSet, validate_omission
 from pudding.provenance import atomic_write_json, provenance
 from pudding.score import LikelihoodScorer
-from pudding.search import CandidateEvaluator, check_k, get_objective, greedy_search
+from pudding.search import CandidateEvaluator, check_k, get_objective, greedy_search, removable_blocks
 from pudding.tasks import MCDoc, get_task, load_docs
 
 POOL_FILE = "pool.json"
@@ -122,6 +122,42 @@ def deduplicate(found: list[tuple[OmissionSet, SetSource]]) -> tuple[PoolEntry, 
     for blocks, source in found:
         merged.setdefault(tuple(sorted(blocks)), []).append(source)
     return tuple(PoolEntry(blocks, tuple(sources)) for blocks, sources in merged.items())
+
+
+def shrink_source(source: SetSource, k: int, removable: list[int]) -> SetSource:
+    """What the same search finds at a smaller ``k``, without running it again.
+
+    A greedy search's first ``k`` removals *are* the ``k``-block search: each step depends only on the blocks
+    removed before it. A one-shot method removes the ``k`` least important blocks of the same importance
+    scores (its ``trajectory``, one per removable block), with the same tie rule as :func:`rank_blocks`.
+    ``seconds`` stays the cost of the original, larger search.
+    """
+    if source.method in ("greedy", "sleb"):
+        return replace(source, removal_order=source.removal_order[:k], trajectory=source.trajectory[:k + 1])
+    if len(source.trajectory) != len(removable):
+        raise ConfigError(f"{source.method}: {len(source.trajectory)} importance scores for "
+                          f"{len(removable)} removable blocks; the pool does not match its configuration")
+    importance = dict(zip(removable, source.trajectory))
+    return replace(source, removal_order=sorted(sorted(removable, key=lambda b: (importance[b], b))[:k]))
+
+
+def shrink_pool(pool: CandidatePool, k: int) -> CandidatePool:
+    """The pool (or baselines) the same searches give at a smaller ``k``; sets that coincide are merged.
+
+    Exact, not an approximation (see :func:`shrink_source`), so ``pudding reproduce --k 3`` reuses the
+    k=6 searches instead of repeating them.
+    """
+    found_k = pool.config.get("k")
+    if not isinstance(found_k, int) or not 1 <= k <= found_k:
+        raise ConfigError(f"a pool searched at k={found_k} can only be shrunk to 1 <= k <= {found_k}, not k={k}")
+    if k == found_k:
+        return pool
+    removable = removable_blocks(pool.model["fingerprint"]["num_blocks"], tuple(pool.config.get("barriers", (1, 1))))
+    shrunk = [shrink_source(source, k, removable) for entry in pool.sets for source in entry.sources]
+    sets = deduplicate([(tuple(source.removal_order), source) for source in shrunk])
+    config = {**pool.config, "k": k, "derived_from": {"k": found_k, "pool": pool.fingerprint(),
+                                                      "provenance": pool.provenance}}
+    return CandidatePool(sets, pool.model, config, provenance())
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,9 @@ def _add_search_options(parser, *, tasks: bool) -> None:
     parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
     parser.add_argument("--no-prefix-reuse", action="store_true", help="recompute the dense prefix (slower)")
     parser.add_argument("--run-dir", default="runs/candidates", help="per-search checkpoints; reruns resume")
+    parser.add_argument("--from-pool", default=None,
+                        help="derive the sets at --k from this pool, searched at a larger k, without searching "
+                             "(exact: a greedy search's first k removals are the k-block search)")
     parser.add_argument("--out", required=True, help="folder the pool artifact (pool.json) is written to")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_executor_options(parser)
@@ -129,10 +132,24 @@ def _describe_pool(pool) -> str:
     return "\n".join(lines)
 
 
+def _derived_pool(args):
+    """--from-pool: the pool at --k, shrunk from one searched at a larger k, checked against --model."""
+    from pudding.candidates import CandidatePool, shrink_pool
+    from pudding.load import load_config
+
+    source = CandidatePool.from_pretrained(args.from_pool)
+    pool = shrink_pool(source, args.k)
+    pool.check_model(load_config(args.model))
+    pool.save_pretrained(args.out)
+    print(f"derived from {args.from_pool} (k={source.config.get('k')}) without searching")
+    return pool
+
+
 def _run_candidates(args) -> int:
     from pudding.candidates import build_pool
 
-    pool = build_pool(_pool_config(args, tasks=args.tasks, objectives=args.objectives))
+    pool = _derived_pool(args) if args.from_pool else build_pool(
+        _pool_config(args, tasks=args.tasks, objectives=args.objectives))
     print(_describe_pool(pool))
     print(f"wrote {args.out}")
     return 0
@@ -150,7 +167,7 @@ def _run_baselines(args) -> int:
     from pudding.candidates import build_baselines
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    pool = build_baselines(_pool_config(args, objectives=("ppl",)), methods)
+    pool = _derived_pool(args) if args.from_pool else build_baselines(_pool_config(args, objectives=("ppl",)), methods)
     print(_describe_pool(pool))
     print(f"wrote {args.out}")
     return 0

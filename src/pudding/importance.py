@@ -21,7 +21,7 @@ from pudding.candidates import calibration_docs
 from pudding.errors import ConfigError
 from pudding.load import DEFAULT_MODEL, load_config, load_model, model_fingerprint, model_name
 from pudding.metrics import aggregate, scores_by_doc
-from pudding.provenance import atomic_write_json, provenance
+from pudding.provenance import atomic_output, atomic_write_json, provenance
 from pudding.score import LikelihoodScorer
 from pudding.search import OBJECTIVES, CandidateEvaluator
 from pudding.tasks import get_task
@@ -86,8 +86,13 @@ def block_importance(config: ImportanceConfig) -> dict[str, Any]:
     return result
 
 
-def plot_heatmap(result: dict[str, Any], path: Path) -> Path:
-    """Two heatmaps (tasks x blocks): change in task likelihood, and change in accuracy, from dropping one block."""
+def plot_heatmap(result: dict[str, Any], path: Path, marks: dict[str, tuple[int, ...]] | None = None,
+                 marks_label: str = "") -> Path:
+    """Two heatmaps (tasks x blocks): change in task likelihood, and change in accuracy, from dropping one block.
+
+    ``marks`` (task -> blocks) draws a cross on those cells, e.g. the set each task's search removes, so the
+    map shows whether the search drops the blocks that matter least alone.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -105,17 +110,19 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> Path:
         ax.set_yticks(range(len(tasks)), [f"{t} ({result['tasks'][t]['metric']})" for t in tasks])
         ax.set_xticks(range(len(result["blocks"])), result["blocks"], fontsize=7)
         ax.set_xlabel("block removed alone")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title + (f"; x = {marks_label}" if marks_label else ""), fontsize=10)
         fig.colorbar(image, ax=ax, fraction=0.025)
+        for row, task in enumerate(tasks):
+            blocks = (marks or {}).get(task, ())
+            ax.scatter(list(blocks), [row] * len(blocks), marker="x", color="black", s=25)
+        ax.set(xlim=(-0.5, len(result["blocks"]) - 0.5), ylim=(len(tasks) - 0.5, -0.5))  # as imshow set them
     git = result["provenance"]["git"]["commit"] or "unknown"
     fig.suptitle(f"Block importance of {result['model']['name']} "
                  f"({result['config']['samples']} calibration docs per task; commit {git[:8]})", fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_output(path) as tmp:  # like every other artifact
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)  # atomic, like every other artifact
     return path
 
 

@@ -2,17 +2,21 @@
 
 One resumable command:
 
-1. reuse the committed pool, baselines and routers when they match the model and k, else build them;
+1. reuse the committed pool, baselines, labels and routers when they were made for this model and k (by
+   fingerprint), else build them. A smaller k than the committed pool's is derived from it exactly
+   (:func:`pudding.candidates.shrink_pool`: a greedy search's first k removals are the k-block search);
 2. score every evaluation document of the paper's six tasks and of six unseen tasks under every set that
    any row needs (dense, each baseline, each pool set): this is the only expensive step, sharded and
    checkpointed like ``pudding label`` (it *is* ``pudding label`` on the evaluation split);
 3. evaluate every row from those per-document scores, without running the LLM again: the static rows,
    a random pool set, PuDDing (each router's choice on the prompt), and the oracle (in hindsight, the pool
    set that answers each document correctly if any does);
-4. write one JSON per table (with provenance), a Markdown rendering and the plots.
+4. write one JSON per table (with provenance), a Markdown rendering and the plots, and redraw accuracy
+   against k from every k reproduced with the same budget.
 
-Budgets (``--budget``) fix the documents per task; the default ``small`` is sized for about two hours on a
-2-core CPU including the pool, and states its size in every table.
+Budgets (``--budget``) fix the documents per task and are stated in every table. With the committed
+artifacts reused, the default ``small`` takes well under an hour per k on a 2-core CPU; building the pool
+from nothing is the expensive part (see the README).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from typing import Any
 
 import torch
 
-from pudding.candidates import PAPER_TASKS, CandidatePool, PoolConfig, PoolEntry, SetSource, build_baselines, build_pool
+from pudding.candidates import (PAPER_TASKS, CandidatePool, PoolConfig, PoolEntry, SetSource, build_baselines,
+                                build_pool, shrink_pool)
 from pudding.errors import ConfigError
+from pudding.importance import IMPORTANCE_FILE, ImportanceConfig, block_importance, load_importance, plot_heatmap
 from pudding.labels import LabelConfig, Labels, build_labels
-from pudding.load import load_model, model_name
+from pudding.load import load_model, model_fingerprint, model_name
 from pudding.metrics import mean_with_stderr
-from pudding.provenance import atomic_write_json, atomic_write_text, provenance
+from pudding.provenance import atomic_output, atomic_write_json, atomic_write_text, provenance
 from pudding.routed import DEFAULT_ARTIFACT, PuddingModel
 from pudding.tasks import get_task
 from pudding.train import RoutingData, TrainConfig, routing_data, train_router
@@ -74,35 +80,51 @@ def _slug(spec: str) -> str:
 # --- stage 1: the artifacts the rows need --------------------------------------------------------------------
 
 
+def _committed(config: ReproduceConfig) -> Path | None:
+    return COMMITTED.get(config.model)
+
+
+def _reuse_pool(config: ReproduceConfig, name: str) -> CandidatePool | None:
+    """This k's pool (or baselines) from an earlier run, else the committed one, shrunk exactly to this k
+    when it was searched at a larger k (:func:`pudding.candidates.shrink_pool`); None if neither exists."""
+    mine = config.folder / name / "pool.json"
+    if mine.exists():
+        return CandidatePool.from_pretrained(mine)
+    committed = _committed(config)
+    if committed and (committed / name / "pool.json").exists():
+        pool = CandidatePool.from_pretrained(committed / name)
+        if pool.config.get("k") == config.k:
+            return pool
+        if isinstance(pool.config.get("k"), int) and pool.config["k"] > config.k:
+            shrunk = shrink_pool(pool, config.k)
+            shrunk.save_pretrained(config.folder / name)
+            return shrunk
+    return None
+
+
 def _pool(config: ReproduceConfig) -> CandidatePool:
-    committed = COMMITTED.get(config.model)
-    if committed and config.k == 6 and (committed / "pool" / "pool.json").exists():
-        return CandidatePool.from_pretrained(committed / "pool")
-    pool_config = PoolConfig(model=config.model, k=config.k, run_dir=str(Path(config.run_dir) / "pool"),
-                             out=str(config.folder / "pool"), progress=config.progress)
-    path = config.folder / "pool" / "pool.json"
-    return CandidatePool.from_pretrained(path) if path.exists() else build_pool(pool_config)
+    return _reuse_pool(config, "pool") or build_pool(
+        PoolConfig(model=config.model, k=config.k, run_dir=str(Path(config.run_dir) / "pool"),
+                   out=str(config.folder / "pool"), progress=config.progress))
 
 
 def _baselines(config: ReproduceConfig) -> CandidatePool:
-    committed = COMMITTED.get(config.model)
-    for folder in ([committed / "baselines"] if committed and config.k == 6 else []) + [config.folder / "baselines"]:
-        if (folder / "pool.json").exists():
-            return CandidatePool.from_pretrained(folder)
-    return build_baselines(PoolConfig(model=config.model, k=config.k, objectives=("ppl",),
-                                      run_dir=str(Path(config.run_dir) / "baselines"),
-                                      out=str(config.folder / "baselines"), progress=config.progress))
+    return _reuse_pool(config, "baselines") or build_baselines(
+        PoolConfig(model=config.model, k=config.k, objectives=("ppl",), run_dir=str(Path(config.run_dir) / "baselines"),
+                   out=str(config.folder / "baselines"), progress=config.progress))
 
 
-def _calibration_labels(config: ReproduceConfig, pool_dir: Path, model=None, tokenizer=None) -> Path:
-    committed = COMMITTED.get(config.model)
-    if committed and config.k == 6 and (committed / "labels" / "labels.json").exists():
-        return committed / "labels"
+def _calibration_labels(config: ReproduceConfig, pool: CandidatePool, pool_dir: Path, model=None, tokenizer=None
+                        ) -> Path:
+    """Router training labels: the committed ones when they were made for this pool, else this k's own."""
+    committed = _committed(config)
+    for folder in ([committed / "labels"] if committed else []) + [config.folder / "labels"]:
+        if (folder / "labels.json").exists() and Labels.load(folder).meta.get("pool") == pool.fingerprint():
+            return folder
     out = config.folder / "labels"
-    if not (out / "labels.json").exists():
-        build_labels(LabelConfig(pool=str(pool_dir), out=str(out), samples=BUDGETS[config.budget][2],
-                                 run_dir=str(Path(config.run_dir) / "labels"), progress=config.progress),
-                     model=model, tokenizer=tokenizer)
+    build_labels(LabelConfig(pool=str(pool_dir), out=str(out), samples=BUDGETS[config.budget][2],
+                             run_dir=str(Path(config.run_dir) / "labels"), progress=config.progress),
+                 model=model, tokenizer=tokenizer)
     return out
 
 
@@ -113,12 +135,11 @@ def _routers(config: ReproduceConfig, pool: CandidatePool, pool_dir: Path, model
     labels_dir = None
     for kind, loss in config.routers:
         name = f"{kind}-{loss}"
-        candidates = [config.folder / "routers" / name]
-        committed = COMMITTED.get(config.model)
-        if committed and config.k == 6:
-            candidates.insert(0, committed / "routers" / name)
-            if (kind, loss) == ("embed-mlp", "mse"):
-                candidates.insert(0, DEFAULT_ARTIFACT)
+        # Reused only when made for this very pool (fingerprint), so another k or model never matches.
+        candidates = [DEFAULT_ARTIFACT] if config.model == "default" and (kind, loss) == ("embed-mlp", "mse") else []
+        committed = _committed(config)
+        candidates += ([committed / f"k{config.k}" / "routers" / name] if committed else [])
+        candidates += [config.folder / "routers" / name]
         found = None
         for folder in candidates:
             if (folder / "pudding.json").exists() and (folder / "router.safetensors").exists():
@@ -127,7 +148,7 @@ def _routers(config: ReproduceConfig, pool: CandidatePool, pool_dir: Path, model
                     found, folders[name] = candidate, folder
                     break
         if found is None:
-            labels_dir = labels_dir or _calibration_labels(config, pool_dir, model, tokenizer)
+            labels_dir = labels_dir or _calibration_labels(config, pool, pool_dir, model, tokenizer)
             found = train_router(TrainConfig(labels=str(labels_dir), pool=str(pool_dir),
                                              out=str(config.folder / "routers" / name), router=kind, loss=loss,
                                              progress=config.progress), model=model, tokenizer=tokenizer)
@@ -152,8 +173,9 @@ def _scoring_pool(pool: CandidatePool, baselines: CandidatePool) -> tuple[Candid
         rows[name] = index[blocks]
 
     add("dense", (), SetSource("dense", None, None, [], [], [], 0.0))
-    for entry in baselines.sets:
-        add(entry.sources[0].method, entry.blocks, entry.sources[0])
+    for entry in baselines.sets:  # at a small k two baselines can find the same set: one row each
+        for source in entry.sources:
+            add(source.method, entry.blocks, source)
     for i, entry in enumerate(pool.sets):
         add(f"pool:{i}", entry.blocks, entry.sources[0])
     return CandidatePool(tuple(entries), pool.model, {"rows": rows}, provenance()), rows
@@ -240,6 +262,14 @@ def render_table(title: str, table: dict[str, Any], note: str = "") -> str:
     return "\n".join(lines)
 
 
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
 def _plot_omission_rates(data: RoutingData, chosen_blocks: list[tuple], total: int, path: Path) -> dict:
     import matplotlib
 
@@ -257,9 +287,7 @@ def _plot_omission_rates(data: RoutingData, chosen_blocks: list[tuple], total: i
            title="How often the router omits each block, per task")
     fig.colorbar(image, ax=ax, label="omission rate")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
     return {t: r for t, r in zip(tasks, rates)}
 
 
@@ -284,8 +312,70 @@ def _plot_convergence(router_dirs: dict[str, Path], path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
+
+
+def _importance_map(config: ReproduceConfig, model) -> dict[str, Any]:
+    """The block-importance map (it does not depend on k): the committed one when it is this model's, else
+    measured once next to the k folders."""
+    committed = _committed(config)
+    for folder in ([committed / "importance"] if committed else []) + [config.folder.parent / "importance"]:
+        if (folder / IMPORTANCE_FILE).exists():
+            result = load_importance(folder)
+            if result["model"]["fingerprint"] == model_fingerprint(model.config):
+                return result
+    return block_importance(ImportanceConfig(model=config.model, samples=16, out=str(config.folder.parent / "importance"),
+                                             progress=config.progress))
+
+
+def _average_with_stderr(row: dict[str, Any]) -> tuple[float, float]:
+    """A row's average over tasks and its standard error (the tasks' documents are independent)."""
+    cells = list(row["tasks"].values())
+    return row["average"], sum(c["stderr"] ** 2 for c in cells) ** 0.5 / len(cells)
+
+
+def plot_accuracy_vs_k(parent: Path, budget: str) -> dict[str, Any] | None:
+    """Collect ``parent/k*/main.json`` of one budget into accuracy against k (dense, SLEB, the best static TL
+    set, PuDDing, the oracle); writes ``accuracy-vs-k-<budget>.json`` and ``.png`` in ``parent``, so budgets
+    never mix. None if no k exists."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for path in parent.glob("k*/main.json"):
+        data = json.loads(path.read_text())
+        if data.get("config", {}).get("budget") == budget:
+            runs.append((data["config"]["k"], path, data))
+    if not runs:
+        return None
+    runs.sort(key=lambda run: run[0])
+    series: dict[str, list] = {}
+    for k, _, data in runs:
+        for row, values in data["rows"].items():
+            label = "PuDDing" if row.startswith("PuDDing") else row
+            if label in ("dense", "sleb", "best static TL set", "PuDDing", "oracle"):
+                series.setdefault(label, []).append([k, *_average_with_stderr(values)])
+    series["dense"] = [[0, *series["dense"][0][1:]]] + series["dense"]  # dense does not depend on k
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in series.items():
+        ks, means, errors = zip(*points)
+        ax.errorbar(ks, means, yerr=errors, marker="o", capsize=3, label=label,
+                    linestyle="--" if label in ("dense", "oracle") else "-")
+    ax.set(xlabel="blocks removed (k)", ylabel="average accuracy, six paper tasks",
+           xticks=[0, *[k for k, _, _ in runs]],
+           title=f"Accuracy against k ({budget} budget; bars: standard error)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, parent / f"accuracy-vs-k-{budget}.png")
+    result = {"budget": budget, "series": {label: [dict(zip(("k", "average", "stderr"), p)) for p in points]
+                                          for label, points in series.items()},
+              "sources": [{"k": k, "file": str(path), "commit": data["provenance"]["git"].get("commit"),
+                           "date": data["provenance"]["date"]} for k, path, data in runs],
+              "provenance": provenance()}
+    atomic_write_json(parent / f"accuracy-vs-k-{budget}.json", result)
+    return result
 
 
 def reproduce(config: ReproduceConfig) -> dict[str, Any]:
@@ -302,7 +392,7 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     main_scores = _eval_scores(config, scoring_pool, PAPER_TASKS, paper_n, "paper-tasks", model, tokenizer)
     unseen_scores = _eval_scores(config, scoring_pool, UNSEEN_TASKS, unseen_n, "unseen-tasks", model, tokenizer)
 
-    calibration = routing_data(Labels.load(_calibration_labels(config, pool_dir, model, tokenizer)))
+    calibration = routing_data(Labels.load(_calibration_labels(config, pool, pool_dir, model, tokenizer)))
     static_best = int(calibration.labels.mean(0).argmax())  # chosen on calibration data only
     ranking = calibration.labels.mean(0).argsort(descending=True).tolist()
     default_router = f"{config.routers[0][0]}-{config.routers[0][1]}"
@@ -365,6 +455,13 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     markdown += ["![omission rates](omission-rates.png)", ""]
     _plot_convergence(router_dirs, out / "router-convergence.png")
     markdown += ["![router convergence](router-convergence.png)", ""]
+    tl_sets = {s.task: entry.blocks for entry in pool.sets for s in entry.sources if s.objective == "tl"}
+    plot_heatmap(_importance_map(config, model), out / "block-importance.png", marks=tl_sets,
+                 marks_label=f"the task's TL set at k={config.k}")
+    markdown += ["![block importance](block-importance.png)", ""]
+    if plot_accuracy_vs_k(out.parent, config.budget):
+        markdown += ["Accuracy against k, over every k reproduced with this budget: "
+                     f"[../accuracy-vs-k-{config.budget}.png](../accuracy-vs-k-{config.budget}.png)", ""]
     atomic_write_text(out / "README.md", "\n".join(markdown) + f"\nCommand: `{' '.join(stamp['provenance']['command'])}`; "
                       f"commit {stamp['provenance']['git'].get('commit', '?')}; {stamp['provenance']['date']}.\n")
     return {"tables": tables, "ablations": ablations, "out": str(out)}

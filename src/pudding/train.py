@@ -280,6 +280,9 @@ def train_router(config: TrainConfig, *, model=None, tokenizer=None):
     backbone = LLM_BACKBONE if config.router == "llm-embed" else config.backbone
     router_config = RouterConfig(config.router, len(pool.sets), backbone, config.hidden, config.max_length,
                                  config.loss, scale)
+    # The head's initial weights come from the global generator: seed it here, not only in fit, or the
+    # result depends on whatever drew random numbers earlier in the process (e.g. another router's training).
+    torch.manual_seed(config.seed)
     router = build_router(router_config, llm=model, llm_tokenizer=tokenizer)
     start = time.perf_counter()
     result = fit(router, data, train, val, config)
