@@ -15,3 +15,6 @@ $P train-router --labels results/smollm2/labels --pool results/smollm2/pool --ro
 $P baselines --model default --k 6 --run-dir runs/baselines-smollm2 --out results/smollm2/baselines --no-progress
 # 5. the paper's tables (trains the ablation routers it needs, then scores the evaluation splits)
 $P reproduce --model default --k 6 --budget small --no-progress
+# 6. the same at k=3: the pool and baselines are the k=6 searches' first 3 removals (no new search);
+#    labels, routers and scores are k=3's own. Also redraws results/smollm2/accuracy-vs-k-small.png.
+$P reproduce --model default --k 3 --budget small --no-progress

@@ -475,6 +475,8 @@ def _add_reproduce(sub) -> None:
     parser.add_argument("--budget", default="small", help="documents per task: tiny, small (default) or full")
     parser.add_argument("--out", default=None, help="default: results/<model>/k<k>")
     parser.add_argument("--run-dir", default="runs/reproduce", help="checkpoints; reruns resume")
+    parser.add_argument("--router-seeds", type=_positive_int, default=5,
+                        help="train the headline router with this many seeds and report their spread and mean")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(handler=_run_reproduce)
 
@@ -483,7 +485,8 @@ def _run_reproduce(args) -> int:
     from pudding.reproduce import ReproduceConfig, reproduce
 
     result = reproduce(ReproduceConfig(model=args.model, k=args.k, budget=args.budget, out=args.out,
-                                       run_dir=args.run_dir, progress=not args.no_progress))
+                                       run_dir=args.run_dir, router_seeds=args.router_seeds,
+                                       progress=not args.no_progress))
     main_rows = result["tables"]["main"]["rows"]
     for row, data in main_rows.items():
         print(f"{row:<32} average {data['average']:.3f}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,15 +63,38 @@ class ReproduceConfig:
     run_dir: str = "runs/reproduce"
     routers: tuple[tuple[str, str], ...] = ROUTER_ABLATIONS
     seed: int = 0
+    router_seeds: int = 5  # the first router is also trained with seeds 1..n-1: how much is luck of the seed
     progress: bool = True
 
     def __post_init__(self):
         if self.budget not in BUDGETS:
             raise ConfigError(f"unknown budget {self.budget!r}; known: {', '.join(BUDGETS)}")
+        if self.router_seeds < 1:
+            raise ConfigError(f"router_seeds must be at least 1, got {self.router_seeds}")
+
+    @property
+    def default_router(self) -> str:
+        return f"{self.routers[0][0]}-{self.routers[0][1]}"
+
+    @property
+    def router_specs(self) -> list[tuple[str, str, int, str]]:
+        """(kind, loss, seed, name) of every router to train: each ablation router, then the first one's seeds."""
+        specs = [(kind, loss, 0, f"{kind}-{loss}") for kind, loss in self.routers]
+        kind, loss = self.routers[0]
+        return specs + [(kind, loss, seed, f"{kind}-{loss}-seed{seed}") for seed in range(1, self.router_seeds)]
+
+    @property
+    def seed_routers(self) -> list[str]:
+        return [name for kind, loss, seed, name in self.router_specs if (kind, loss) == self.routers[0]]
 
     @property
     def folder(self) -> Path:
         return Path(self.out) if self.out else Path("results") / _slug(self.model) / f"k{self.k}"
+
+    @property
+    def work_dir(self) -> Path:
+        """Checkpoints of this model and k: runs for another k (or model) never collide in one ``run_dir``."""
+        return Path(self.run_dir) / _slug(self.model) / f"k{self.k}"
 
 
 def _slug(spec: str) -> str:
@@ -104,13 +128,13 @@ def _reuse_pool(config: ReproduceConfig, name: str) -> CandidatePool | None:
 
 def _pool(config: ReproduceConfig) -> CandidatePool:
     return _reuse_pool(config, "pool") or build_pool(
-        PoolConfig(model=config.model, k=config.k, run_dir=str(Path(config.run_dir) / "pool"),
+        PoolConfig(model=config.model, k=config.k, run_dir=str(config.work_dir / "pool"),
                    out=str(config.folder / "pool"), progress=config.progress))
 
 
 def _baselines(config: ReproduceConfig) -> CandidatePool:
     return _reuse_pool(config, "baselines") or build_baselines(
-        PoolConfig(model=config.model, k=config.k, objectives=("ppl",), run_dir=str(Path(config.run_dir) / "baselines"),
+        PoolConfig(model=config.model, k=config.k, objectives=("ppl",), run_dir=str(config.work_dir / "baselines"),
                    out=str(config.folder / "baselines"), progress=config.progress))
 
 
@@ -123,20 +147,20 @@ def _calibration_labels(config: ReproduceConfig, pool: CandidatePool, pool_dir: 
             return folder
     out = config.folder / "labels"
     build_labels(LabelConfig(pool=str(pool_dir), out=str(out), samples=BUDGETS[config.budget][2],
-                             run_dir=str(Path(config.run_dir) / "labels"), progress=config.progress),
+                             run_dir=str(config.work_dir / "labels"), progress=config.progress),
                  model=model, tokenizer=tokenizer)
     return out
 
 
 def _routers(config: ReproduceConfig, pool: CandidatePool, pool_dir: Path, model, tokenizer
              ) -> tuple[dict[str, PuddingModel], dict[str, Path]]:
-    """One PuddingModel per (router kind, loss), and its folder: committed ones when they match, else trained."""
+    """One PuddingModel per (router kind, loss, seed), and its folder: committed ones when they match, else trained."""
     routers, folders = {}, {}
     labels_dir = None
-    for kind, loss in config.routers:
-        name = f"{kind}-{loss}"
+    for kind, loss, seed, name in config.router_specs:
         # Reused only when made for this very pool (fingerprint), so another k or model never matches.
-        candidates = [DEFAULT_ARTIFACT] if config.model == "default" and (kind, loss) == ("embed-mlp", "mse") else []
+        shipped = config.model == "default" and (kind, loss, seed) == ("embed-mlp", "mse", 0)
+        candidates = [DEFAULT_ARTIFACT] if shipped else []
         committed = _committed(config)
         candidates += ([committed / f"k{config.k}" / "routers" / name] if committed else [])
         candidates += [config.folder / "routers" / name]
@@ -151,7 +175,7 @@ def _routers(config: ReproduceConfig, pool: CandidatePool, pool_dir: Path, model
             labels_dir = labels_dir or _calibration_labels(config, pool, pool_dir, model, tokenizer)
             found = train_router(TrainConfig(labels=str(labels_dir), pool=str(pool_dir),
                                              out=str(config.folder / "routers" / name), router=kind, loss=loss,
-                                             progress=config.progress), model=model, tokenizer=tokenizer)
+                                             seed=seed, progress=config.progress), model=model, tokenizer=tokenizer)
             folders[name] = config.folder / "routers" / name
         routers[name] = found
     return routers, folders
@@ -184,11 +208,11 @@ def _scoring_pool(pool: CandidatePool, baselines: CandidatePool) -> tuple[Candid
 def _eval_scores(config: ReproduceConfig, scoring_pool: CandidatePool, tasks: tuple[str, ...], samples: int,
                  name: str, model, tokenizer) -> Labels:
     folder = config.folder / "scores" / name
-    pool_dir = Path(config.run_dir) / "scoring-pool"
+    pool_dir = config.work_dir / "scoring-pool"
     scoring_pool.save_pretrained(pool_dir)
     if not (folder / "labels.json").exists() or Labels.load(folder).meta.get("pool") != scoring_pool.fingerprint():
         build_labels(LabelConfig(pool=str(pool_dir), out=str(folder), tasks=tasks, samples=samples,
-                                 split="evaluation", run_dir=str(Path(config.run_dir) / f"scores-{name}"),
+                                 split="evaluation", run_dir=str(config.work_dir / f"scores-{name}"),
                                  progress=config.progress), model=model, tokenizer=tokenizer)
     return Labels.load(folder)
 
@@ -225,6 +249,15 @@ def _row_columns(data: RoutingData, rows: dict[str, int], pool_size: int, router
     return columns
 
 
+def _seed_mean(data: RoutingData, rows: dict[str, int], pool_size: int, seed_scores: list[torch.Tensor]
+               ) -> list[float]:
+    """Per document, the fraction of router seeds whose choice answers it correctly: PuDDing with the luck of
+    one training seed averaged out."""
+    pool_rows = [rows[f"pool:{i}"] for i in range(pool_size)]
+    chosen = [_route_indices(scores, list(range(pool_size)), pool_rows) for scores in seed_scores]
+    return [sum(data.correct[i, c[i]].item() for c in chosen) / len(chosen) for i in range(len(data.texts))]
+
+
 def _table(data: RoutingData, columns: dict[str, list[float]], tasks: tuple[str, ...]) -> dict[str, Any]:
     by_task = {t: [i for i, task in enumerate(data.tasks) if task == t] for t in tasks}
     table = {}
@@ -246,12 +279,44 @@ def paired_differences(columns: dict[str, list[float]], ours: str, others: list[
     return out
 
 
+def routing_headroom(data: RoutingData, pool: CandidatePool, rows: dict[str, int], columns: dict[str, list[float]],
+                     ours: str) -> dict[str, Any]:
+    """Where routing can matter at all: the documents on which the pool's sets disagree.
+
+    On a document that every set gets right (or every set gets wrong) no choice of set changes the score, so
+    the gap between PuDDing, the static sets and the oracle lives entirely on the "mixed" documents.
+    How alike the sets are (blocks shared per pair) is the structural reason for a small gap.
+    """
+    pool_rows = [rows[f"pool:{i}"] for i in range(len(pool.sets))]
+    right = data.correct[:, pool_rows]
+    all_right, all_wrong = right.min(1).values == 1, right.max(1).values == 0
+    mixed = [i for i in range(len(right)) if not (all_right[i] or all_wrong[i])]
+    shared = [len(set(a.blocks) & set(b.blocks)) for i, a in enumerate(pool.sets) for b in pool.sets[i + 1:]]
+    k = len(pool.sets[0].blocks) if pool.sets else 0
+    on_mixed = {row: mean_stderr([columns[row][i] for i in mixed]) for row in
+                (ours, "best static TL set", "random pool set", "oracle") if row in columns and mixed}
+    return {"documents": len(right), "all_sets_right": int(all_right.sum()), "all_sets_wrong": int(all_wrong.sum()),
+            "mixed": len(mixed), "accuracy_on_mixed": on_mixed, "k": k, "pool_sets": len(pool.sets),
+            "mean_shared_blocks_per_pair": sum(shared) / len(shared) if shared else float(k)}
+
+
+def render_headroom(headroom: dict[str, Any]) -> str:
+    lines = [f"Where routing can matter: of {headroom['documents']} documents, every pool set is right on "
+             f"{headroom['all_sets_right']} and wrong on {headroom['all_sets_wrong']}; the sets disagree on "
+             f"{headroom['mixed']}. Two of the {headroom['pool_sets']} sets share "
+             f"{headroom['mean_shared_blocks_per_pair']:.1f} of {headroom['k']} blocks on average.", ""]
+    if headroom["accuracy_on_mixed"]:
+        lines.append("Accuracy on the documents where the sets disagree: " + ", ".join(
+            f"{row} {v['value']:.3f} ± {v['stderr']:.3f}" for row, v in headroom["accuracy_on_mixed"].items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
 # --- outputs --------------------------------------------------------------------------------------------------
 
 
 def render_table(title: str, table: dict[str, Any], note: str = "") -> str:
     tasks = list(table["metrics"])
-    lines = [f"### {title}", "", note, "", "| row | " + " | ".join(f"{t} ({table['metrics'][t]})" for t in tasks)
+    lines = [f"### {title}", "", *([note, ""] if note else []), "| row | " + " | ".join(f"{t} ({table['metrics'][t]})" for t in tasks)
              + " | average |", "|---" * (len(tasks) + 2) + "|"]
     for row, data in table["rows"].items():
         cells = [f"{data['tasks'][t]['value']:.3f} ± {data['tasks'][t]['stderr']:.3f}" if t in data["tasks"] else "-"
@@ -354,8 +419,9 @@ def plot_accuracy_vs_k(parent: Path, budget: str) -> dict[str, Any] | None:
     series: dict[str, list] = {}
     for k, _, data in runs:
         for row, values in data["rows"].items():
-            label = "PuDDing" if row.startswith("PuDDing") else row
-            if label in ("dense", "sleb", "best static TL set", "PuDDing", "oracle"):
+            label = ("PuDDing, mean of router seeds" if "seeds)" in row else "PuDDing" if row.startswith("PuDDing")
+                     else row)
+            if label in ("dense", "sleb", "best static TL set", "PuDDing", "PuDDing, mean of router seeds", "oracle"):
                 series.setdefault(label, []).append([k, *_average_with_stderr(values)])
     series["dense"] = [[0, *series["dense"][0][1:]]] + series["dense"]  # dense does not depend on k
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -385,7 +451,7 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     pool = _pool(config)
     pool.check_model(model.config)
     baselines = _baselines(config)
-    pool_dir = Path(config.run_dir) / "pool-artifact"
+    pool_dir = config.work_dir / "pool-artifact"
     pool.save_pretrained(pool_dir)
     routers, router_dirs = _routers(config, pool, pool_dir, model, tokenizer)
     scoring_pool, rows = _scoring_pool(pool, baselines)
@@ -395,37 +461,56 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     calibration = routing_data(Labels.load(_calibration_labels(config, pool, pool_dir, model, tokenizer)))
     static_best = int(calibration.labels.mean(0).argmax())  # chosen on calibration data only
     ranking = calibration.labels.mean(0).argsort(descending=True).tolist()
-    default_router = f"{config.routers[0][0]}-{config.routers[0][1]}"
+    default_router, seeds = config.default_router, config.seed_routers
     main_data, unseen_data = routing_data(main_scores), routing_data(unseen_scores)
     # Each router reads each prompt once; every table and ablation then restricts or reuses these scores.
     main_router_scores = {name: pudding.router.scores(main_data.texts) for name, pudding in routers.items()}
-    headline_scores = {"main": {default_router: main_router_scores[default_router]},
-                       "generalisation": {default_router: routers[default_router].router.scores(unseen_data.texts)}}
+    router_scores = {"main": main_router_scores,
+                     "generalisation": {name: routers[name].router.scores(unseen_data.texts) for name in seeds}}
     static_rows = ["dense", "sleb", "shortened_ppl", "taylor", "shortgpt", "best static TL set", "random pool set"]
     out = config.folder
     stamp = {"config": asdict(config), "budget": {"paper_tasks": paper_n, "unseen_tasks": unseen_n},
              "pool": pool.fingerprint(), "provenance": provenance()}
     tables, markdown = {}, [f"# PuDDing reproduction on {_slug(config.model)}, k={config.k} "
                             f"(budget {config.budget}: {paper_n} documents per paper task, {unseen_n} per unseen task)", ""]
+    ours, ours_mean = f"PuDDing ({default_router})", f"PuDDing ({default_router}, mean of {len(seeds)} seeds)"
     for name, data, tasks in (("main", main_data, PAPER_TASKS), ("generalisation", unseen_data, UNSEEN_TASKS)):
-        columns = _row_columns(data, rows, len(pool.sets), headline_scores[name], static_best, config.seed)
+        columns = _row_columns(data, rows, len(pool.sets), {default_router: router_scores[name][default_router]},
+                               static_best, config.seed)
+        if len(seeds) > 1:
+            columns[ours_mean] = _seed_mean(data, rows, len(pool.sets), [router_scores[name][s] for s in seeds])
         ordered = {r: columns[r] for r in static_rows if r in columns}
-        ordered.update({r: v for r, v in columns.items() if r not in ordered})
+        ordered.update({r: v for r, v in columns.items() if r not in ordered and r != "oracle"})
+        ordered["oracle"] = columns["oracle"]
         table = _table(data, ordered, tasks)
-        ours = f"PuDDing ({default_router})"
-        table["paired_differences"] = paired_differences(ordered, ours, [r for r in ordered if r in static_rows])
+        others = [r for r in ordered if r in static_rows]
+        table["paired_differences"] = paired_differences(ordered, ours, others)
+        if len(seeds) > 1:
+            table["paired_differences_seed_mean"] = paired_differences(ordered, ours_mean, others)
+        table["headroom"] = routing_headroom(data, pool, rows, ordered, ours)
         tables[name] = table
         atomic_write_json(out / f"{name}.json", {**stamp, **table})
         markdown.append(render_table(f"{'Main table (paper Table 1)' if name == 'main' else 'Unseen tasks (paper Table 5)'}",
                                      table))
         markdown.append(render_paired(table["paired_differences"], ours))
+        if len(seeds) > 1:
+            markdown.append(render_paired(table["paired_differences_seed_mean"], ours_mean))
+        markdown.append(render_headroom(table["headroom"]))
 
     data, default_scores = main_data, main_router_scores[default_router]
     ablations = {}
-    # router type and loss
-    columns = _row_columns(data, rows, len(pool.sets), main_router_scores, static_best, config.seed)
+    # router type and loss (seed 0 each), then the first router over its seeds
+    ablation_routers = {name: main_router_scores[name] for _, _, seed, name in config.router_specs if seed == 0}
+    columns = _row_columns(data, rows, len(pool.sets), ablation_routers, static_best, config.seed)
     ablations["router"] = _table(data, {r: v for r, v in columns.items() if r.startswith("PuDDing") or r == "oracle"},
                                  PAPER_TASKS)
+    columns = _row_columns(data, rows, len(pool.sets), {s: main_router_scores[s] for s in seeds}, static_best,
+                           config.seed)
+    ablations["router_seed"] = _table(data, {r: v for r, v in columns.items() if r.startswith("PuDDing")}, PAPER_TASKS)
+    averages = [row["average"] for row in ablations["router_seed"]["rows"].values()]
+    ablations["router_seed"]["spread"] = {"seeds": len(averages), "mean": statistics.fmean(averages),
+                                          "sd": statistics.stdev(averages) if len(averages) > 1 else 0.0,
+                                          "min": min(averages), "max": max(averages)}
     # candidate-search objective and pool size: restrict the default router's choice
     pool_rows = [rows[f"pool:{i}"] for i in range(len(pool.sets))]
     restricted = {}
@@ -446,6 +531,10 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     for name, table in ablations.items():
         atomic_write_json(out / f"ablation-{name}.json", {**stamp, **table})
         markdown.append(render_table(f"Ablation: {name.replace('_', ' ')}", table))
+        if "spread" in table:
+            spread = table["spread"]
+            markdown.append(f"Average over the {spread['seeds']} seeds: {spread['mean']:.3f}, standard deviation "
+                            f"{spread['sd']:.3f}, range {spread['min']:.3f} to {spread['max']:.3f}.\n")
 
     chosen = _route_indices(default_scores, list(range(len(pool.sets))), pool_rows)
     blocks_of = {rows[f"pool:{i}"]: pool.sets[i].blocks for i in range(len(pool.sets))}
