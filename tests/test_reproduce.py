@@ -71,3 +71,20 @@ def test_a_smaller_k_reuses_the_larger_searches_and_joins_the_accuracy_against_k
     assert [p["k"] for p in curve["series"]["PuDDing"]] == [1, 2]
     assert [p["k"] for p in curve["series"]["dense"]] == [0, 1, 2]
     assert (results / "accuracy-vs-k-tiny.png").exists() and curve["provenance"]["git"]
+
+
+def test_compare_results_script_ignores_provenance_and_catches_a_changed_table(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "compare_results.py"
+    spec = importlib.util.spec_from_file_location("compare_results", script)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    for name, average, date in (("a", 0.5, "2026-01-01"), ("b", 0.5, "2026-02-02")):
+        (tmp_path / name / "k6").mkdir(parents=True)
+        (tmp_path / name / "k6" / "main.json").write_text(json.dumps({"rows": {"dense": average},
+                                                                       "provenance": {"date": date}}))
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    (tmp_path / "a" / "k6" / "main.json").write_text(json.dumps({"rows": {"dense": 0.6}}))
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
