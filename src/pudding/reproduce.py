@@ -142,7 +142,8 @@ def _calibration_labels(config: ReproduceConfig, pool: CandidatePool, pool_dir: 
                         ) -> Path:
     """Router training labels: the committed ones when they were made for this pool, else this k's own."""
     committed = _committed(config)
-    for folder in ([committed / "labels"] if committed else []) + [config.folder / "labels"]:
+    folders = [committed / "labels", committed / f"k{config.k}" / "labels"] if committed else []
+    for folder in folders + [config.folder / "labels"]:
         if (folder / "labels.json").exists() and Labels.load(folder).meta.get("pool") == pool.fingerprint():
             return folder
     out = config.folder / "labels"
