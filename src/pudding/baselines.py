@@ -112,5 +112,9 @@ def rank_blocks(method: str, scorer: LikelihoodScorer, requests: Sequence[Reques
     start = time.perf_counter()
     candidates = removable_blocks(len(get_blocks(scorer.model)), barriers)
     importance = ONE_SHOT_METHODS[method](scorer, requests, candidates)
-    chosen = sorted(sorted(candidates, key=lambda b: (importance[b], b))[:k])
-    return Ranking(method, importance, tuple(chosen), time.perf_counter() - start)
+    return Ranking(method, importance, least_important(importance, k), time.perf_counter() - start)
+
+
+def least_important(importance: dict[int, float], k: int) -> tuple[int, ...]:
+    """The ``k`` blocks with the lowest importance, ties to the lowest index, in block order."""
+    return tuple(sorted(sorted(importance, key=lambda b: (importance[b], b))[:k]))

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pudding.baselines import least_important
 from pudding.errors import ConfigError
 from pudding.load import DEFAULT_MODEL, load_config, load_model, model_fingerprint, model_name
 from pudding.omit import OmissionSet, validate_omission
@@ -129,7 +130,7 @@ def shrink_source(source: SetSource, k: int, removable: list[int]) -> SetSource:
 
     A greedy search's first ``k`` removals *are* the ``k``-block search: each step depends only on the blocks
     removed before it. A one-shot method removes the ``k`` least important blocks of the same importance
-    scores (its ``trajectory``, one per removable block), with the same tie rule as :func:`rank_blocks`.
+    scores (its ``trajectory``, one per removable block), picked as :func:`rank_blocks` picks them.
     ``seconds`` stays the cost of the original, larger search.
     """
     if source.method in ("greedy", "sleb"):
@@ -137,8 +138,7 @@ def shrink_source(source: SetSource, k: int, removable: list[int]) -> SetSource:
     if len(source.trajectory) != len(removable):
         raise ConfigError(f"{source.method}: {len(source.trajectory)} importance scores for "
                           f"{len(removable)} removable blocks; the pool does not match its configuration")
-    importance = dict(zip(removable, source.trajectory))
-    return replace(source, removal_order=sorted(sorted(removable, key=lambda b: (importance[b], b))[:k]))
+    return replace(source, removal_order=list(least_important(dict(zip(removable, source.trajectory)), k)))
 
 
 def shrink_pool(pool: CandidatePool, k: int) -> CandidatePool:

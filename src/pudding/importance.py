@@ -21,7 +21,7 @@ from pudding.candidates import calibration_docs
 from pudding.errors import ConfigError
 from pudding.load import DEFAULT_MODEL, load_config, load_model, model_fingerprint, model_name
 from pudding.metrics import aggregate, scores_by_doc
-from pudding.provenance import atomic_output, atomic_write_json, provenance
+from pudding.provenance import atomic_write_figure, atomic_write_json, provenance
 from pudding.score import LikelihoodScorer
 from pudding.search import OBJECTIVES, CandidateEvaluator
 from pudding.tasks import get_task
@@ -120,10 +120,7 @@ def plot_heatmap(result: dict[str, Any], path: Path, marks: dict[str, tuple[int,
     fig.suptitle(f"Block importance of {result['model']['name']} "
                  f"({result['config']['samples']} calibration docs per task; commit {git[:8]})", fontsize=11)
     fig.tight_layout()
-    with atomic_output(path) as tmp:  # like every other artifact
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return atomic_write_figure(fig, path)
 
 
 def load_importance(path: str | Path) -> dict[str, Any]:

@@ -85,6 +85,16 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def atomic_write_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG atomically (see :func:`atomic_output`) and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_output`), synced to disk first."""
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:

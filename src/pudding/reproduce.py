@@ -37,7 +37,7 @@ from pudding.importance import IMPORTANCE_FILE, ImportanceConfig, block_importan
 from pudding.labels import LabelConfig, Labels, build_labels
 from pudding.load import load_model, model_fingerprint, model_name
 from pudding.metrics import mean_with_stderr
-from pudding.provenance import atomic_output, atomic_write_json, atomic_write_text, provenance
+from pudding.provenance import atomic_write_figure, atomic_write_json, atomic_write_text, provenance
 from pudding.routed import DEFAULT_ARTIFACT, PuddingModel
 from pudding.tasks import get_task
 from pudding.train import RoutingData, TrainConfig, routing_data, train_router
@@ -233,19 +233,29 @@ def _route_indices(scores: torch.Tensor, allowed: list[int], pool_rows: list[int
     return [pool_rows[int(i)] for i in (scores + mask).argmax(1)]
 
 
+def _pool_rows(rows: dict[str, int], pool_size: int) -> list[int]:
+    """Scoring-pool column of each pool set, in pool order."""
+    return [rows[f"pool:{i}"] for i in range(pool_size)]
+
+
+def _routed_correct(data: RoutingData, scores: torch.Tensor, allowed: list[int], pool_rows: list[int]) -> list[float]:
+    """Per document, whether the set the router picks among ``allowed`` answers it correctly (0/1)."""
+    chosen = _route_indices(scores, allowed, pool_rows)
+    return [data.correct[i, c].item() for i, c in enumerate(chosen)]
+
+
 def _row_columns(data: RoutingData, rows: dict[str, int], pool_size: int, router_scores: dict[str, torch.Tensor],
                  static_best: int, seed: int) -> dict[str, list[float]]:
     """Per-document correctness (0/1) for every row of the tables; one PuDDing row per router's scores."""
     n = len(data.texts)
-    pool_rows = [rows[f"pool:{i}"] for i in range(pool_size)]
+    pool_rows = _pool_rows(rows, pool_size)
     correct = data.correct
     columns = {name: correct[:, rows[name]].tolist() for name in rows if not name.startswith("pool:")}
     columns["best static TL set"] = correct[:, rows[f"pool:{static_best}"]].tolist()
     rng = random.Random(seed)
     columns["random pool set"] = [correct[i, rng.choice(pool_rows)].item() for i in range(n)]
     for name, scores in router_scores.items():
-        chosen = _route_indices(scores, list(range(pool_size)), pool_rows)
-        columns[f"PuDDing ({name})"] = [correct[i, c].item() for i, c in enumerate(chosen)]
+        columns[f"PuDDing ({name})"] = _routed_correct(data, scores, list(range(pool_size)), pool_rows)
     columns["oracle"] = correct[:, pool_rows].max(1).values.tolist()
     return columns
 
@@ -254,9 +264,9 @@ def _seed_mean(data: RoutingData, rows: dict[str, int], pool_size: int, seed_sco
                ) -> list[float]:
     """Per document, the fraction of router seeds whose choice answers it correctly: PuDDing with the luck of
     one training seed averaged out."""
-    pool_rows = [rows[f"pool:{i}"] for i in range(pool_size)]
-    chosen = [_route_indices(scores, list(range(pool_size)), pool_rows) for scores in seed_scores]
-    return [sum(data.correct[i, c[i]].item() for c in chosen) / len(chosen) for i in range(len(data.texts))]
+    pool_rows = _pool_rows(rows, pool_size)
+    per_seed = [_routed_correct(data, scores, list(range(pool_size)), pool_rows) for scores in seed_scores]
+    return [sum(values) / len(per_seed) for values in zip(*per_seed)]
 
 
 def _table(data: RoutingData, columns: dict[str, list[float]], tasks: tuple[str, ...]) -> dict[str, Any]:
@@ -288,8 +298,7 @@ def routing_headroom(data: RoutingData, pool: CandidatePool, rows: dict[str, int
     the gap between PuDDing, the static sets and the oracle lives entirely on the "mixed" documents.
     How alike the sets are (blocks shared per pair) is the structural reason for a small gap.
     """
-    pool_rows = [rows[f"pool:{i}"] for i in range(len(pool.sets))]
-    right = data.correct[:, pool_rows]
+    right = data.correct[:, _pool_rows(rows, len(pool.sets))]
     all_right, all_wrong = right.min(1).values == 1, right.max(1).values == 0
     mixed = [i for i in range(len(right)) if not (all_right[i] or all_wrong[i])]
     shared = [len(set(a.blocks) & set(b.blocks)) for i, a in enumerate(pool.sets) for b in pool.sets[i + 1:]]
@@ -328,14 +337,6 @@ def render_table(title: str, table: dict[str, Any], note: str = "") -> str:
     return "\n".join(lines)
 
 
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
 def _plot_omission_rates(data: RoutingData, chosen_blocks: list[tuple], total: int, path: Path) -> dict:
     import matplotlib
 
@@ -353,7 +354,7 @@ def _plot_omission_rates(data: RoutingData, chosen_blocks: list[tuple], total: i
            title="How often the router omits each block, per task")
     fig.colorbar(image, ax=ax, label="omission rate")
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write_figure(fig, path)
     return {t: r for t, r in zip(tasks, rates)}
 
 
@@ -378,7 +379,7 @@ def _plot_convergence(router_dirs: dict[str, Path], path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write_figure(fig, path)
 
 
 def _importance_map(config: ReproduceConfig, model) -> dict[str, Any]:
@@ -435,7 +436,7 @@ def plot_accuracy_vs_k(parent: Path, budget: str) -> dict[str, Any] | None:
            title=f"Accuracy against k ({budget} budget; bars: standard error)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, parent / f"accuracy-vs-k-{budget}.png")
+    atomic_write_figure(fig, parent / f"accuracy-vs-k-{budget}.png")
     result = {"budget": budget, "series": {label: [dict(zip(("k", "average", "stderr"), p)) for p in points]
                                           for label, points in series.items()},
               "sources": [{"k": k, "file": str(path), "commit": data["provenance"]["git"].get("commit"),
@@ -513,21 +514,19 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
                                           "sd": statistics.stdev(averages) if len(averages) > 1 else 0.0,
                                           "min": min(averages), "max": max(averages)}
     # candidate-search objective and pool size: restrict the default router's choice
-    pool_rows = [rows[f"pool:{i}"] for i in range(len(pool.sets))]
+    pool_rows = _pool_rows(rows, len(pool.sets))
     restricted = {}
     for objective in ("tl", "margin"):
         allowed = [i for i, e in enumerate(pool.sets) if any(s.objective == objective for s in e.sources)]
         if allowed:
-            chosen = _route_indices(default_scores, allowed, pool_rows)
-            restricted[f"PuDDing, {objective} sets only ({len(allowed)})"] = [
-                data.correct[i, c].item() for i, c in enumerate(chosen)]
+            restricted[f"PuDDing, {objective} sets only ({len(allowed)})"] = _routed_correct(
+                data, default_scores, allowed, pool_rows)
     restricted["SLEB (ppl, static)"] = data.correct[:, rows["sleb"]].tolist() if "sleb" in rows else []
     ablations["objective"] = _table(data, {k: v for k, v in restricted.items() if v}, PAPER_TASKS)
     sizes = {}
     for size in sorted({1, 3, 5, len(pool.sets)}):
         if size <= len(pool.sets):
-            chosen = _route_indices(default_scores, ranking[:size], pool_rows)
-            sizes[f"{size} sets"] = [data.correct[i, c].item() for i, c in enumerate(chosen)]
+            sizes[f"{size} sets"] = _routed_correct(data, default_scores, ranking[:size], pool_rows)
     ablations["pool_size"] = _table(data, sizes, PAPER_TASKS)
     for name, table in ablations.items():
         atomic_write_json(out / f"ablation-{name}.json", {**stamp, **table})

@@ -33,7 +33,7 @@ from pudding.candidates import CandidatePool
 from pudding.errors import ConfigError
 from pudding.labels import Labels
 from pudding.metrics import first_argmax
-from pudding.provenance import atomic_output, atomic_write_json, provenance
+from pudding.provenance import atomic_write_figure, atomic_write_json, provenance
 from pudding.router import LLM_BACKBONE, Router, RouterConfig, build_router
 from pudding.tasks import get_task
 
@@ -255,9 +255,7 @@ def plot_history(history: list[dict], title: str, path: Path) -> None:
     agree_ax.set(xlabel="epoch", title="validation routing quality")
     agree_ax.legend()
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    atomic_write_figure(fig, path)
 
 
 def train_router(config: TrainConfig, *, model=None, tokenizer=None):
