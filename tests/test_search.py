@@ -103,13 +103,25 @@ def test_bad_k_and_unknown_objective():
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     loss = lambda scores: OBJECTIVES["tl"].loss(DOCS, scores)  # noqa: E731
     path = tmp_path / "ck.json"
-    greedy_search(_evaluator(), loss, k=1, checkpoint=path, identity={"k": 1, "task": "t"})
-    with pytest.raises(ConfigError, match="differs in: k"):
-        greedy_search(_evaluator(), loss, k=2, checkpoint=path, identity={"k": 2, "task": "t"})
+    greedy_search(_evaluator(), loss, k=1, checkpoint=path, identity={"task": "t"})
+    with pytest.raises(ConfigError, match="differs in: task"):
+        greedy_search(_evaluator(), loss, k=2, checkpoint=path, identity={"task": "u"})
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="corrupt"):
-        greedy_search(_evaluator(), loss, k=1, checkpoint=path, identity={"k": 1, "task": "t"})
+        greedy_search(_evaluator(), loss, k=1, checkpoint=path, identity={"task": "t"})
     assert path.read_text() == "{not json", "a refused checkpoint must not be overwritten"
+
+
+def test_a_checkpoint_extends_to_a_larger_k_and_answers_a_smaller_one(tmp_path):
+    loss = lambda scores: OBJECTIVES["margin"].loss(DOCS, scores)  # noqa: E731
+    fresh = greedy_search(_evaluator(), loss, k=3)
+    path = tmp_path / "ck.json"
+    greedy_search(_evaluator(), loss, k=1, checkpoint=path)
+    extended = greedy_search(_evaluator(), loss, k=3, checkpoint=path)
+    assert extended.removal_order == fresh.removal_order and extended.trajectory == fresh.trajectory
+    shorter = greedy_search(_evaluator(), loss, k=2, checkpoint=path)
+    assert shorter.removal_order == fresh.removal_order[:2]
+    assert len(json.loads(path.read_text())["steps"]) == 3, "answering a smaller k must keep the longer search"
 
 
 _CHILD = r"""
@@ -123,7 +135,7 @@ def slow_save(self):
     time.sleep(0.5)  # widen the window in which the parent kills us, between two steps
 search._Checkpoint.save = slow_save
 loss = lambda scores: OBJECTIVES["margin"].loss(DOCS, scores)
-result = search.greedy_search(_evaluator(), loss, k=3, checkpoint={ck!r}, identity={{"k": 3}})
+result = search.greedy_search(_evaluator(), loss, k=3, checkpoint={ck!r}, identity={{"task": "t"}})
 print(json.dumps(result.removal_order))
 """
 

@@ -227,7 +227,8 @@ def calibration_docs(task: str, samples: int) -> list[MCDoc]:
 
 def _search_identity(config: PoolConfig, fingerprint: dict, task: str, objective: str, docs: list[MCDoc]) -> dict:
     ids = [d.doc_id for d in docs]
-    return {"model": fingerprint, "task": task, "objective": objective, "k": config.k,
+    # No k: a search's first j steps do not depend on k, so a k=6 checkpoint resumes into a k=9 search.
+    return {"model": fingerprint, "task": task, "objective": objective,
             "barriers": list(config.barriers), "max_length": config.max_length,
             "samples_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
 

@@ -309,6 +309,8 @@ def greedy_search(
     ``loss`` maps the scores of the evaluator's requests to a number (lower is better). With ``checkpoint``
     every step is saved atomically, together with ``identity`` (what the search was configured with); a
     rerun with the same identity resumes after the last saved step, one with another identity is refused.
+    ``k`` belongs in no identity: the first j steps are the same whatever ``k`` is, so the checkpoint of a
+    longer search answers a shorter one from its first ``k`` steps, and a shorter one extends to a larger k.
     Ties go to the lowest block index.
     """
     total = evaluator.total_blocks
@@ -320,16 +322,17 @@ def greedy_search(
         state.base_loss = loss(evaluator.evaluate([()])[0])
         state.save()
     n_evals = sum(len(removable) - step for step in range(k))
-    done = sum(len(removable) - step for step in range(len(state.steps)))
+    done = sum(len(removable) - step for step in range(min(k, len(state.steps))))
     desc = progress if isinstance(progress, str) else "search"
     with tqdm(total=n_evals, initial=done, unit="set", desc=desc, disable=not progress) as bar:
         while len(state.steps) < k:
             state.steps.append(_greedy_step(evaluator, loss, removable, [s.removed for s in state.steps]))
             state.save()
             bar.update(len(removable) - len(state.steps) + 1)
+    steps = state.steps[:k]
     # Summed per step, so a resumed search reports its whole cost, not just the part after the restart.
-    seconds = sum(s.seconds for s in state.steps)
-    return SearchResult(tuple(state.steps), state.base_loss, seconds, evaluator.stats.ratio)
+    seconds = sum(s.seconds for s in steps)
+    return SearchResult(tuple(steps), state.base_loss, seconds, evaluator.stats.ratio)
 
 
 def _greedy_step(evaluator, loss, removable: list[int], removed: list[int]) -> SearchStep:
