@@ -106,3 +106,35 @@ def test_local_task_yamls_load_in_lm_eval(tmp_path):
     assert piqa.doc_to_text(doc).startswith("Question: ")
     boolq = tasks["boolq_local"]
     assert boolq.doc_to_target(next(iter(boolq.validation_docs()))) in (0, 1)
+
+
+@pytest.mark.parametrize("task", ["hellaswag", "arc_challenge"])
+def test_acc_norm_matches_lm_evals_own_process_results_on_real_documents(tmp_path, task):
+    """lm-eval divides by len(choice), not len(" " + choice): one character that flips real cells."""
+    import random
+
+    from lm_eval.tasks import TaskManager
+
+    from pudding.metrics import DocScores
+    from pudding.score import ChoiceScore
+
+    write_local_tasks(tmp_path)
+    theirs = lm_eval.tasks.get_task_dict([f"{task}_local"], TaskManager(include_path=str(tmp_path)))[f"{task}_local"]
+    ours = {(d.contexts[0], tuple(d.continuations)): d for d in load_docs(task, "calibration")}
+    rng, compared, flips = random.Random(0), 0, 0
+    for their_doc in list(theirs.validation_docs())[:300]:
+        choices = theirs.doc_to_choice(their_doc)
+        doc = ours.get((theirs.doc_to_text(their_doc), tuple(" " + c for c in choices)))
+        if doc is None:  # in our evaluation split, or dropped as a duplicate
+            continue
+        # Log-likelihoods near -1 per character, so the choice length decides the normalised argmax.
+        lls = [-len(c) * (1 + rng.uniform(-0.05, 0.05)) for c in choices]
+        expected = theirs.process_results(their_doc, [(ll, False) for ll in lls])["acc_norm"]
+        scored = DocScores(doc.doc_id, doc.gold, tuple(ChoiceScore(ll, 1, len(x), len(x), False)
+                                                          for ll, x in zip(lls, doc.continuations)), doc.choice_chars)
+        assert acc_norm(scored) == expected, doc.doc_id
+        with_delimiter = [ll / len(" " + c) for ll, c in zip(lls, choices)]
+        flips += float(max(range(len(choices)), key=lambda i: (with_delimiter[i], -i)) == doc.gold) != expected
+        compared += 1
+    assert compared >= 100
+    assert flips > 0, "no document where counting the delimiter changes acc_norm: the test could not fail"

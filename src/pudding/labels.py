@@ -35,11 +35,14 @@ from pudding.omit import OmissionSet
 from pudding.provenance import atomic_output, atomic_write_json, differing_keys, provenance, read_json
 from pudding.score import LikelihoodScorer
 from pudding.search import CandidateEvaluator
-from pudding.tasks import SPLITS, MCDoc, load_docs
+from pudding.tasks import SPLITS, TARGET_DELIMITER, MCDoc, load_docs
 
 LABELS_FILE = "labels.parquet"
 META_FILE = "labels.json"
-LABELS_FORMAT = "pudding.labels/1"
+LABELS_FORMAT = "pudding.labels/2"
+# Format 1 stored choice_chars with lm-eval's leading target delimiter counted (len(" " + choice)); every
+# continuation pudding renders starts with it, so loading one subtracts len(TARGET_DELIMITER).
+LEGACY_LABELS_FORMATS = ("pudding.labels/1",)
 SHARD_IDENTITY = "identity.json"
 
 
@@ -126,7 +129,7 @@ def label_rows(docs: Sequence[MCDoc], per_set: Sequence[Sequence[DocScores]]) ->
         columns["router_text"].append(doc.router_text)
         columns["gold"].append(doc.gold)
         columns["choice_tokens"].append([c.n_tokens for c in choices])
-        columns["choice_chars"].append([c.n_chars for c in choices])
+        columns["choice_chars"].append(list(per_set[0][i].choice_chars))
         columns["choice_logprob"].append([[c.logprob for c in s[i].choices] for s in per_set])
         columns["label"].append([s[i].choices[doc.gold].mean_logprob for s in per_set])
     return columns
@@ -253,9 +256,12 @@ class Labels:
         folder = Path(directory)
         meta_path = folder / META_FILE
         meta = read_json(meta_path, f"no label artifact at {folder} (missing {META_FILE})")
-        if meta.get("format") != LABELS_FORMAT:
+        if meta.get("format") not in (LABELS_FORMAT, *LEGACY_LABELS_FORMATS):
             raise ConfigError(f"{meta_path} has format {meta.get('format')!r}, expected {LABELS_FORMAT!r}")
         table = _read_parquet(folder / LABELS_FILE)
+        if meta["format"] in LEGACY_LABELS_FORMATS:
+            table = table.map(lambda row: {"choice_chars": [n - len(TARGET_DELIMITER) for n in row["choice_chars"]]},
+                              features=_features(), keep_in_memory=True)
         if len(table) != meta.get("n_docs"):
             raise ConfigError(f"{folder / LABELS_FILE} has {len(table)} rows, {META_FILE} says {meta.get('n_docs')}")
         return cls(table, meta)

@@ -1,8 +1,8 @@
 """Metrics over scored multiple-choice documents.
 
 ``acc`` and ``acc_norm`` follow lm-evaluation-harness exactly: the predicted choice is the first argmax of
-the summed continuation log-likelihood (``acc``) or of that sum divided by the continuation's character
-length (``acc_norm``); the standard error of a mean is the sample standard deviation over sqrt(N).
+the summed continuation log-likelihood (``acc``) or of that sum divided by the answer option's character
+length (``acc_norm``: ``len(choice)``, without the target delimiter, as lm-eval's ``process_results``); the standard error of a mean is the sample standard deviation over sqrt(N).
 
 The paper's two search objectives are per document, on *mean per-token* log-likelihoods:
 
@@ -26,6 +26,7 @@ class DocScores:
     doc_id: str
     gold: int
     choices: tuple[ChoiceScore, ...]
+    choice_chars: tuple[int, ...]  # each answer option's length, the divisor of acc_norm
 
     def to_json(self) -> dict:
         return {
@@ -33,7 +34,7 @@ class DocScores:
             "gold": self.gold,
             "logprobs": [c.logprob for c in self.choices],
             "n_tokens": [c.n_tokens for c in self.choices],
-            "n_chars": [c.n_chars for c in self.choices],
+            "n_chars": list(self.choice_chars),
             "n_bytes": [c.n_bytes for c in self.choices],
         }
 
@@ -41,10 +42,11 @@ class DocScores:
 def scores_by_doc(docs: Sequence, scores: Sequence[ChoiceScore]) -> list[DocScores]:
     """Regroup a flat list of choice scores (all choices of docs[0], then docs[1], ...) per document.
 
-    ``docs`` need ``doc_id``, ``gold`` and ``n_choices`` (e.g. :class:`pudding.tasks.MCDoc`).
+    ``docs`` need ``doc_id``, ``gold``, ``n_choices`` and ``choice_chars`` (e.g. :class:`pudding.tasks.MCDoc`).
     """
     flat = iter(scores)
-    return [DocScores(d.doc_id, d.gold, tuple(next(flat) for _ in range(d.n_choices))) for d in docs]
+    return [DocScores(d.doc_id, d.gold, tuple(next(flat) for _ in range(d.n_choices)), tuple(d.choice_chars))
+            for d in docs]
 
 
 def first_argmax(values: Sequence[float]) -> int:
@@ -58,8 +60,9 @@ def acc(doc: DocScores) -> float:
 
 
 def acc_norm(doc: DocScores) -> float:
-    """1.0 if the highest log-likelihood per character is the gold choice (lm-eval's length normalisation)."""
-    return float(first_argmax([c.logprob / c.n_chars for c in doc.choices]) == doc.gold)
+    """1.0 if the highest log-likelihood per character of the answer option is the gold choice (lm-eval's
+    length normalisation)."""
+    return float(first_argmax([c.logprob / n for c, n in zip(doc.choices, doc.choice_chars)]) == doc.gold)
 
 
 def task_likelihood(doc: DocScores) -> float:

@@ -44,7 +44,8 @@ class ChoiceScore:
         logprob: sum over the continuation's tokens of log p(token | everything before it).
         n_tokens: number of continuation tokens scored.
         n_bytes: UTF-8 byte length of the continuation text.
-        n_chars: character length of the continuation text (lm-eval's acc_norm divides by this).
+        n_chars: character length of the continuation text, delimiter included (acc_norm divides by the
+            answer option's length instead: :attr:`pudding.metrics.DocScores.choice_chars`).
         is_greedy: whether every continuation token was the model's argmax.
     """
 

@@ -74,6 +74,8 @@ class MCDoc:
         continuations: one continuation per choice, including lm-eval's target delimiter (leading ``" "``).
         gold: index of the correct choice.
         router_text: the prompt a user would send; never holds any choice's continuation.
+        choices: the answer options as lm-eval's ``doc_to_choice`` gives them (no delimiter); ``acc_norm``
+            divides by their length. Empty means: each continuation without its leading delimiter.
     """
 
     task: str
@@ -82,6 +84,7 @@ class MCDoc:
     continuations: tuple[str, ...]
     gold: int
     router_text: str
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.contexts) != len(self.continuations):
@@ -91,6 +94,15 @@ class MCDoc:
             raise ValueError(f"{self.task}/{self.doc_id}: needs at least 2 choices, got {self.n_choices}")
         if not 0 <= self.gold < self.n_choices:
             raise ValueError(f"{self.task}/{self.doc_id}: gold {self.gold} outside 0..{self.n_choices - 1}")
+        if self.choices and len(self.choices) != self.n_choices:
+            raise ValueError(f"{self.task}/{self.doc_id}: {len(self.choices)} choices for {self.n_choices} continuations")
+
+    @property
+    def choice_chars(self) -> tuple[int, ...]:
+        """Character length of each answer option, the divisor of lm-eval's ``acc_norm`` (``len(choice)``,
+        not ``len(" " + choice)``: the target delimiter is not part of the choice)."""
+        choices = self.choices or tuple(c.removeprefix(TARGET_DELIMITER) for c in self.continuations)
+        return tuple(len(c) for c in choices)
 
     @property
     def n_choices(self) -> int:
@@ -111,6 +123,7 @@ class Rendering:
     continuations: tuple[str, ...]
     gold: int
     router_text: str
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -207,8 +220,9 @@ def _short_sha(*fields: object) -> str:
 
 
 def _shared(context: str, choices: Iterable[str], gold: int) -> Rendering:
+    choices = tuple(choices)
     continuations = tuple(TARGET_DELIMITER + c for c in choices)
-    return Rendering((context,) * len(continuations), continuations, gold, router_text=context)
+    return Rendering((context,) * len(continuations), continuations, gold, router_text=context, choices=choices)
 
 
 def _lettered(header: str, options: list[str]) -> str:
@@ -255,9 +269,11 @@ def _render_winogrande(row: Row) -> Rendering:
     # is scored, so the choices are compared on identical continuation tokens.
     sentence = row["sentence"]
     blank = sentence.index("_")
-    contexts = tuple(sentence[:blank] + row[key] for key in ("option1", "option2"))
+    options = tuple(row[key] for key in ("option1", "option2"))
+    contexts = tuple(sentence[:blank] + option for option in options)
     continuation = TARGET_DELIMITER + sentence[blank + 1 :].strip()
-    return Rendering(contexts, (continuation, continuation), int(row["answer"]) - 1, router_text=sentence)
+    return Rendering(contexts, (continuation, continuation), int(row["answer"]) - 1, router_text=sentence,
+                     choices=options)
 
 
 def _render_openbookqa(row: Row) -> Rendering:
@@ -548,7 +564,7 @@ def _order_key(doc: MCDoc) -> tuple[float, str]:
 
 def _to_doc(task: Task, row: Row) -> MCDoc:
     r = task.render(row)
-    return MCDoc(task.name, task.doc_id(row), r.contexts, r.continuations, r.gold, r.router_text)
+    return MCDoc(task.name, task.doc_id(row), r.contexts, r.continuations, r.gold, r.router_text, r.choices)
 
 
 def _assign(task: Task, role: str, doc: MCDoc) -> str:
