@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 
+import pudding.labels
 from pudding.candidates import CandidatePool, PoolEntry, SetSource
 from pudding.cli import main
 from pudding.errors import ConfigError
@@ -89,10 +90,46 @@ def test_killed_labelling_resumes_to_the_identical_file(labelled, tmp_path, llm)
 
     with pytest.raises(KeyboardInterrupt):
         build_labels(crashed, model=llm[0], tokenizer=llm[1], on_shard=crash)
-    assert len(list((tmp_path / "run").glob("shard-*.parquet"))) == 2
+    assert len(list((tmp_path / "run").glob("shard-*/set-*.parquet"))) == 2 * len(SETS)
     assert not (tmp_path / "out").exists()
     build_labels(crashed, model=llm[0], tokenizer=llm[1])
     assert _sha(tmp_path / "out" / LABELS_FILE) == _sha(root / "labels" / LABELS_FILE)
+
+
+def test_a_resume_with_another_shard_size_is_refused_not_short(labelled, tmp_path, llm):
+    root, config = labelled
+    first = LabelConfig(**{**config.__dict__, "out": str(tmp_path / "out"), "run_dir": str(tmp_path / "run")})
+
+    def crash(index):
+        if index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_labels(first, model=llm[0], tokenizer=llm[1], on_shard=crash)
+    with pytest.raises(ConfigError, match="differs in: shard_size"):
+        build_labels(LabelConfig(**{**first.__dict__, "shard_size": 4}), model=llm[0], tokenizer=llm[1])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_pool_scores_only_its_new_sets_and_equals_a_fresh_run(labelled, tmp_path, llm, tiny_dir):
+    root, config = labelled
+    wider = [*SETS[:2], (2, 4), (1, 3)]
+    make_pool(llm[0], tiny_dir, wider).save_pretrained(tmp_path / "wider")
+    scored = []
+    original = pudding.labels.score_sets
+
+    def counting(scorer, docs, sets, reuse_prefix=True):
+        scored.extend(sets)
+        return original(scorer, docs, sets, reuse_prefix)
+
+    shared_run = LabelConfig(**{**config.__dict__, "pool": str(tmp_path / "wider"), "out": str(tmp_path / "shared")})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pudding.labels, "score_sets", counting)
+        build_labels(shared_run, model=llm[0], tokenizer=llm[1])
+    assert set(scored) == {(2, 4), (1, 3)}, "sets already in the run directory were scored again"
+    fresh = LabelConfig(**{**shared_run.__dict__, "out": str(tmp_path / "fresh"), "run_dir": str(tmp_path / "run2")})
+    build_labels(fresh, model=llm[0], tokenizer=llm[1])
+    assert _sha(tmp_path / "shared" / LABELS_FILE) == _sha(tmp_path / "fresh" / LABELS_FILE)
 
 
 def test_labelling_refuses_a_pool_of_another_model_and_a_foreign_run_dir(labelled, tmp_path, llm, tiny_dir):

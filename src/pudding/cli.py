@@ -239,6 +239,12 @@ def _add_train_router(sub) -> None:
     parser.add_argument("--pool", required=True, help="the pool the labels were computed for")
     parser.add_argument("--router", default="embed-mlp", help="encoder, embed-mlp or llm-embed")
     parser.add_argument("--loss", default="mse", choices=["mse", "ce"])
+    parser.add_argument("--target", default="tl", choices=["tl", "margin", "choice-prob"],
+                        help="label each set by the gold's mean log-likelihood (tl, the paper), its metric "
+                             "margin over the best wrong choice, or its softmax probability among the choices")
+    parser.add_argument("--safe", action="store_true",
+                        help="safe routing: keep the best single set unless another is predicted to beat it by "
+                             "a threshold tuned on the validation prompts")
     parser.add_argument("--backbone", default="default", help="encoder for encoder/embed-mlp (default: MiniLM)")
     parser.add_argument("--epochs", type=_positive_int, default=None, help="default: 60 (frozen), 4 (encoder)")
     parser.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
@@ -254,11 +260,17 @@ def _run_train_router(args) -> int:
 
     pudding = train_router(TrainConfig(labels=args.labels, pool=args.pool, out=args.out, router=args.router,
                                        loss=args.loss, backbone=args.backbone, epochs=args.epochs, lr=args.lr,
-                                       hidden=args.hidden, seed=args.seed, progress=not args.no_progress))
+                                       hidden=args.hidden, seed=args.seed, target=args.target, safe=args.safe,
+                                       progress=not args.no_progress))
     val = pudding.training["val"]
     print(f"validation ({val['n']} prompts): top-1 agreement with the oracle {val['top1_agreement']:.3f}; "
           f"mean label routed {val['label_routed']:.4f}, best single set {val['label_static']:.4f}, "
           f"oracle {val['label_oracle']:.4f} ({val['label_gain_captured']:.1%} of the oracle gain)")
+    if "safe" in pudding.training:
+        safe = pudding.training["safe"]
+        print(f"safe routing: default set {safe['default_set']}, threshold {safe['threshold']:.4f}; validation "
+              f"accuracy {safe['acc_safe']:.3f} (argmax {safe['acc_argmax']:.3f}, default alone "
+              f"{safe['acc_default']:.3f}), switching on {safe['switch_rate']:.1%} of prompts")
     print(f"wrote {args.out}")
     return 0
 

@@ -121,15 +121,16 @@ class RayCandidateEvaluator:
         return results
 
 
-def ray_label_shards(workers: list, shards: list, sets: list[OmissionSet], reuse_prefix: bool):
-    """Yield (shard index, label columns) as actors finish them; each actor gets one shard at a time."""
+def ray_label_shards(workers: list, jobs: list[tuple[list, list[OmissionSet]]], reuse_prefix: bool):
+    """Yield (job index, label columns) as actors finish them; a job is a shard's documents and the sets to
+    score them under, and each actor gets one job at a time."""
     ray = _ray()
     pending = {}
-    queue = list(enumerate(shards))
+    queue = list(enumerate(jobs))
     free = list(workers)
     while queue or pending:
         while queue and free:
-            index, shard = queue.pop(0)
+            index, (shard, sets) = queue.pop(0)
             worker = free.pop()
             pending[worker.label_shard.remote(shard, sets, reuse_prefix)] = (index, worker)
         [done], _ = ray.wait(list(pending), num_returns=1)

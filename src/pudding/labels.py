@@ -12,9 +12,11 @@ compute the accuracy of any routing decision, an oracle's included, without runn
 ``labels.json``: the format, the pool's fingerprint (sets and model), the configuration and the provenance.
 Column ``choice_logprob`` is ``[set][choice]``, ``label`` is ``[set]``, in the pool's set order.
 
-**Sharding.** Documents are cut into shards of ``shard_size``; each finished shard is written atomically to
-``run_dir``. A killed job reruns only the missing shards, and the final file is byte-identical to an
-uninterrupted run (the shards are concatenated in a fixed order).
+**Sharding.** Documents are cut into shards of ``shard_size``; each shard keeps one file per set, written
+atomically to ``run_dir``. A killed job reruns only what is missing, and the final file is byte-identical
+to an uninterrupted run (shards and sets are assembled in a fixed order). The run's identity is the model,
+the documents, the split, ``max_length`` and ``shard_size``, not the pool: labelling another pool in the
+same ``run_dir`` scores only the sets it does not share with what is there.
 """
 
 from __future__ import annotations
@@ -170,6 +172,19 @@ def _shards(docs: list[MCDoc], size: int) -> list[list[MCDoc]]:
     return [docs[i:i + size] for i in range(0, len(docs), size)]
 
 
+def set_key(blocks: OmissionSet) -> str:
+    """A file-name-safe name of one omission set: ``dense`` or the blocks joined by ``-``."""
+    return "-".join(map(str, blocks)) or "dense"
+
+
+def _shard_dir(run_dir: Path, index: int) -> Path:
+    return run_dir / f"shard-{index:05d}"
+
+
+def _set_file(run_dir: Path, index: int, blocks: OmissionSet) -> Path:
+    return _shard_dir(run_dir, index) / f"set-{set_key(blocks)}.parquet"
+
+
 def collect_docs(config: LabelConfig) -> list[MCDoc]:
     """The documents to label, task by task in the given order; ConfigError if a task has none."""
     docs = []
@@ -179,6 +194,16 @@ def collect_docs(config: LabelConfig) -> list[MCDoc]:
             raise ConfigError(f"task {task} has no {config.split} documents")
         docs.extend(found)
     return docs
+
+
+def run_identity(config: LabelConfig, fingerprint: dict, docs: list[MCDoc]) -> dict:
+    """What decides every shard's content: the model, the documents, how they are cut and scored.
+
+    The sets are not in it: each set's scores are a file of their own, so a later pool that shares sets
+    with this one scores only the sets that are new.
+    """
+    return {"format": LABELS_FORMAT, "model": fingerprint, "docs": [d.doc_id for d in docs],
+            **{k: v for k, v in asdict(config).items() if k in ("split", "max_length", "shard_size")}}
 
 
 def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
@@ -196,50 +221,101 @@ def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
         if model is None:
             model, tokenizer = load_model(spec)
         pool.check_model(model.config)
-    identity = {"format": LABELS_FORMAT, "pool": pool.fingerprint(), "docs": [d.doc_id for d in docs],
-                **{k: v for k, v in asdict(config).items() if k in ("split", "max_length")}}
     run_dir = Path(config.run_dir)
+    identity = run_identity(config, pool.model["fingerprint"], docs)
     _check_run_identity(run_dir, identity)
     shards = _shards(docs, config.shard_size)
-    paths = [run_dir / f"shard-{i:05d}.parquet" for i in range(len(shards))]
-    missing = [i for i, path in enumerate(paths) if not path.exists()]
-    sets = [entry.blocks for entry in pool.sets]
-    with tqdm(total=len(docs), unit="doc", desc="labels", disable=not config.progress) as bar:
-        bar.update(len(docs) - sum(len(shards[i]) for i in missing))
-        for i, columns in _scored_shards(config, spec, model, tokenizer, shards, missing, sets):
-            _write_parquet(columns, paths[i])
+    sets = list(dict.fromkeys(entry.blocks for entry in pool.sets))
+    missing = {i: [b for b in sets if not _set_file(run_dir, i, b).exists()] for i in range(len(shards))}
+    missing = {i: todo for i, todo in missing.items() if todo}
+    with tqdm(total=len(docs) * len(sets), unit="doc-set", desc="labels", disable=not config.progress) as bar:
+        bar.update(len(docs) * len(sets) - sum(len(shards[i]) * len(todo) for i, todo in missing.items()))
+        for i, todo, columns in _scored_shards(config, spec, model, tokenizer, shards, missing):
+            _save_shard(run_dir, i, todo, columns)
             if on_shard:
                 on_shard(i)
-            bar.update(len(shards[i]))
-    return _finish(config, pool, paths)
+            bar.update(len(shards[i]) * len(todo))
+    return _finish(config, pool, run_dir, len(shards), identity)
 
 
-def _scored_shards(config: LabelConfig, spec: str, model, tokenizer, shards, missing: list[int], sets):
-    """Yield (shard index, label columns) for every missing shard, locally or on Ray actors."""
+DOC_COLUMNS = ("task", "doc_id", "router_text", "gold", "choice_tokens", "choice_chars")
+SET_COLUMNS = ("choice_logprob", "label")
+
+
+def _save_shard(run_dir: Path, index: int, sets: list[OmissionSet], columns: dict[str, list]) -> None:
+    """One file per set (its scores, with the doc ids to check the join), and the documents' own columns once."""
+    import datasets
+
+    folder = _shard_dir(run_dir, index)
+    if not (folder / "docs.parquet").exists():
+        _write_table({name: columns[name] for name in DOC_COLUMNS}, folder / "docs.parquet")
+    for j, blocks in enumerate(sets):
+        per_set = {"doc_id": columns["doc_id"], "choice_logprob": [row[j] for row in columns["choice_logprob"]],
+                   "label": [row[j] for row in columns["label"]]}
+        _write_table(per_set, _set_file(run_dir, index, blocks), datasets.Features({
+            "doc_id": datasets.Value("string"),
+            "choice_logprob": datasets.Sequence(datasets.Value("float64")),
+            "label": datasets.Value("float64")}))
+
+
+def _write_table(columns: dict[str, list], path: Path, features=None) -> None:
+    import datasets
+
+    features = features or datasets.Features({name: _features()[name] for name in columns})
+    with atomic_output(path) as tmp:
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
+
+
+def _read_table(path: Path) -> dict[str, list]:
+    import datasets
+
+    try:
+        return datasets.Dataset.from_parquet(str(path), keep_in_memory=True).to_dict()
+    except Exception as error:  # pyarrow raises several types for truncated or foreign files
+        raise ConfigError(f"{path} is not a readable label shard ({type(error).__name__}: {error}); delete it "
+                          "to score it again") from None
+
+
+def _scored_shards(config: LabelConfig, spec: str, model, tokenizer, shards, missing: dict[int, list[OmissionSet]]):
+    """Yield (shard index, sets, label columns) for every shard with sets still to score, locally or on Ray."""
     if config.executor == "ray":
         from pudding.distributed import RaySettings, ray_label_shards, start_workers
 
         workers = start_workers(RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor), spec,
-                                config.max_batch_tokens,
-                                config.max_length)
-        for j, columns in ray_label_shards(workers, [shards[i] for i in missing], sets, config.reuse_prefix):
-            yield missing[j], columns
+                                config.max_batch_tokens, config.max_length)
+        order = list(missing)
+        for j, columns in ray_label_shards(workers, [(shards[i], missing[i]) for i in order], config.reuse_prefix):
+            yield order[j], missing[order[j]], columns
         return
     scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
-    for i in missing:
-        yield i, label_rows(shards[i], score_sets(scorer, shards[i], sets, config.reuse_prefix))
+    for i, todo in missing.items():
+        yield i, todo, label_rows(shards[i], score_sets(scorer, shards[i], todo, config.reuse_prefix))
 
 
-def _finish(config: LabelConfig, pool: CandidatePool, paths: list[Path]) -> Path:
-    import datasets
+def _merged_shard(run_dir: Path, index: int, sets: list[OmissionSet]) -> dict[str, list]:
+    columns = _read_table(_shard_dir(run_dir, index) / "docs.parquet")
+    per_set = [_read_table(_set_file(run_dir, index, blocks)) for blocks in sets]
+    for blocks, scores in zip(sets, per_set):
+        if scores["doc_id"] != columns["doc_id"]:
+            raise ConfigError(f"{_set_file(run_dir, index, blocks)} holds other documents than its shard")
+    columns["choice_logprob"] = [list(row) for row in zip(*(s["choice_logprob"] for s in per_set))]
+    columns["label"] = [list(row) for row in zip(*(s["label"] for s in per_set))]
+    return columns
 
+
+def _finish(config: LabelConfig, pool: CandidatePool, run_dir: Path, n_shards: int, identity: dict) -> Path:
     out = Path(config.out)
-    merged = datasets.concatenate_datasets([_read_parquet(p) for p in paths])
-    _write_parquet(merged.to_dict(), out / LABELS_FILE)
+    sets = [entry.blocks for entry in pool.sets]
+    merged: dict[str, list] = {name: [] for name in _features()}
+    for index in range(n_shards):
+        for name, values in _merged_shard(run_dir, index, sets).items():
+            merged[name].extend(values)
+    _write_parquet(merged, out / LABELS_FILE)
     atomic_write_json(out / META_FILE, {
-        "format": LABELS_FORMAT, "pool": pool.fingerprint(), "sets": [list(e.blocks) for e in pool.sets],
-        "set_names": [e.name for e in pool.sets], "n_docs": len(merged),
+        "format": LABELS_FORMAT, "pool": pool.fingerprint(), "sets": [list(b) for b in sets],
+        "set_names": [e.name for e in pool.sets], "n_docs": len(merged["doc_id"]),
         "tasks": {t: merged["task"].count(t) for t in config.tasks},
+        "identity": identity,
         "config": asdict(config), "provenance": provenance()})
     return out
 
@@ -271,6 +347,27 @@ class Labels:
         if self.meta.get("pool") != pool.fingerprint():
             raise ConfigError("these labels were computed for another candidate pool "
                               f"(sets {self.meta.get('sets')}); relabel with `pudding label` for this pool")
+
+    def for_pool(self, pool: CandidatePool) -> Labels:
+        """These labels restricted to ``pool``'s sets, in its order: a pool of some of the labelled sets
+        (the paper's pool out of pool + baselines, say) needs no new scoring. ConfigError if a set was never
+        labelled or the labels are of another model."""
+        if self.meta.get("pool") == pool.fingerprint():
+            return self
+        model = self.meta.get("identity", {}).get("model")
+        if model != pool.model.get("fingerprint"):
+            raise ConfigError("these labels were computed for another model or candidate pool "
+                              f"(sets {self.meta.get('sets')}); relabel with `pudding label` for this pool")
+        index = {tuple(blocks): i for i, blocks in enumerate(self.meta["sets"])}
+        unlabelled = [list(e.blocks) for e in pool.sets if e.blocks not in index]
+        if unlabelled:
+            raise ConfigError(f"sets {unlabelled} were not labelled; label them with `pudding label` for this pool")
+        columns = [index[e.blocks] for e in pool.sets]
+        table = self.table.map(lambda row: {name: [row[name][c] for c in columns] for name in SET_COLUMNS},
+                               features=_features(), keep_in_memory=True)
+        meta = {**self.meta, "pool": pool.fingerprint(), "sets": [list(e.blocks) for e in pool.sets],
+                "set_names": [e.name for e in pool.sets], "restricted_from": self.meta.get("pool")}
+        return Labels(table, meta)
 
     @property
     def n_sets(self) -> int:

@@ -49,7 +49,7 @@ class Route:
     set_index: int
     blocks: OmissionSet
     name: str
-    scores: list[float]  # the router's score of every set (the chosen one is the highest)
+    scores: list[float]  # the router's score of every set (the chosen one is the highest, or the default)
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,7 @@ class PuddingModel:
         texts = check_prompts(texts)
         scores = self.router.scores(texts, batch_size)
         routes = []
-        for row in scores:
-            index = int(row.argmax())
+        for row, index in zip(scores, self.router.choose(scores).tolist()):
             entry = self.pool.sets[index]
             routes.append(Route(index, entry.blocks, entry.name, [round(float(s), 6) for s in row]))
         return routes

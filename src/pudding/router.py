@@ -58,7 +58,12 @@ class RouterConfig:
         max_length: tokens the router reads; longer prompts are truncated.
         loss: ``mse`` (regression on centred labels) or ``ce`` (classification of the best set).
         target_scale: the standard deviation the training targets were divided by; predictions are
-            multiplied back by it, so ``mse`` scores are in log-likelihood units.
+            multiplied back by it, so ``mse`` scores are in the label's units.
+        target: what the scores predict per set (``tl``, ``margin`` or ``choice-prob``, see
+            :func:`pudding.train.label_targets`).
+        default_set: safe routing: the set to use unless another one is predicted to beat it by more than
+            ``switch_threshold``; ``None`` routes by plain argmax (the paper).
+        switch_threshold: the predicted gain (score units) a set needs over ``default_set`` to be chosen.
     """
 
     kind: str
@@ -68,6 +73,9 @@ class RouterConfig:
     max_length: int = 128
     loss: str = "mse"
     target_scale: float = 1.0
+    target: str = "tl"
+    default_set: int | None = None
+    switch_threshold: float = 0.0
 
     def __post_init__(self):
         get_router_class(self.kind)
@@ -75,6 +83,18 @@ class RouterConfig:
             raise ConfigError(f"router loss must be 'mse' or 'ce', got {self.loss!r}")
         if self.n_sets < 1 or self.hidden < 1 or self.max_length < 1:
             raise ConfigError(f"n_sets, hidden and max_length must be positive: {asdict(self)}")
+        if self.default_set is not None and not 0 <= self.default_set < self.n_sets:
+            raise ConfigError(f"default_set {self.default_set} is not one of the {self.n_sets} sets")
+
+
+def choose_sets(scores: torch.Tensor, default_set: int | None = None, threshold: float = 0.0) -> torch.Tensor:
+    """Per row of ``scores`` (prompts x sets), the chosen set: the first argmax; with a ``default_set``, the
+    argmax only where its score exceeds the default's by more than ``threshold``."""
+    best = scores.argmax(1)
+    if default_set is None:
+        return best
+    gain = scores.gather(1, best[:, None])[:, 0] - scores[:, default_set]
+    return torch.where(gain > threshold, best, torch.full_like(best, default_set))
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -120,6 +140,11 @@ class Router(nn.Module):
         out = [self(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
         scores = torch.cat(out).float()
         return scores * self.config.target_scale if self.config.loss == "mse" else scores
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The set each row of ``scores`` routes to: the argmax, or with safe routing the default set
+        unless the argmax beats it by more than the switch threshold."""
+        return choose_sets(scores, self.config.default_set, self.config.switch_threshold)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The tensors a saved router needs: the head, plus the encoder when it is fine-tuned."""

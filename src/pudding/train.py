@@ -12,6 +12,14 @@ question (even if it occurs in two tasks) never lands on both sides.
 **Frozen encoders** (``embed-mlp``, ``llm-embed``) are run once over all prompts; training then touches only
 the head. The ``encoder`` router runs its backbone every step.
 
+**Label targets** (``target``): ``tl`` is the paper's gold mean log-likelihood; ``margin`` and
+``choice-prob`` follow accuracy instead, from each choice's score under the task's lm-eval metric (see
+:func:`label_targets`).
+
+**Safe routing** (``safe=True``): the default set is the best single set on the training prompts' accuracy;
+the router leaves it only when a set is predicted to beat it by more than a threshold, tuned for accuracy
+on the validation prompts (:func:`tune_switch`).
+
 The best epoch by validation loss is kept. The history (train and validation loss per epoch, plus routing
 quality) is written as JSON and a PNG.
 """
@@ -21,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +42,11 @@ from pudding.errors import ConfigError
 from pudding.labels import Labels
 from pudding.metrics import first_argmax
 from pudding.provenance import atomic_write_figure, atomic_write_json, provenance
-from pudding.router import LLM_BACKBONE, Router, RouterConfig, build_router
+from pudding.router import LLM_BACKBONE, Router, RouterConfig, build_router, choose_sets
 from pudding.tasks import get_task
 
 LOSSES = ("mse", "ce")
+TARGETS = ("tl", "margin", "choice-prob")
 
 
 @dataclass(frozen=True)
@@ -69,11 +78,15 @@ class TrainConfig:
     weight_decay: float = 0.01
     val_fraction: float = 0.2
     seed: int = 0
+    target: str = "tl"
+    safe: bool = False
     progress: bool = True
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}; known losses: {', '.join(LOSSES)}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown label target {self.target!r}; known targets: {', '.join(TARGETS)}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.epochs is not None and self.epochs < 1:
@@ -98,7 +111,7 @@ class RoutingData:
     """The label table as tensors: prompts, the label matrix, and what is needed to score accuracy."""
 
     texts: list[str]
-    labels: torch.Tensor  # (docs, sets): gold mean log-likelihood under each set
+    labels: torch.Tensor  # (docs, sets): the label target under each set (default: gold mean log-likelihood)
     correct: torch.Tensor  # (docs, sets): 1.0 where the set answers the document correctly (task metric)
     tasks: list[str]
 
@@ -107,19 +120,52 @@ class RoutingData:
                            [self.tasks[i] for i in rows])
 
 
+def choice_scores(logprobs: list[float], chars: list[int], metric: str) -> list[float]:
+    """What the task's metric compares: summed log-likelihoods (``acc``), or per character (``acc_norm``),
+    rescaled by the mean length so the values stay in nats (the argmax is unchanged)."""
+    if metric != "acc_norm":
+        return list(logprobs)
+    mean_chars = sum(chars) / len(chars)
+    return [lp / c * mean_chars for lp, c in zip(logprobs, chars)]
+
+
+def label_targets(choice_logprob: list[list[float]], chars: list[int], gold: int, metric: str, tl: list[float],
+                  target: str) -> list[float]:
+    """One document's label per set.
+
+    - ``tl``: the gold answer's mean per-token log-likelihood (the paper's label, ``tl`` here);
+    - ``margin``: the gold's metric score minus the best wrong choice's: positive exactly when the set
+      answers correctly, and by how much;
+    - ``choice-prob``: the gold's probability after a softmax over the choices' metric scores, the smooth
+      version of being right.
+    """
+    if target == "tl":
+        return list(tl)
+    out = []
+    for logprobs in choice_logprob:
+        scores = choice_scores(logprobs, chars, metric)
+        if target == "margin":
+            out.append(scores[gold] - max(v for i, v in enumerate(scores) if i != gold))
+        else:
+            out.append(float(torch.tensor(scores, dtype=torch.float64).softmax(0)[gold]))
+    return out
+
+
 def _is_correct(logprobs: list[float], chars: list[int], gold: int, metric: str) -> float:
+    # lm-eval's own values (no rescaling), so a float tie is broken exactly as lm-eval breaks it.
     values = [lp / c for lp, c in zip(logprobs, chars)] if metric == "acc_norm" else logprobs
     return float(first_argmax(values) == gold)
 
 
-def routing_data(labels: Labels) -> RoutingData:
-    """Tensors from a label artifact; ``correct`` uses each task's lm-eval metric (acc or acc_norm)."""
+def routing_data(labels: Labels, target: str = "tl") -> RoutingData:
+    """Tensors from a label artifact; ``correct`` uses each task's lm-eval metric (acc or acc_norm), and
+    ``labels`` holds the chosen label ``target`` (:func:`label_targets`)."""
     table = labels.table
     metrics = {t: get_task(t).metric for t in set(table["task"])}
-    correct = [[_is_correct(lp, row_chars, gold, metrics[task]) for lp in per_set]
-               for task, per_set, row_chars, gold in zip(table["task"], table["choice_logprob"],
-                                                         table["choice_chars"], table["gold"])]
-    return RoutingData(list(table["router_text"]), torch.tensor(table["label"], dtype=torch.float64),
+    rows = list(zip(table["task"], table["choice_logprob"], table["choice_chars"], table["gold"], table["label"]))
+    correct = [[_is_correct(lp, chars, gold, metrics[task]) for lp in per_set] for task, per_set, chars, gold, _ in rows]
+    targets = [label_targets(per_set, chars, gold, metrics[task], tl, target) for task, per_set, chars, gold, tl in rows]
+    return RoutingData(list(table["router_text"]), torch.tensor(targets, dtype=torch.float64),
                        torch.tensor(correct, dtype=torch.float64), list(table["task"]))
 
 
@@ -238,6 +284,29 @@ def fit(router: Router, data: RoutingData, train: list[int], val: list[int], con
                                                                 data.subset(train), static)}
 
 
+def tune_switch(scores: torch.Tensor, correct: torch.Tensor, default: int) -> tuple[float, dict[str, float]]:
+    """The switch threshold for safe routing that maximises accuracy on held-out prompts.
+
+    ``scores`` are the router's per-set predictions and ``correct`` whether each set answers each prompt.
+    A prompt leaves ``default`` when its best set is predicted to gain more than the threshold. Candidates
+    are 0 and every observed positive gain (the largest never switches); ties go to the larger threshold,
+    which switches less.
+    """
+    rows = torch.arange(len(scores))
+    best = scores.argmax(1)
+    gains = scores.gather(1, best[:, None])[:, 0] - scores[:, default]
+    candidates = sorted({0.0, *(g for g in gains.tolist() if g > 0)})
+
+    def accuracy(threshold: float) -> float:
+        return correct[rows, choose_sets(scores, default, threshold)].mean().item()
+
+    threshold = max(candidates, key=lambda t: (accuracy(t), t))
+    switched = (choose_sets(scores, default, threshold) != default).double().mean().item()
+    return threshold, {"default_set": default, "threshold": threshold, "acc_safe": accuracy(threshold),
+                       "acc_argmax": correct[rows, best].mean().item(), "acc_default": correct[:, default].mean().item(),
+                       "switch_rate": switched, "n": len(scores)}
+
+
 def plot_history(history: list[dict], title: str, path: Path) -> None:
     import matplotlib
 
@@ -264,9 +333,8 @@ def train_router(config: TrainConfig, *, model=None, tokenizer=None):
     from pudding.routed import PuddingModel
 
     pool = CandidatePool.from_pretrained(config.pool)
-    labels = Labels.load(config.labels)
-    labels.check_pool(pool)
-    data = routing_data(labels)
+    labels = Labels.load(config.labels).for_pool(pool)
+    data = routing_data(labels, config.target)
     train, val = split_rows(data.texts, config.val_fraction)
     if not train or not val:
         raise ConfigError(f"{len(data.texts)} labelled prompts are too few to split into train and validation")
@@ -277,13 +345,19 @@ def train_router(config: TrainConfig, *, model=None, tokenizer=None):
     scale = float(centred.std()) if config.loss == "mse" and float(centred.std()) > 0 else 1.0
     backbone = LLM_BACKBONE if config.router == "llm-embed" else config.backbone
     router_config = RouterConfig(config.router, len(pool.sets), backbone, config.hidden, config.max_length,
-                                 config.loss, scale)
+                                 config.loss, scale, config.target)
     # The head's initial weights come from the global generator: seed it here, not only in fit, or the
     # result depends on whatever drew random numbers earlier in the process (e.g. another router's training).
     torch.manual_seed(config.seed)
     router = build_router(router_config, llm=model, llm_tokenizer=tokenizer)
     start = time.perf_counter()
     result = fit(router, data, train, val, config)
+    if config.safe:
+        # Default: the best single set by accuracy on the training prompts; threshold: tuned on validation.
+        default = int(data.correct[train].mean(0).argmax())
+        val_scores = router.scores([data.texts[i] for i in val])
+        threshold, result["safe"] = tune_switch(val_scores, data.correct[val], default)
+        router.config = router_config = replace(router_config, default_set=default, switch_threshold=threshold)
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["n_train"], result["n_val"] = len(train), len(val)
     pudding = PuddingModel(model, tokenizer, pool, router, training={"config": asdict(config), **result})
