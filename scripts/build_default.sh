@@ -16,5 +16,7 @@ $P baselines --model default --k 6 --run-dir runs/baselines-smollm2 --out result
 # 5. the paper's tables (trains the ablation routers it needs, then scores the evaluation splits)
 $P reproduce --model default --k 6 --budget small --no-progress
 # 6. the same at k=3: the pool and baselines are the k=6 searches' first 3 removals (no new search);
-#    labels, routers and scores are k=3's own. Also redraws results/smollm2/accuracy-vs-k-small.png.
+#    labels, routers and scores are k=3's own. Also redraws results/smollm2/small/accuracy-vs-k-small.png.
 $P reproduce --model default --k 3 --budget small --no-progress
+# 7. the medium budget at k=6 (several hours; resumable across sessions): see scripts/reproduce_medium.sh
+# bash scripts/reproduce_medium.sh

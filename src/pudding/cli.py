@@ -484,11 +484,18 @@ def _add_reproduce(sub) -> None:
                                         "splits under every set, and write every table, ablation and plot.")
     parser.add_argument("--model", default="default", help="base model spec")
     parser.add_argument("--k", type=_positive_int, default=6, help="blocks removed")
-    parser.add_argument("--budget", default="small", help="documents per task: tiny, small (default) or full")
-    parser.add_argument("--out", default=None, help="default: results/<model>/k<k>")
+    parser.add_argument("--budget", default="small", choices=["tiny", "small", "medium", "full"],
+                        help="documents per task of every stage (see the README's budget table)")
+    parser.add_argument("--out", default=None, help="default: results/<model>/<budget>/k<k>")
     parser.add_argument("--run-dir", default="runs/reproduce", help="checkpoints; reruns resume")
+    parser.add_argument("--reuse", default="auto",
+                        help="folder of earlier results to reuse artifacts from, each only if its recorded identity "
+                             "matches exactly ('auto': results/smollm2 for the default model; 'none': nowhere)")
+    parser.add_argument("--pool", default=None, help="use this candidate pool instead of the budget's search")
     parser.add_argument("--router-seeds", type=_positive_int, default=5,
-                        help="train the headline router with this many seeds and report their spread and mean")
+                        help="train the headline routers with this many seeds and report their spread and mean")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="skip the routing variants (label target x pool x safe routing, pool size)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(handler=_run_reproduce)
 
@@ -498,6 +505,8 @@ def _run_reproduce(args) -> int:
 
     result = reproduce(ReproduceConfig(model=args.model, k=args.k, budget=args.budget, out=args.out,
                                        run_dir=args.run_dir, router_seeds=args.router_seeds,
+                                       variants=not args.no_variants, pool=args.pool,
+                                       reuse=None if args.reuse == "none" else args.reuse,
                                        progress=not args.no_progress))
     main_rows = result["tables"]["main"]["rows"]
     for row, data in main_rows.items():

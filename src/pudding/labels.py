@@ -370,5 +370,12 @@ class Labels:
         return Labels(table, meta)
 
     @property
+    def identity(self) -> dict | None:
+        """What decided the scores, for reuse checks: model, documents, split and max_length (the shard
+        size only cuts the work). None for artifacts written before labels recorded it."""
+        recorded = self.meta.get("identity")
+        return {k: v for k, v in recorded.items() if k != "shard_size"} if recorded else None
+
+    @property
     def n_sets(self) -> int:
         return len(self.meta["sets"])

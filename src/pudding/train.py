@@ -216,6 +216,11 @@ def _loss_fn(loss: str):
     return nn.MSELoss() if loss == "mse" else nn.CrossEntropyLoss()
 
 
+# Frozen-encoder features of the same prompts are the same for every router trained on them (a reproduction
+# trains dozens): computed once per process. Keyed on the encoder, not on the LLM, so only embed-mlp uses it.
+_FROZEN_FEATURES: dict[tuple, torch.Tensor] = {}
+
+
 class _Features:
     """Encoder outputs, cached for frozen encoders, recomputed (with gradients) for the fine-tuned one."""
 
@@ -223,10 +228,19 @@ class _Features:
         self.router, self.texts = router, texts
         self.cache = None
         if not router.trains_encoder:
-            with torch.no_grad():
-                chunks = [router.encode(texts[i:i + 64])
-                          for i in tqdm(range(0, len(texts), 64), desc="features", disable=not progress)]
-            self.cache = torch.cat(chunks).float()
+            key = (router.kind, router.config.backbone, router.config.max_length,
+                   hashlib.sha256("\x1f".join(texts).encode()).hexdigest())
+            cacheable = router.kind == "embed-mlp"
+            if not (cacheable and key in _FROZEN_FEATURES):
+                with torch.no_grad():
+                    chunks = [router.encode(texts[i:i + 64])
+                              for i in tqdm(range(0, len(texts), 64), desc="features", disable=not progress)]
+                features = torch.cat(chunks).float()
+                if not cacheable:
+                    self.cache = features
+                    return
+                _FROZEN_FEATURES[key] = features
+            self.cache = _FROZEN_FEATURES[key]
 
     def __call__(self, rows: list[int]) -> torch.Tensor:
         if self.cache is not None:
@@ -292,19 +306,37 @@ def tune_switch(scores: torch.Tensor, correct: torch.Tensor, default: int) -> tu
     are 0 and every observed positive gain (the largest never switches); ties go to the larger threshold,
     which switches less.
     """
+    threshold, accuracy = _tuned(scores, correct, default)
+    rows, best = torch.arange(len(scores)), scores.argmax(1)
+    switched = (choose_sets(scores, default, threshold) != default).double().mean().item()
+    return threshold, {"default_set": default, "threshold": threshold, "acc_safe": accuracy,
+                       "acc_safe_crossfit": _crossfit_accuracy(scores, correct, default),
+                       "acc_argmax": correct[rows, best].mean().item(), "acc_default": correct[:, default].mean().item(),
+                       "switch_rate": switched, "n": len(scores)}
+
+
+def _crossfit_accuracy(scores: torch.Tensor, correct: torch.Tensor, default: int) -> float:
+    """Safe routing's accuracy with the threshold tuned on one half of the prompts and measured on the other,
+    both ways: an estimate that the tuning has not seen, for comparing safe routing with plain argmax."""
+    if len(scores) < 4:
+        return float("nan")
+    halves = [list(range(0, len(scores), 2)), list(range(1, len(scores), 2))]
+    right = 0.0
+    for tune, test in (halves, halves[::-1]):
+        threshold, _ = _tuned(scores[tune], correct[tune], default)
+        chosen = choose_sets(scores[test], default, threshold)
+        right += correct[test][torch.arange(len(test)), chosen].sum().item()
+    return right / len(scores)
+
+
+def _tuned(scores: torch.Tensor, correct: torch.Tensor, default: int) -> tuple[float, float]:
     rows = torch.arange(len(scores))
     best = scores.argmax(1)
     gains = scores.gather(1, best[:, None])[:, 0] - scores[:, default]
-    candidates = sorted({0.0, *(g for g in gains.tolist() if g > 0)})
-
-    def accuracy(threshold: float) -> float:
-        return correct[rows, choose_sets(scores, default, threshold)].mean().item()
-
-    threshold = max(candidates, key=lambda t: (accuracy(t), t))
-    switched = (choose_sets(scores, default, threshold) != default).double().mean().item()
-    return threshold, {"default_set": default, "threshold": threshold, "acc_safe": accuracy(threshold),
-                       "acc_argmax": correct[rows, best].mean().item(), "acc_default": correct[:, default].mean().item(),
-                       "switch_rate": switched, "n": len(scores)}
+    accuracy = {t: correct[rows, choose_sets(scores, default, t)].mean().item()
+                for t in sorted({0.0, *(g for g in gains.tolist() if g > 0)})}
+    threshold = max(accuracy, key=lambda t: (accuracy[t], t))
+    return threshold, accuracy[threshold]
 
 
 def plot_history(history: list[dict], title: str, path: Path) -> None:
@@ -363,6 +395,7 @@ def train_router(config: TrainConfig, *, model=None, tokenizer=None):
     pudding = PuddingModel(model, tokenizer, pool, router, training={"config": asdict(config), **result})
     out = pudding.save_pretrained(config.out)
     atomic_write_json(out / "training.json", {"config": asdict(config), "router": asdict(router_config), **result,
-                                              "labels": labels.meta.get("config"), "provenance": provenance()})
+                                              "labels": labels.meta.get("config"), "labels_identity": labels.identity,
+                                              "pool": pool.fingerprint(), "provenance": provenance()})
     plot_history(result["history"], f"{config.router} router ({config.loss})", out / "training.png")
     return pudding

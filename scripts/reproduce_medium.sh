@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The medium-budget reproduction at k=6 (400 evaluation documents per paper task, 100 per unseen task, 200
+# calibration prompts per task for the routers, 128 per task for the searches), resumable across sessions:
+# every checkpoint lives under results/smollm2/ and is committed as it finishes, so a fresh clone continues
+# where the last session stopped instead of starting over. Several hours on 2 CPU cores; see the README.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+P=.venv/bin/pudding
+# 1. the paper's calibration size: TL searches on 128 documents per task (margin would cost three times this)
+$P candidates --model default --k 6 --samples 128 --objectives tl \
+    --run-dir results/smollm2/pool-128-run --out results/smollm2/pool-128 --no-progress
+# 2. the static baselines on the same 128 calibration documents
+$P baselines --model default --k 6 --samples 128 \
+    --run-dir results/smollm2/baselines-128-run --out results/smollm2/baselines-128 --no-progress
+# 3. calibration labels and evaluation scores under every set, the routers and their variants, the tables;
+#    steps 1-2 are found by their identity under results/smollm2 and reused
+$P reproduce --model default --k 6 --budget medium --run-dir results/smollm2/medium-run --no-progress
