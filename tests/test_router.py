@@ -1,6 +1,7 @@
 """Labels, routers and the PuDDing model on a tiny llama (6 blocks) and a tiny BERT router backbone."""
 
 import hashlib
+import math
 import json
 import warnings
 
@@ -18,7 +19,9 @@ from pudding.load import model_fingerprint
 from pudding.omit import omit_blocks
 from pudding.routed import CONFIG_FILE, ROUTER_FILE, PuddingModel, Route
 from pudding.score import LikelihoodScorer
-from pudding.train import TrainConfig, is_validation, routing_data, split_rows, train_router
+from pudding.router import choose_sets
+from pudding.train import (TrainConfig, is_validation, label_targets, routing_data, split_rows, train_router,
+                           tune_switch)
 from tiny import VOCAB, tiny_model, tiny_tokenizer
 
 SETS = [(1, 2), (2, 3), (3, 4), (1, 4)]
@@ -260,6 +263,53 @@ def test_routing_data_marks_correct_sets(labelled):
     data = routing_data(Labels.load(root / "labels"))
     assert data.labels.shape == data.correct.shape == (24, len(SETS))
     assert set(data.correct.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_label_targets_follow_the_metric_not_the_token_mean():
+    # Two choices under one set. acc: summed log-likelihoods -3 (gold) vs -4, so the set is right by 1 nat.
+    assert label_targets([[-3.0, -4.0]], [3, 9], 0, "acc", [-1.5], "margin") == [pytest.approx(1.0)]
+    assert label_targets([[-3.0, -4.0]], [3, 9], 0, "acc", [-1.5], "choice-prob") == [
+        pytest.approx(math.exp(-3) / (math.exp(-3) + math.exp(-4)))]
+    assert label_targets([[-3.0, -4.0]], [3, 9], 0, "acc", [-1.5], "tl") == [-1.5]
+    # acc_norm: per character (rescaled by the mean length, 6): -1 vs -4/9, so the gold loses.
+    margin = label_targets([[-3.0, -4.0]], [3, 9], 0, "acc_norm", [-1.5], "margin")[0]
+    assert margin == pytest.approx((-3 / 3 + 4 / 9) * 6) and margin < 0
+    # the margin is positive exactly where the set answers correctly
+    assert (label_targets([[-2.0, -1.0, -5.0]], [1, 1, 1], 2, "acc", [0.0], "margin")[0] > 0) is False
+
+
+def test_safe_routing_keeps_the_default_unless_the_gain_clears_the_threshold():
+    scores = torch.tensor([[0.0, 0.5, 0.1], [0.0, 2.0, 0.1], [0.3, 0.1, 0.2]])
+    assert choose_sets(scores).tolist() == [1, 1, 0]
+    assert choose_sets(scores, default_set=2, threshold=1.0).tolist() == [2, 1, 2]
+    # Tuning: set 1 is right on the second prompt only, the default (2) on the others.
+    correct = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    threshold, stats = tune_switch(scores, correct, default=2)
+    assert choose_sets(scores, 2, threshold).tolist() == [2, 1, 2]
+    assert stats["acc_safe"] == 1.0 and stats["acc_argmax"] == pytest.approx(1 / 3)
+    assert stats["switch_rate"] == pytest.approx(1 / 3)
+
+
+def test_labels_of_a_wider_pool_train_a_router_on_a_narrower_one(labelled, llm, tiny_dir, tmp_path):
+    root, _ = labelled
+    labels = Labels.load(root / "labels")
+    narrow = make_pool(llm[0], tiny_dir, [SETS[2], SETS[0]])
+    restricted = labels.for_pool(narrow)
+    assert restricted.meta["sets"] == [list(SETS[2]), list(SETS[0])]
+    assert [row[0] for row in restricted.table["label"]] == [row[2] for row in labels.table["label"]]
+    with pytest.raises(ConfigError, match="were not labelled"):
+        labels.for_pool(make_pool(llm[0], tiny_dir, [SETS[0], (2, 5)]))
+    narrow.save_pretrained(tmp_path / "narrow")
+    pudding = train_router(TrainConfig(labels=str(root / "labels"), pool=str(tmp_path / "narrow"),
+                                       out=str(tmp_path / "safe"), router="llm-embed", epochs=2, hidden=8,
+                                       target="margin", safe=True, val_fraction=0.4, progress=False),
+                           model=llm[0], tokenizer=llm[1])
+    assert pudding.router.config.target == "margin" and pudding.router.config.default_set in (0, 1)
+    reloaded = PuddingModel.from_pretrained(tmp_path / "safe", model=llm[0], tokenizer=llm[1])
+    assert reloaded.router.config == pudding.router.config
+    prompts = ["Question: What melts ice?\nAnswer:", "The cat sat on the"]
+    assert [r.set_index for r in reloaded.route(prompts)] == [r.set_index for r in pudding.route(prompts)]
+    assert {"acc_safe", "acc_safe_crossfit", "switch_rate"} <= set(pudding.training["safe"])
 
 
 # --- generation --------------------------------------------------------------------------------------------
