@@ -251,10 +251,13 @@ def test_config_from_a_newer_version_warns(trained, tmp_path):
 
 def test_train_router_refuses_labels_of_another_pool(labelled, llm, tmp_path, tiny_dir):
     root, _ = labelled
-    make_pool(llm[0], tiny_dir, sets=[(1, 2), (2, 3)]).save_pretrained(tmp_path / "pool2")
-    with pytest.raises(ConfigError, match="another candidate pool"):
+    make_pool(llm[0], tiny_dir, sets=[(1, 2), (2, 5)]).save_pretrained(tmp_path / "pool2")
+    with pytest.raises(ConfigError, match=r"sets \[\[2, 5\]\] were not labelled"):
         train_router(TrainConfig(labels=str(root / "labels"), pool=str(tmp_path / "pool2"), out=str(tmp_path / "x"),
                                  progress=False), model=llm[0], tokenizer=llm[1])
+    other = make_pool(tiny_model("llama", num_hidden_layers=8), tiny_dir, sets=[(1, 2), (2, 3)])
+    with pytest.raises(ConfigError, match="another model"):
+        Labels.load(root / "labels").for_pool(other)
     assert not (tmp_path / "x").exists()
 
 

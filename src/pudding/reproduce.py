@@ -37,13 +37,13 @@ from pudding.candidates import (PAPER_TASKS, CandidatePool, PoolConfig, PoolEntr
 from pudding.errors import ConfigError
 from pudding.importance import IMPORTANCE_FILE, ImportanceConfig, block_importance, load_importance, plot_heatmap
 from pudding.labels import LabelConfig, Labels, build_labels, collect_docs, run_identity
-from pudding.load import load_config, load_model, model_fingerprint, model_name
+from pudding.load import load_model, model_fingerprint, model_name
 from pudding.metrics import mean_with_stderr
 from pudding.provenance import (atomic_write_figure, atomic_write_json, atomic_write_text, differing_keys,
                                 provenance, read_json)
 from pudding.routed import DEFAULT_ARTIFACT, PuddingModel
 from pudding.tasks import get_task
-from pudding.train import TARGETS, RoutingData, TrainConfig, routing_data, split_rows, train_router
+from pudding.train import TARGETS, VAL_FRACTION, RoutingData, TrainConfig, routing_data, split_rows, train_router
 
 UNSEEN_TASKS = ("mmlu", "openbookqa", "sciq", "commonsense_qa", "social_iqa", "medmcqa")
 
@@ -677,7 +677,7 @@ def _train_routers(config: ReproduceConfig, pools: dict, labels_dir: Path, calib
     # The pool size, chosen on calibration data: the n best sets of pool + baselines by training-prompt accuracy,
     # routed with the best target and safety found on that pool.
     wide = max((spec for spec in grid if spec.pool == "pool+baselines"), key=lambda spec: _score_key(scores[spec.name]))
-    train_rows, _ = split_rows(calibration.texts, TrainConfig(labels="", pool="", out="").val_fraction)
+    train_rows, _ = split_rows(calibration.texts, VAL_FRACTION)
     wide_columns = pools["pool+baselines"][0].config["columns"]
     ranked = sorted(wide_columns, key=lambda c: -calibration.correct[train_rows, c].mean().item())
     sized = []
@@ -705,15 +705,14 @@ def _score_key(value: float) -> float:
 def _routed(trained: dict[str, tuple[PuddingModel, Path]], pools: dict, texts: list[str]) -> dict[str, Routed]:
     """Each router's scores on ``texts`` (each prompt read once per router), with its sets' columns."""
     out = {}
-    for name, (pudding, folder) in trained.items():
-        columns = [_column_of(pools, pudding.pool, entry.blocks) for entry in pudding.pool.sets]
+    for name, (pudding, _) in trained.items():
+        columns = [_column_of(pools["scoring"][0], entry.blocks) for entry in pudding.pool.sets]
         out[name] = Routed(pudding, pudding.router.scores(texts), columns)
     return out
 
 
-def _column_of(pools: dict, pool: CandidatePool, blocks: tuple) -> int:
-    scoring = pools["scoring"][0]
-    return next(i for i, entry in enumerate(scoring.sets) if entry.blocks == blocks)
+def _column_of(scoring_pool: CandidatePool, blocks: tuple) -> int:
+    return next(i for i, entry in enumerate(scoring_pool.sets) if entry.blocks == blocks)
 
 
 def reproduce(config: ReproduceConfig) -> dict[str, Any]:
@@ -761,7 +760,7 @@ def _write_tables(config: ReproduceConfig, pool: CandidatePool, pools: dict, row
                   pool_columns: list[int], candidates: list[int], calibration: RoutingData, trained: dict,
                   selection: dict, main_scores: Labels, unseen_scores: Labels, model, log: dict) -> dict[str, Any]:
     sizes, out = config.sizes, config.folder
-    train_rows, _ = split_rows(calibration.texts, TrainConfig(labels="", pool="", out="").val_fraction)
+    train_rows, _ = split_rows(calibration.texts, VAL_FRACTION)
     static = _static_choices(calibration, train_rows, pool_columns, candidates)
     paper_name, seeds = config.default_router, config.seed_routers
     paper_row = PAPER_ROW.format(name=paper_name)

@@ -47,6 +47,7 @@ from pudding.tasks import get_task
 
 LOSSES = ("mse", "ce")
 TARGETS = ("tl", "margin", "choice-prob")
+VAL_FRACTION = 0.2  # share of questions held out for validation
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class TrainConfig:
     lr: float = 1e-3
     encoder_lr: float = 3e-5
     weight_decay: float = 0.01
-    val_fraction: float = 0.2
+    val_fraction: float = VAL_FRACTION
     seed: int = 0
     target: str = "tl"
     safe: bool = False
