@@ -399,3 +399,8 @@ def test_cli_label_and_train_router(labelled, tmp_path, monkeypatch, llm, encode
     assert main(["train-router", "--labels", str(root / "labels"), "--pool", str(root / "pool"),
                  "--router", "llm-embed", "--epochs", "2", "--out", str(tmp_path / "art"), "--no-progress"]) == 0
     assert (tmp_path / "art" / CONFIG_FILE).exists()
+    assert main(["train-router", "--labels", str(root / "labels"), "--pool", str(root / "pool"), "--router",
+                 "llm-embed", "--epochs", "2", "--target", "choice-prob", "--safe", "--out", str(tmp_path / "safe"),
+                 "--no-progress"]) == 0
+    router = json.loads((tmp_path / "safe" / CONFIG_FILE).read_text())["router"]
+    assert router["target"] == "choice-prob" and router["default_set"] is not None
