@@ -783,7 +783,10 @@ def _write_tables(config: ReproduceConfig, pool: CandidatePool, pools: dict, row
     routed_main = None
     for name, scores, tasks in (("main", main_scores, PAPER_TASKS), ("generalisation", unseen_scores, UNSEEN_TASKS)):
         data = routing_data(scores)
-        routed = _routed(trained, pools, data.texts)
+        # Every router reads the main table's prompts (the ablations use them all); the unseen tasks need
+        # only the rows' own routers.
+        needed = trained if name == "main" else {n: trained[n] for n in dict.fromkeys([paper_name, *seeds, *best_seeds])}
+        routed = _routed(needed, pools, data.texts)
         routed_main = routed_main or routed
         columns = _static_columns(data, rows, static, pool_columns, candidates, config.seed)
         columns[paper_row] = _correct_at(data, routed[paper_name].chosen())
