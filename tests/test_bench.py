@@ -49,3 +49,16 @@ def test_bench_refuses_bad_input(artifact, capsys):
     with pytest.raises(ConfigError, match="exceed the context"):
         run_bench(BenchConfig(model=str(artifact / "artifact"), lengths="200", new_tokens=4, repeats=1, threads=1,
                               cache_dir=str(artifact / "cache"), out=None))
+
+
+def test_bench_reports_an_oversized_length_as_one_clean_line_before_running(artifact, capsys):
+    with pytest.raises(ConfigError) as info:
+        run_bench(BenchConfig(model=str(artifact / "artifact"), lengths="16,200", new_tokens=4, repeats=1,
+                              threads=1, cache_dir=str(artifact / "cache"), out=None))
+    message = str(info.value)
+    assert message.startswith("prompt lengths [200] plus 4 new tokens exceed the context (128)"), message
+    assert "Traceback" not in message and "File " not in message and "|" not in message
+    assert main(["bench", "--model", str(artifact / "artifact"), "--lengths", "200", "--new-tokens", "4",
+                 "--cache-dir", str(artifact / "cache"), "--out", str(artifact / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pudding: error: prompt lengths") and len(err.strip().splitlines()) == 1

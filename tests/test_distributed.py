@@ -7,14 +7,29 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from pudding.candidates import CandidatePool, PoolConfig, build_pool  # noqa: E402
+from pudding.distributed import RaySettings, check_local_cluster_is_guarded, ray_init_kwargs  # noqa: E402
+from pudding.errors import ConfigError  # noqa: E402
 from pudding.labels import LABELS_FILE, LabelConfig, build_labels  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    check_local_cluster_is_guarded(RaySettings())
+    ray.init(num_cpus=2, **ray_init_kwargs(RaySettings()))  # what --executor ray starts, sized for CI
     yield
     ray.shutdown()
+
+
+def test_a_local_cluster_requires_token_authentication(cluster):
+    """Ray cannot be confined to loopback, so a local cluster must at least refuse unauthenticated peers."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    assert is_token_auth_enabled()
+    with pytest.raises(ConfigError, match="RAY_AUTH_MODE=disabled"):
+        check_local_cluster_is_guarded(RaySettings(), {"RAY_AUTH_MODE": "disabled"})
+    check_local_cluster_is_guarded(RaySettings(), {"RAY_AUTH_MODE": "token"})
+    check_local_cluster_is_guarded(RaySettings(address="ray://head:10001"), {"RAY_AUTH_MODE": "disabled"})
+    assert ray_init_kwargs(RaySettings())["include_dashboard"] is False
 
 
 def _pool(tiny_dir, root, executor):

@@ -67,6 +67,53 @@ def test_export_all_sets_writes_a_manifest(tmp_path, tiny_dir):
         assert loaded.config.num_hidden_layers == 6 - len(entry["blocks"])
 
 
+def test_two_writers_never_mix_their_files(tmp_path):
+    """A second export to a busy --out is refused; two temp folders are never shared; a late one is discarded."""
+    from pudding.provenance import atomic_folder, exclusive_output
+
+    model = tiny_model("llama")
+    out = tmp_path / "pruned"
+    with exclusive_output(out):
+        with pytest.raises(ConfigError, match="another pudding process"):
+            export_pruned(model, None, OMIT, out)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="appeared while it was being written"):
+        with atomic_folder(out) as first, atomic_folder(out) as second:
+            assert first != second
+            (first / "config.json").write_text("first")
+            (second / "config.json").write_text("second")
+    # the writer that finished first keeps the folder whole; the late one is discarded, not mixed in
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert (out / "config.json").read_text() == "second"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_export_files_are_readable_and_symlinked_out_is_followed(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    out = export_pruned(tiny_model("llama"), tiny_tokenizer(), OMIT, tmp_path / "link")
+    assert out == target.resolve() and (target / "model.safetensors").is_file()
+    # others may read what we publish (safetensors used to land as 0600); the umask here is the default 022
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in target.iterdir()), \
+        {p.name: oct(p.stat().st_mode) for p in target.iterdir()}
+
+
+def test_export_all_sets_refuses_a_folder_holding_another_set(tmp_path, tiny_dir):
+    from pudding.candidates import CandidatePool, PoolEntry, SetSource
+    from pudding.load import model_fingerprint
+    from pudding.routed import PuddingModel
+    from pudding.router import RouterConfig, build_router
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    entries = tuple(PoolEntry(s, (SetSource("greedy", "t", "tl", list(s), [], [], 0.0),)) for s in SETS)
+    pool = CandidatePool(entries, {"spec": tiny_dir, "name": "tiny", "fingerprint": model_fingerprint(model.config)})
+    router = build_router(RouterConfig("llm-embed", 2, "llm", hidden=8), llm=model, llm_tokenizer=tiny_tokenizer())
+    export_pruned(model, None, SETS[1], tmp_path / "sets" / "set-0")  # set-0 holds set 1's model
+    with pytest.raises(ConfigError, match=r"set-0 holds a model without blocks \[2, 3\]"):
+        export_all_sets(PuddingModel(model, tiny_tokenizer(), pool, router), tmp_path / "sets")
+
+
 def test_cli_export(tmp_path, tiny_dir, capsys):
     assert main(["export", "--model", tiny_dir, "--omit", "2,4", "--out", str(tmp_path / "e")]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "e").config.num_hidden_layers == 4

@@ -249,6 +249,62 @@ def test_config_from_a_newer_version_warns(trained, tmp_path):
     assert reloaded.route(["a prompt"]) == pudding.route(["a prompt"])
 
 
+@pytest.mark.parametrize("blocks, problem", [
+    ([1, 1], "more than once"),
+    ([-1, 2], "out of range"),
+    ([1, 6], "out of range"),  # the tiny model has blocks 0..5
+    ([1.5, 2], "integer"),
+    (["1", 2], "integer"),
+    ([True, 2], "integer"),
+    ("1,2", "list"),
+])
+def test_a_pool_with_invalid_blocks_is_refused_when_loaded(blocks, problem, llm, tiny_dir, tmp_path):
+    path = make_pool(llm[0], tiny_dir).save_pretrained(tmp_path)
+    data = json.loads(path.read_text())
+    data["sets"][2]["blocks"] = blocks
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=rf"set 2 \(piqa-tl\).*{problem}"):
+        CandidatePool.from_pretrained(tmp_path)
+
+
+def test_a_pool_whose_model_has_no_block_count_still_gets_its_blocks_checked(llm, tiny_dir, tmp_path):
+    path = make_pool(llm[0], tiny_dir).save_pretrained(tmp_path)
+    data = json.loads(path.read_text())
+    del data["model"]["fingerprint"]
+    data["sets"][0]["blocks"] = [-3]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"set 0 .*non-negative"):
+        CandidatePool.from_pretrained(tmp_path)
+
+
+def test_the_artifact_records_its_pool_and_refuses_a_reordered_one(trained, tmp_path):
+    import shutil
+
+    out, pudding = trained
+    assert json.loads((out / CONFIG_FILE).read_text())["pool_fingerprint"] == pudding.pool.fingerprint()
+    copy = tmp_path / "reordered"
+    shutil.copytree(out, copy)
+    pool = json.loads((copy / "pool.json").read_text())
+    pool["sets"].reverse()  # still a valid pool of the same model, but set i is no longer the router's output i
+    (copy / "pool.json").write_text(json.dumps(pool))
+    with pytest.raises(ConfigError, match="pool.json does not match the pool the router was trained on"):
+        PuddingModel.from_pretrained(copy, model=pudding.model, tokenizer=pudding.tokenizer)
+
+
+def test_an_artifact_from_before_the_pool_fingerprint_loads_with_a_warning(trained, tmp_path):
+    import shutil
+
+    out, pudding = trained
+    copy = tmp_path / "older"
+    shutil.copytree(out, copy)
+    config = json.loads((copy / CONFIG_FILE).read_text())
+    del config["pool_fingerprint"]
+    (copy / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="records no pool fingerprint"):
+        reloaded = PuddingModel.from_pretrained(copy, model=pudding.model, tokenizer=pudding.tokenizer)
+    assert reloaded.route(["a prompt"]) == pudding.route(["a prompt"])
+
+
 def test_train_router_refuses_labels_of_another_pool(labelled, llm, tmp_path, tiny_dir):
     root, _ = labelled
     make_pool(llm[0], tiny_dir, sets=[(1, 2), (2, 5)]).save_pretrained(tmp_path / "pool2")

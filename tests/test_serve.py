@@ -55,6 +55,43 @@ def _error(response, status):
     return body["error"]
 
 
+def _metric_lines(text: str, endpoint: str) -> dict[str, float]:
+    """``pudding_requests_total`` of one endpoint from a /metrics page, by status."""
+    prefix = f'pudding_requests_total{{endpoint="{endpoint}",status="'
+    return {line[len(prefix):].split('"')[0]: float(line.split()[-1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
+async def _drive(app, path: str, messages: list[dict], headers: dict[str, str]) -> tuple[list[dict], int]:
+    """Call the ASGI ``app`` with these request messages; what it sent, and how many messages it pulled.
+
+    In-process and deterministic: unlike a socket, nothing reads ahead of the app.
+    """
+    pulled, sent = 0, []
+
+    async def receive():
+        nonlocal pulled
+        if pulled == len(messages):
+            await asyncio.sleep(3600)  # the client is still there and has nothing more to send
+        pulled += 1
+        return messages[pulled - 1]
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("test", 80), "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    try:  # an app that waits for the rest of an endless upload fails here rather than hanging the suite
+        await asyncio.wait_for(app(scope, receive, send), 10)
+    except TimeoutError:
+        pytest.fail(f"the app was still reading the body after {pulled} messages")
+    return sent, pulled
+
+
+CHUNKED = {"content-type": "application/json", "transfer-encoding": "chunked"}
+
+
 class _Server:
     """A real uvicorn server on a free loopback port, in a thread."""
 
@@ -160,6 +197,19 @@ def test_models_health_and_metrics(client):
     ({"prompt": "word " * 125, "max_tokens": 8}, 400, "tokens"),
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "x" * 5000}, 413, "body"),
+    ({"prompt": ["hi"] * 65}, 400, "at most 64 per request"),
+    # wrong types are refused, not coerced (pydantic's lax mode took "2" and true as 2 and 1)
+    ({"prompt": "hi", "max_tokens": "2"}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_completion_tokens": 2.0}, 400, "max_completion_tokens"),
+    ({"prompt": "hi", "temperature": "0.5"}, 400, "temperature"),
+    ({"prompt": "hi", "temperature": True}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": "1"}, 400, "top_p"),
+    ({"prompt": "hi", "n": True}, 400, "n"),
+    ({"prompt": "hi", "stream": "true"}, 400, "stream"),
+    ({"prompt": "hi", "stream_options": {"include_usage": 1}}, 400, "include_usage"),
+    # a temperature this small overflowed the sampling probabilities into NaN: a 500 before
+    ({"prompt": "hi", "temperature": 1e-300}, 400, "temperature must be 0 (greedy) or at least 1e-05"),
 ])
 def test_bad_requests_get_openai_errors(client, payload, status, needle):
     if isinstance(payload, str):
@@ -167,6 +217,61 @@ def test_bad_requests_get_openai_errors(client, payload, status, needle):
     else:
         response = client.post("/v1/completions", json=payload)
     assert needle in _error(response, status)["message"] + str(_error(response, status)["param"])
+
+
+def test_invalid_unicode_is_a_400_not_a_500(client):
+    # JSON can carry a lone UTF-16 surrogate; the tokenizer failed on it and the server answered 500
+    cases = [("/v1/completions", '{"prompt": "caf\\ud800", "max_tokens": 2}', "prompt"),
+             ("/v1/completions", '{"prompt": ["ok", "\\udc00"], "max_tokens": 2}', "prompt.1"),
+             ("/v1/completions", '{"prompt": "ok", "stop": ["\\ud800"], "max_tokens": 2}', "stop.0"),
+             ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+             ("/v1/completions", '{"prompt": "ok", "\\ud800": 1}', None)]  # pydantic refuses the key
+    for path, raw, param in cases:
+        response = client.post(path, content=raw, headers={"content-type": "application/json"})
+        error = _error(response, 400)
+        assert error["param"] == param, (raw, error)
+        assert param is None or "surrogate" in error["message"]
+    for endpoint in ("/v1/completions", "/v1/chat/completions"):
+        assert "500" not in _metric_lines(client.get("/metrics").text, endpoint)
+
+
+def test_chunked_body_over_the_limit_is_refused_without_reading_the_rest(pudding):
+    # Content-Length was the only check: a chunked upload was buffered whole before its 413
+    app = create_app(pudding, ServeSettings(max_body_bytes=4000))
+    chunks = [{"type": "http.request", "body": b" " * 1000, "more_body": True} for _ in range(50)]
+    sent, pulled = asyncio.run(_drive(app, "/v1/completions", chunks, CHUNKED))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert "over 4000 bytes" in body["error"]["message"]
+    assert pulled == 5  # 4000 bytes are within the limit; the 5th chunk passes it, and nothing more is read
+    # a declared Content-Length over the limit is refused before any of the body is read
+    sent, pulled = asyncio.run(_drive(app, "/v1/completions", chunks, {"content-length": "50000"}))
+    assert sent[0]["status"] == 413 and pulled == 0
+
+
+def test_chunked_body_within_the_limit_is_reassembled(pudding):
+    # over a real socket: httpx sends a generator body chunked (no Content-Length)
+    import httpx
+
+    payload = json.dumps({"prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}).encode()
+    pieces = [payload[i:i + 7] for i in range(0, len(payload), 7)]
+    with _Server(create_app(pudding, ServeSettings(max_body_bytes=4000))) as url, \
+            httpx.Client(base_url=url, timeout=30) as http:
+        ok = http.post("/v1/completions", content=iter(pieces), headers={"content-type": "application/json"})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["choices"][0]["text"] == _solo(pudding, PROMPTS[0], 3)
+        too_big = http.post("/v1/completions", content=iter([b" " * 1000] * 6),
+                            headers={"content-type": "application/json"})
+        assert "over 4000 bytes" in _error(too_big, 413)["message"]
+
+
+def test_client_leaving_mid_upload_is_not_a_server_error(pudding):
+    app = create_app(pudding, ServeSettings())
+    messages = [{"type": "http.request", "body": b'{"prompt": ', "more_body": True}, {"type": "http.disconnect"}]
+    sent, _ = asyncio.run(_drive(app, "/v1/completions", messages, CHUNKED))
+    assert sent == []  # nobody to answer
+    counts = _metric_lines(TestClient(app).get("/metrics").text, "/v1/completions")
+    assert counts == {"499": 1.0}  # counted apart from the server's own failures; it used to be a 500
 
 
 def test_unknown_path_and_bad_chat_are_openai_errors(client):
@@ -193,6 +298,74 @@ def test_concurrency_limit_and_disconnect_frees_the_slot(pudding):
                 break
             time.sleep(0.05)
         assert ok.status_code == 200, ok.text
+        counts = _metric_lines(http.get("/metrics").text, "/v1/completions")
+        assert counts["499"] == 1 and "500" not in counts
+
+
+def test_each_prompt_of_a_list_takes_a_concurrency_slot(pudding):
+    import httpx
+
+    # A list took one slot whatever its length; the streaming request holds 1 of 3 slots while it is queued.
+    app = create_app(pudding, ServeSettings(max_concurrency=3, batch_window_ms=1500))
+    with _Server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 50,
+                                                          "stream": True}) as response:
+            assert response.status_code == 200
+            busy = http.post("/v1/completions", json={"prompt": PROMPTS[1:4], "max_tokens": 2})
+            assert "needs 3" in _error(busy, 429)["message"]
+            fits = http.post("/v1/completions", json={"prompt": PROMPTS[1:3], "max_tokens": 2})
+            assert fits.status_code == 200 and len(fits.json()["choices"]) == 2
+        # more prompts than there are slots could never run: a 400 naming the cap, not a 429 forever
+        never = http.post("/v1/completions", json={"prompt": PROMPTS[:4], "max_tokens": 2})
+        assert "at most 3 per request" in _error(never, 400)["message"]
+
+
+def test_health_answers_while_a_request_is_routed(pudding, monkeypatch):
+    import httpx
+
+    # Tokenizing and routing a long list ran on the event loop and blocked /health for seconds.
+    route = pudding.route
+
+    def slow_route(texts, *args, **kwargs):
+        time.sleep(1.5)  # stands in for routing a long list of long prompts
+        return route(texts, *args, **kwargs)
+
+    monkeypatch.setattr(pudding, "route", slow_route)
+    with _Server(create_app(pudding, ServeSettings(batch_window_ms=0))) as url, \
+            httpx.Client(base_url=url, timeout=30) as http:
+        answers = []
+        worker = threading.Thread(target=lambda: answers.append(
+            http.post("/v1/completions", json={"prompt": PROMPTS[:2], "max_tokens": 2})))
+        worker.start()
+        time.sleep(0.3)
+        start = time.perf_counter()
+        assert http.get("/health").status_code == 200
+        waited = time.perf_counter() - start
+        worker.join()
+    assert answers and answers[0].status_code == 200, answers
+    assert waited < 0.75, f"/health waited {waited:.2f} s behind the routing"
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_prompts(pudding):
+    import httpx
+
+    # A long batching window keeps the prompts queued; the client gives up before the window ends.
+    app = create_app(pudding, ServeSettings(max_concurrency=3, batch_window_ms=1500))
+    with _Server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json={"prompt": PROMPTS[:3], "max_tokens": 20}, timeout=0.3)
+        # its 3 slots come back at once (they used to stay taken until its generation had run to the end)
+        for _ in range(40):
+            again = http.post("/v1/completions", json={"prompt": PROMPTS[:3], "max_tokens": 2})
+            if again.status_code != 429:
+                break
+            time.sleep(0.05)
+        assert again.status_code == 200, again.text
+        counts = _metric_lines(http.get("/metrics").text, "/v1/completions")
+        batches = http.get("/health").json()["batches"]
+    assert counts["499"] == 1 and counts["200"] == 1 and "500" not in counts  # a disconnect is no server error
+    # only the second request's prompts were generated: the abandoned ones were dropped from the queue
+    assert batches == len({r.blocks for r in pudding.route(PROMPTS[:3])})
 
 
 # --- the engine ------------------------------------------------------------------------------------------
@@ -227,6 +400,47 @@ def test_engine_batches_by_set_and_matches_solo_runs(pudding):
         assert result["text"] == expected
 
 
+class _CancelAfter(threading.Event):
+    """A job's cancel flag that turns itself on after ``checks`` looks: a client leaving mid-batch, on cue."""
+
+    def __init__(self, checks: int):
+        super().__init__()
+        self.checks = checks
+
+    def is_set(self) -> bool:
+        self.checks -= 1
+        return self.checks < 0 or super().is_set()
+
+
+def test_engine_cancelling_a_row_leaves_its_batch_peers_alone(pudding):
+    async def run(jobs):
+        engine = SetBatchingEngine(pudding.model, pudding.tokenizer, batch_window=0.2)
+        engine.start()
+        for job in jobs:
+            engine.submit(job)
+        results = [await _final_info(job) for job in jobs]
+        await engine.stop()
+        return results, engine.stats
+
+    # checked once while queued, then once per decode step: the row stops after a few tokens
+    leaving = Job(PROMPTS[0], SETS[0], 12, cancelled=_CancelAfter(4))
+    staying = Job(PROMPTS[1], SETS[0], 12)
+    (left, stayed), stats = asyncio.run(run([leaving, staying]))
+    assert stats.batches == 1  # they were batched together
+    assert left["finish_reason"] == "cancelled" and 0 < left["completion_tokens"] < 12
+    batch = pudding.tokenizer(PROMPTS[1], return_tensors="pt")
+    with omit_blocks(pudding.model, SETS[0]):
+        out = pudding.model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert stayed["text"] == pudding.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+async def _final_info(job) -> dict:
+    while True:
+        kind, info = await job.events.get()
+        if kind == "done":
+            return info
+
+
 # --- the gateway -----------------------------------------------------------------------------------------
 
 
@@ -255,6 +469,16 @@ def test_gateway_forwards_to_the_backend_of_the_chosen_set(pudding, client):
     finally:
         for server in servers.values():
             server.__exit__()
+
+
+def test_gateway_refuses_a_chunked_body_over_the_limit_without_reading_the_rest(pudding):
+    # the gateway read the whole body, then compared its length with the limit
+    from pudding.gateway import create_gateway
+
+    gateway = create_gateway(pudding, {0: "http://127.0.0.1:9"}, ServeSettings(max_body_bytes=4000))
+    chunks = [{"type": "http.request", "body": b" " * 1000, "more_body": True} for _ in range(50)]
+    sent, pulled = asyncio.run(_drive(gateway, "/v1/completions", chunks, CHUNKED))
+    assert sent[0]["status"] == 413 and pulled == 5
 
 
 def test_gateway_backend_specs_are_checked(pudding):

@@ -69,3 +69,30 @@ def test_shipped_artifact_routes_and_generates(smollm2):
     assert [o.route for o in outputs] == routes and all(o.completion_tokens >= 1 for o in outputs)
     # routing again after a reload gives the same decisions
     assert PuddingModel.from_pretrained("default", model=model, tokenizer=tokenizer).route(prompts) == routes
+
+
+def test_default_model_exports_as_a_plain_checkpoint_that_matches(smollm2, tmp_path):
+    """The GGUF-loaded default model exports (transformers refuses to save a GGUF-quantized model as is).
+
+    The export is de-quantized fp32 safetensors that vanilla transformers loads, carrying no GGUF
+    quantization config, and its logits equal in-library omission of the same blocks.
+    """
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pudding.export import export_pruned
+
+    model, tokenizer = smollm2
+    omitted = (4, 12, 13, 20, 25, 27)
+    out = export_pruned(model, tokenizer, omitted, tmp_path / "pruned", source="default")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 24
+    assert model.hf_quantizer is not None and num_blocks(model) == 30  # the loaded model is left as it was
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tokenizer("Question: Which gas do plants absorb from the air?\nAnswer:", return_tensors="pt").input_ids
+    with torch.no_grad(), omit_blocks(model, omitted):
+        expected = model(ids).logits
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-4)

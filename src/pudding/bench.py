@@ -29,10 +29,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pudding.errors import ConfigError
+from pudding.errors import ConfigError, PuddingError
 from pudding.provenance import atomic_write_json, atomic_write_text, provenance
 
 VARIANTS = ("dense", "static", "routed")
+USAGE_ERROR = 2  # a variant's exit status when it refuses its input (its stderr's last line is the message)
 TEXT_TASK = "boolq"  # long Wikipedia passages: real text to cut prompts of exact token lengths from
 
 
@@ -50,11 +51,26 @@ class BenchConfig:
 
     def __post_init__(self):
         if isinstance(self.lengths, str):
-            object.__setattr__(self, "lengths", tuple(int(x) for x in self.lengths.split(",") if x.strip()))
+            object.__setattr__(self, "lengths", parse_lengths(self.lengths))
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be at least 1, got {self.repeats}")
         if self.new_tokens < 1 or self.threads < 1 or not self.lengths or min(self.lengths) < 1:
             raise ConfigError("new_tokens, threads and every length must be positive")
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """``"128,256"`` as ``(128, 256)``; ConfigError naming ``--lengths`` for anything else."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--lengths must be comma-separated token counts like 128,256, got {text!r}") from None
+
+
+def check_lengths(config: BenchConfig, limit: int | None) -> None:
+    """ConfigError if a prompt length plus the new tokens exceeds the model's context of ``limit`` tokens."""
+    too_long = [n for n in config.lengths if limit and n + config.new_tokens > limit]
+    if too_long:
+        raise ConfigError(f"prompt lengths {too_long} plus {config.new_tokens} new tokens exceed the context ({limit})")
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -121,10 +137,7 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
         pudding = PuddingModel.from_pretrained(folder)
     model, tokenizer = pudding.model, pudding.tokenizer
     load_seconds = time.perf_counter() - load_start
-    limit = context_length(model)
-    too_long = [n for n in config.lengths if limit and n + config.new_tokens > limit]
-    if too_long:
-        raise ConfigError(f"prompt lengths {too_long} plus {config.new_tokens} new tokens exceed the context ({limit})")
+    check_lengths(config, context_length(model))
     prompts = {n: _prompt_ids(tokenizer, n) for n in sorted(set(config.lengths) | {128})}
     texts = {n: tokenizer.decode(ids[0]) for n, ids in prompts.items()}
     [route] = pudding.route([texts[128]])
@@ -196,6 +209,8 @@ def _run_variant(variant: str, config: BenchConfig, workdir: Path) -> dict[str, 
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
     process = subprocess.run([sys.executable, "-m", "pudding.bench", variant, str(config_path), str(result_path)],
                              env=env, capture_output=True, text=True)
+    if process.returncode == USAGE_ERROR:  # the variant refused its input; its last line says why
+        raise ConfigError(process.stderr.strip().splitlines()[-1])
     if process.returncode != 0:
         tail = (process.stderr or process.stdout).strip().splitlines()[-5:]
         raise ConfigError(f"bench variant {variant} failed: " + " | ".join(tail))
@@ -221,10 +236,20 @@ def ratios(results: dict[str, dict]) -> dict[str, Any]:
     }
 
 
+def _check_before_running(config: BenchConfig) -> None:
+    """What can be checked from the artifact and the model's config alone, before three processes load it."""
+    from pudding.load import context_length, load_config
+    from pudding.routed import DEFAULT_ARTIFACT, read_config
+
+    folder = DEFAULT_ARTIFACT if config.model == "default" else Path(config.model)
+    check_lengths(config, context_length(load_config(read_config(folder)["base_model"]["spec"])))
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run every variant in its own process; return (and write) the results with the ratios."""
     import tempfile
 
+    _check_before_running(config)
     with tempfile.TemporaryDirectory() as tmp:
         results = {v: _run_variant(v, config, Path(tmp)) for v in VARIANTS}
     report = {"config": asdict(config), "variants": results, "ratios": ratios(results),
@@ -268,8 +293,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # one variant, in a fresh process (see _run_variant)
-    variant_name, config_file, result_file = sys.argv[1:4]
+def _variant_main(variant: str, config_file: str, result_file: str) -> int:
+    """One variant, in a fresh process (see _run_variant); a refused input is its message alone, no traceback."""
     settings = json.loads(Path(config_file).read_text())
     settings["lengths"] = tuple(settings["lengths"])
-    Path(result_file).write_text(json.dumps(_measure_variant(variant_name, BenchConfig(**settings))))
+    try:
+        Path(result_file).write_text(json.dumps(_measure_variant(variant, BenchConfig(**settings))))
+    except PuddingError as error:
+        print(error, file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_variant_main(*sys.argv[1:4]))

@@ -21,7 +21,7 @@ from pudding.baselines import least_important
 from pudding.errors import ConfigError
 from pudding.load import DEFAULT_MODEL, load_config, load_model, model_fingerprint, model_name
 from pudding.omit import OmissionSet, validate_omission
-from pudding.provenance import atomic_write_json, provenance
+from pudding.provenance import atomic_write_json, locks_output, provenance
 from pudding.score import LikelihoodScorer
 from pudding.search import CandidateEvaluator, check_k, get_objective, greedy_search, removable_blocks
 from pudding.tasks import MCDoc, get_task, load_docs
@@ -83,9 +83,11 @@ class CandidatePool:
             data = json.loads(path.read_text())
             if data.get("format") != POOL_FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, expected {POOL_FORMAT!r}")
-            sets = tuple(PoolEntry(tuple(s["blocks"]), tuple(SetSource(**_known(SetSource, src))
-                                                             for src in s["sources"])) for s in data["sets"])
             model = data["model"]
+            total = _block_count(model)
+            sets = tuple(PoolEntry(_stored_blocks(i, s, total), tuple(SetSource(**_known(SetSource, src))
+                                                                     for src in s["sources"]))
+                         for i, s in enumerate(data["sets"]))
         except FileNotFoundError:
             raise ConfigError(f"no candidate pool at {path}") from None
         except (ValueError, KeyError, TypeError) as error:
@@ -104,6 +106,29 @@ class CandidatePool:
         if fingerprint != self.model.get("fingerprint"):
             raise ConfigError(f"this pool was built for {self.model.get('name')} {self.model.get('fingerprint')}, "
                               f"not for a model with fingerprint {fingerprint}")
+
+
+def _block_count(model) -> int | None:
+    """The pool model's block count, if its fingerprint records one."""
+    if not isinstance(model, dict):
+        raise ValueError(f"'model' must be an object, got {type(model).__name__}")
+    fingerprint = model.get("fingerprint")
+    count = fingerprint.get("num_blocks") if isinstance(fingerprint, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
+def _stored_blocks(index: int, stored: dict, total: int | None) -> OmissionSet:
+    """Set ``index``'s blocks as saved, checked now: an edited or corrupt pool.json would otherwise pass
+    until generation, far from its cause. Kept in their saved order, which the pool's fingerprint hashes."""
+    blocks, name = stored["blocks"], stored.get("name", "?")
+    if not isinstance(blocks, list):
+        raise ConfigError(f"set {index} ({name}): blocks must be a list of block indices, got "
+                          f"{type(blocks).__name__}")
+    try:
+        validate_omission(blocks, total)
+    except ConfigError as error:
+        raise ConfigError(f"set {index} ({name}): {error}") from None
+    return tuple(blocks)
 
 
 def _known(cls, data: dict) -> dict:
@@ -271,6 +296,7 @@ def _make_scorer(config: PoolConfig):
     return LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
 
 
+@locks_output("run_dir", "out")
 def build_pool(config: PoolConfig) -> CandidatePool:
     """Run every (task, objective) search, deduplicate, and save the pool to ``config.out``."""
     fingerprint, docs = _prepare(config)
@@ -287,6 +313,7 @@ def build_pool(config: PoolConfig) -> CandidatePool:
     return pool
 
 
+@locks_output("run_dir", "out")
 def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "shortened_ppl", "taylor", "shortgpt"),
                     ) -> CandidatePool:
     """The static baselines at ``config.k`` on the PPL calibration text, saved as a pool to ``config.out``."""

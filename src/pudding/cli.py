@@ -7,12 +7,37 @@ the user's input (:class:`~pudding.errors.PuddingError`) are printed as one line
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from pudding.errors import PuddingError
+from pudding.errors import ConfigError, PuddingError
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
+
+# Flags that name a folder a verb writes to, by their argparse dest. main() checks each one a verb has before
+# the verb starts, so a bad path fails in a second instead of after the compute, losing its results.
+OUTPUT_FLAGS = {"output_dir": "--output-dir", "out": "--out", "run_dir": "--run-dir", "cache_dir": "--cache-dir"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with pudding's one-line error format; subparsers inherit it (argparse's default class)."""
+
+    verbs: dict[str, argparse.ArgumentParser]  # the top-level parser's subparsers, set by build_parser
+
+    def error(self, message: str):
+        # argparse prints its whole usage block first; the verb's --help has it, so point there instead.
+        self.exit(EXIT_USAGE, f"pudding: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a verb's unknown flags from the top-level parser; let the verb's parser say it.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            verbs = getattr(self, "verbs", {})
+            verbs.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def _positive_int(text: str) -> int:
@@ -22,6 +47,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    # Checked while parsing: a bad port otherwise fails only once the model has loaded, minutes later.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, got {value}")
     return value
 
 
@@ -339,8 +375,9 @@ def _add_generate(sub) -> None:
 def _run_generate(args) -> int:
     import time
 
-    from pudding.routed import PuddingModel
+    from pudding.routed import PuddingModel, check_prompts
 
+    check_prompts(args.prompts)  # before the model loads: an undecodable argv byte is a one-line error
     pudding = PuddingModel.from_pretrained(args.model)
     pudding.generate(args.prompts[:1], max_new_tokens=2)  # warm-up, so the first timing is not a cold start
     start = time.perf_counter()
@@ -370,10 +407,13 @@ def _add_serve(sub) -> None:
                                         "batching requests that chose the same set. Binds to 127.0.0.1 by default.")
     parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000)
     parser.add_argument("--batch-window-ms", type=float, default=10.0, help="wait for same-set peers this long")
     parser.add_argument("--max-batch-size", type=_positive_int, default=16)
-    parser.add_argument("--max-concurrency", type=_positive_int, default=64, help="requests in flight; more get 429")
+    parser.add_argument("--max-concurrency", type=_positive_int, default=64,
+                        help="prompts in flight (a list of n prompts takes n); more get 429")
+    parser.add_argument("--max-prompts-per-request", type=_positive_int, default=64,
+                        help="longest prompt list accepted; longer gets 400")
     parser.add_argument("--max-tokens-limit", type=_positive_int, default=1024, help="largest max_tokens accepted")
     parser.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000)
     parser.add_argument("--force-set", type=int, default=None, help="serve one fixed set (a gateway backend)")
@@ -390,7 +430,8 @@ def _run_serve(args) -> int:
 
     settings = ServeSettings(batch_window_ms=args.batch_window_ms, max_batch_size=args.max_batch_size,
                              max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit,
-                             max_body_bytes=args.max_body_bytes, force_set=args.force_set)
+                             max_body_bytes=args.max_body_bytes, max_prompts_per_request=args.max_prompts_per_request,
+                             force_set=args.force_set)
     if args.gateway:
         from pudding.gateway import create_gateway, parse_backends
 
@@ -430,6 +471,9 @@ def _run_export(args) -> int:
         return 0
     from pudding.export import export_from_spec
 
+    out = Path(args.out).resolve()
+    if out.is_dir() and any(out.iterdir()):  # export checks this too, but only after loading the model
+        raise ConfigError(f"{args.out} exists and is not empty; choose another --out or remove it")
     out, omission = export_from_spec(args.model, args.omit, args.out)
     print(f"wrote {out} without blocks {list(omission)}")
     return 0
@@ -534,21 +578,65 @@ SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pudding", description="Prompt-routed depth pruning of decoder LLMs.")
+    parser = _Parser(prog="pudding", description="Prompt-routed depth pruning of decoder LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS.values():
         add(sub)
+    parser.verbs = sub.choices
     return parser
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """ConfigError unless ``path`` is a folder pudding can write in, or one it can create.
+
+    Checked before any work: the writers create folders and write files only at the end, so a file in the
+    way or a read-only parent would otherwise surface as a traceback after all the compute. Writability is
+    probed by creating a nameless temporary file, which (unlike ``os.access``) also holds for root on a
+    read-only or virtual file system. Nothing is left behind.
+    """
+    import tempfile
+
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{flag} {path} is an existing file, not a folder")
+    existing = next(p for p in (target, *target.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: cannot create it, {existing} is a file")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: cannot write in {existing} ({error.strerror})") from None
+
+
+def _check_outputs(args) -> None:
+    for dest, flag in OUTPUT_FLAGS.items():
+        if getattr(args, dest, None):
+            check_output_dir(getattr(args, dest), flag)
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout is gone (``pudding route ... | head``): stop quietly, as Unix tools do.
+
+    Python's documented recipe: point stdout at devnull, so that the flush at exit does not fail again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pudding`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        _check_outputs(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, where it can be handled, not at interpreter exit
+        return status
     except PuddingError as error:
         print(f"pudding: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print("pudding: interrupted", file=sys.stderr)
         return 130

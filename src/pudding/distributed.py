@@ -17,6 +17,7 @@ replicas run side by side, and Ray places actors across nodes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,11 +45,36 @@ def _ray():
     return ray
 
 
+AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
+
+
+def ray_init_kwargs(settings: RaySettings) -> dict:
+    """The ``ray.init`` arguments: no dashboard (an HTTP server we do not need), driver logs kept quiet."""
+    return {"address": settings.address, "ignore_reinit_error": True, "log_to_driver": False,
+            "include_dashboard": False}
+
+
+def check_local_cluster_is_guarded(settings: RaySettings, environ=os.environ) -> None:
+    """Refuse to start a local cluster that anyone on the network could use.
+
+    A local Ray cluster cannot be confined to loopback: Ray deliberately rewrites a loopback node address
+    to the machine's network IP (``ray._private.services.resolve_ip_for_localhost``), and its gRPC servers
+    listen on every interface. What keeps other machines out is Ray's token authentication, on by default
+    since Ray 2.52; we refuse to start a cluster where it was switched off. Joining an existing cluster
+    (``--ray-address``) leaves its security to whoever runs it.
+    """
+    mode = environ.get(AUTH_MODE_VARIABLE)
+    if settings.address is None and mode is not None and mode.lower() != "token":
+        raise ConfigError(f"{AUTH_MODE_VARIABLE}={mode}: a local Ray cluster listens on this machine's network "
+                          "interfaces, and pudding starts one only with token authentication; unset "
+                          f"{AUTH_MODE_VARIABLE} (or set it to 'token'), or join a cluster with --ray-address")
+
+
 def init_ray(settings: RaySettings):
     ray = _ray()
     if not ray.is_initialized():
-        ray.init(address=settings.address, ignore_reinit_error=True, log_to_driver=False,
-                 include_dashboard=False)
+        check_local_cluster_is_guarded(settings)
+        ray.init(**ray_init_kwargs(settings))
     return ray
 
 

@@ -7,7 +7,8 @@ one batched ``generate`` with that set omitted. A job never waits for a batch of
 it only waits for the model, which runs one batch at a time.
 
 Tokens reach each job as they are produced (a streamer that splits the batch by row). A job whose client
-went away is cancelled: its row is stopped by a stopping criterion, and the batch ends once every row is done.
+went away is cancelled: still queued, it is dropped; running, its row is stopped by a stopping criterion at
+the next decode step while the other rows of its batch go on, and the batch ends once every row is done.
 Rows with a smaller ``max_tokens`` than the batch's are cut at their own limit, which for greedy decoding
 gives exactly the tokens a solo run would.
 """
@@ -15,6 +16,7 @@ gives exactly the tokens a solo run would.
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
 from collections import deque
@@ -129,7 +131,10 @@ class _StopRows(StoppingCriteria):
         self.jobs, self.rows = jobs, rows
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        done = [job.cancelled.is_set() or row.finish is not None for job, row in zip(self.jobs, self.rows)]
+        for job, row in zip(self.jobs, self.rows):
+            if row.finish is None and job.cancelled.is_set():
+                row.finish = "cancelled"  # so the padding generate() still feeds a stopped row is not counted
+        done = [row.finish is not None for row in self.rows]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -151,7 +156,10 @@ class SetBatchingEngine:
 
     def __init__(self, model, tokenizer, *, batch_window: float = 0.01, max_batch_size: int = 16,
                  on_batch: Callable[[OmissionSet, int], None] | None = None):
-        self.model, self.tokenizer = model, tokenizer
+        # The HTTP layer tokenizes and routes on a thread of its own while this worker decodes. A fast tokenizer
+        # shared by two threads fails with "RuntimeError: Already borrowed" (huggingface/tokenizers#537): each
+        # call re-sets padding and truncation on the one Rust object. So the worker decodes with its own copy.
+        self.model, self.tokenizer = model, copy.deepcopy(tokenizer)
         self.batch_window, self.max_batch_size = batch_window, max_batch_size
         self.on_batch = on_batch
         self.queues: dict[tuple, deque[Job]] = {}
@@ -177,12 +185,16 @@ class SetBatchingEngine:
         self.queues.setdefault(job.key, deque()).append(job)
         self.wakeup.set()
 
+    def _drop_cancelled(self) -> None:
+        # Anywhere in a queue, not only at its head: an abandoned request's prompts sit behind other requests'.
+        for queue in self.queues.values():
+            for job in [j for j in queue if j.cancelled.is_set()]:
+                queue.remove(job)
+                job.events.put_nowait(("done", {"finish_reason": "cancelled", "completion_tokens": 0}))
+
     def _next_batch(self) -> list[Job] | None:
+        self._drop_cancelled()
         live = {k: q for k, q in self.queues.items() if q}
-        for key, queue in live.items():  # drop jobs cancelled while queued
-            while queue and queue[0].cancelled.is_set():
-                queue.popleft().events.put_nowait(("done", {"finish_reason": "cancelled", "completion_tokens": 0}))
-        live = {k: q for k, q in live.items() if q}
         if not live:
             return None
         key = min(live, key=lambda k: live[k][0].arrived)
@@ -208,10 +220,10 @@ class SetBatchingEngine:
             return lambda text: loop.call_soon_threadsafe(job.events.put_nowait, ("token", text))
 
         rows = [_RowText(self.tokenizer, job.stop, job.max_tokens, emitter(job)) for job in jobs]
-        batch = self.tokenizer([j.prompt for j in jobs], return_tensors="pt", padding=True, padding_side="left")
-        batch = {k: v.to(self.model.device) for k, v in batch.items()}
         error = None
-        try:
+        try:  # tokenizing inside too: an exception that escaped this thread would end the worker for good
+            batch = self.tokenizer([j.prompt for j in jobs], return_tensors="pt", padding=True, padding_side="left")
+            batch = {k: v.to(self.model.device) for k, v in batch.items()}
             with omit_blocks(self.model, jobs[0].blocks), torch.inference_mode():
                 self.model.generate(**batch, max_new_tokens=max(j.max_tokens for j in jobs),
                                     pad_token_id=self.tokenizer.pad_token_id, streamer=_BatchStreamer(rows, self.eos),

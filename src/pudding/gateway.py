@@ -17,7 +17,7 @@ from fastapi import Request  # at module level: FastAPI resolves the (postponed)
 
 from pudding.errors import ConfigError
 from pudding.routed import PuddingModel
-from pudding.serve import BLOCKS_HEADER, SET_HEADER, OpenAIError, ServeSettings, chat_router_text
+from pudding.serve import BLOCKS_HEADER, SET_HEADER, OpenAIError, ServeSettings, _RequestGuard, chat_router_text
 
 
 def parse_backends(specs: list[str], pudding: PuddingModel) -> dict[int, str]:
@@ -59,6 +59,11 @@ def create_gateway(pudding: PuddingModel, backends: dict[int, str], settings: Se
             yield
 
     app = FastAPI(title="pudding gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # The same edge guard as `pudding serve`: a body is counted as it arrives, chunked or not, and refused
+    # once past the limit instead of being buffered whole.
+    app.add_middleware(_RequestGuard, max_bytes=settings.max_body_bytes, client_gone=lambda endpoint: None,
+                       too_large=lambda endpoint: fail(OpenAIError(
+                           413, f"request body over {settings.max_body_bytes} bytes")))
 
     def fail(error: OpenAIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status)
@@ -84,9 +89,7 @@ def create_gateway(pudding: PuddingModel, backends: dict[int, str], settings: Se
         return max(available, key=lambda i: scores[i].item())
 
     async def forward(request: Request, path: str):
-        raw = await request.body()
-        if len(raw) > settings.max_body_bytes:
-            return fail(OpenAIError(413, f"request body over {settings.max_body_bytes} bytes"))
+        raw = await request.body()  # within the size limit: _RequestGuard counted it as it arrived
         try:
             body = json.loads(raw)
             if not isinstance(body, dict):

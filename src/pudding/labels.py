@@ -34,7 +34,7 @@ from pudding.evaluate import doc_requests
 from pudding.load import load_config, load_model
 from pudding.metrics import DocScores, scores_by_doc
 from pudding.omit import OmissionSet
-from pudding.provenance import atomic_output, atomic_write_json, differing_keys, provenance, read_json
+from pudding.provenance import atomic_output, atomic_write_json, differing_keys, locks_output, provenance, read_json
 from pudding.score import LikelihoodScorer
 from pudding.search import CandidateEvaluator
 from pudding.tasks import SPLITS, TARGET_DELIMITER, MCDoc, load_docs
@@ -206,6 +206,7 @@ def run_identity(config: LabelConfig, fingerprint: dict, docs: list[MCDoc]) -> d
             **{k: v for k, v in asdict(config).items() if k in ("split", "max_length", "shard_size")}}
 
 
+@locks_output("run_dir", "out")
 def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
                  on_shard: Callable[[int], None] | None = None) -> Path:
     """Label every document under every pool set; resumable. Returns the output folder.

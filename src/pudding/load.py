@@ -164,8 +164,8 @@ _NON_DEFINING_FIELDS = ("_name_or_path", "transformers_version", "torch_dtype", 
 
 
 def context_length(model) -> int | None:
-    """The model's maximum sequence length from its config, or None if the config does not say."""
-    config = model.config
+    """The maximum sequence length from a model's config (or the config itself), None if it does not say."""
+    config = getattr(model, "config", model)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

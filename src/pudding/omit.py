@@ -131,12 +131,13 @@ def num_blocks(model: nn.Module) -> int:
     return len(get_blocks(model))
 
 
-def validate_omission(blocks: Iterable[int] | str | None, total: int) -> OmissionSet:
+def validate_omission(blocks: Iterable[int] | str | None, total: int | None) -> OmissionSet:
     """Check an omission set against a model with ``total`` blocks and return it as a sorted tuple.
 
     Accepts any iterable of ints, or a comma-separated string such as ``"20,21"``. ``None`` and ``""`` mean
     no block is omitted. Raises ConfigError naming the problem for: non-integers, indices out of
-    ``[0, total)``, duplicates, or omitting every block.
+    ``[0, total)``, duplicates, or omitting every block. With ``total=None`` (the model is not known yet)
+    only what needs no model is checked: integers, non-negative, no duplicates.
 
     >>> validate_omission([21, 20], 30)
     (20, 21)
@@ -151,15 +152,24 @@ def validate_omission(blocks: Iterable[int] | str | None, total: int) -> Omissio
     bad = [b for b in items if isinstance(b, bool) or not isinstance(b, int)]
     if bad:
         raise ConfigError(f"omission set must hold integer block indices, got {bad[0]!r}")
-    out_of_range = sorted(b for b in items if not 0 <= b < total)
-    if out_of_range:
-        raise ConfigError(f"blocks {out_of_range} are out of range: the model has blocks 0..{total - 1}")
+    _check_range(items, total)
     duplicates = sorted({b for b in items if items.count(b) > 1})
     if duplicates:
         raise ConfigError(f"omission set lists blocks {duplicates} more than once")
-    if len(items) >= total:
+    if total is not None and len(items) >= total:
         raise ConfigError(f"cannot omit all {total} blocks: at least one must be kept")
     return tuple(sorted(items))
+
+
+def _check_range(items: list[int], total: int | None) -> None:
+    if total is None:
+        negative = sorted(b for b in items if b < 0)
+        if negative:
+            raise ConfigError(f"block indices must be non-negative (0-based), got {negative}")
+        return
+    out_of_range = sorted(b for b in items if not 0 <= b < total)
+    if out_of_range:
+        raise ConfigError(f"blocks {out_of_range} are out of range: the model has blocks 0..{total - 1}")
 
 
 def parse_block_list(text: str) -> list[int]:

@@ -7,15 +7,17 @@ UTC date, the command line, and the versions of the libraries that decide the nu
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,87 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+LOCK_SUFFIX = ".pudding.lock"
+
+
+@contextmanager
+def exclusive_output(path: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on an output file or folder for as long as one process writes it.
+
+    A second writer (another ``pudding`` process on the same ``--out`` or ``--run-dir``) is refused at once
+    with a ConfigError rather than left to interleave its files with the first one's. The lock is a sibling
+    file (``.<name>.pudding.lock``), so the output folder itself only ever holds results; the OS releases it
+    when the holder exits, even by ``kill -9``.
+    """
+    from filelock import FileLock, Timeout
+
+    from pudding.errors import ConfigError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path.with_name(f".{path.name}{LOCK_SUFFIX}"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(f"{path} is being written by another pudding process; wait for it to finish "
+                          "or choose another output") from None
+    try:
+        yield path
+    finally:
+        lock.release()
+
+
+def locks_output(*attributes: str) -> Callable:
+    """Make a stage hold :func:`exclusive_output` on its config's output folders while it runs.
+
+    ``@locks_output("run_dir")`` on ``build_labels(config, ...)`` refuses a second process labelling into
+    the same run folder, whose shards and identity file would otherwise interleave with the first one's.
+    Attributes that are None (no output asked for) are skipped.
+    """
+    def decorate(stage: Callable) -> Callable:
+        @functools.wraps(stage)
+        def locked(config, *args, **kwargs):
+            with ExitStack() as stack:
+                for name in attributes:
+                    if getattr(config, name) is not None:
+                        stack.enter_context(exclusive_output(getattr(config, name)))
+                return stage(config, *args, **kwargs)
+        return locked
+    return decorate
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to ``path``; on success it becomes ``path``, on failure it is deleted.
+
+    The temporary name is unique per call (``mkdtemp``), so two writers never share it, and ``path`` must be
+    absent or empty: a finished folder is never replaced. Files are made readable like any other output
+    (``mkdtemp`` makes the folder 0700, and some writers make 0600 files).
+    """
+    from pudding.errors import ConfigError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        _make_readable(tmp)
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        elif path.exists():
+            raise ConfigError(f"{path} appeared while it was being written; the new copy was discarded")
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _make_readable(folder: Path) -> None:
+    os.chmod(folder, 0o777 & ~_UMASK)
+    for item in folder.rglob("*"):
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~_UMASK)
 
 
 def atomic_write_figure(fig, path: str | Path) -> Path:

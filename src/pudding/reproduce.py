@@ -40,7 +40,7 @@ from pudding.labels import LabelConfig, Labels, build_labels, collect_docs, run_
 from pudding.load import load_model, model_fingerprint, model_name
 from pudding.metrics import mean_with_stderr
 from pudding.provenance import (atomic_write_figure, atomic_write_json, atomic_write_text, differing_keys,
-                                provenance, read_json)
+                                locks_output, provenance, read_json)
 from pudding.routed import DEFAULT_ARTIFACT, PuddingModel
 from pudding.tasks import get_task
 from pudding.train import TARGETS, VAL_FRACTION, RoutingData, TrainConfig, routing_data, split_rows, train_router
@@ -715,6 +715,7 @@ def _column_of(scoring_pool: CandidatePool, blocks: tuple) -> int:
     return next(i for i, entry in enumerate(scoring_pool.sets) if entry.blocks == blocks)
 
 
+@locks_output("folder", "work_dir")
 def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     """Run every stage and write the tables; returns the summary."""
     stages, log = Stages(), {}

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pudding.candidates import CandidatePool
+from pudding.candidates import POOL_FILE, CandidatePool
 from pudding.errors import ConfigError
 from pudding.load import context_length, load_config, load_model, model_fingerprint
 from pudding.omit import OmissionSet, omit_blocks
@@ -38,7 +38,7 @@ CONFIG_FILE = "pudding.json"
 ROUTER_FILE = "router.safetensors"
 FORMAT = "pudding.model"
 FORMAT_VERSION = 1
-KNOWN_KEYS = {"format", "version", "base_model", "router", "training", "provenance"}
+KNOWN_KEYS = {"format", "version", "base_model", "router", "training", "provenance", "pool_fingerprint"}
 DEFAULT_ARTIFACT = Path(__file__).parent / "artifacts" / "smollm2-135m-k6"
 
 
@@ -75,7 +75,18 @@ def check_prompts(texts: Sequence[str]) -> list[str]:
             raise ConfigError(f"prompt {i} is a {type(text).__name__}, not a string")
         if not text.strip():
             raise ConfigError(f"prompt {i} is empty")
+        _check_encodable(i, text)
     return texts
+
+
+def _check_encodable(index: int, text: str) -> None:
+    # Python turns an argv or file byte that is not UTF-8 into a lone surrogate; the tokenizer cannot
+    # encode one and fails deep inside with a traceback.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ConfigError(f"prompt {index} is not valid UTF-8 text (an undecodable byte at character "
+                          f"{error.start})") from None
 
 
 class PuddingModel:
@@ -114,6 +125,7 @@ class PuddingModel:
         folder = DEFAULT_ARTIFACT if str(path) == "default" else Path(path)
         config = read_config(folder)
         pool = CandidatePool.from_pretrained(folder)
+        check_pool(config, pool, folder)
         base = config["base_model"]
         router_config = RouterConfig(**_known_fields(RouterConfig, config["router"], folder))
         model_config = None
@@ -144,6 +156,8 @@ class PuddingModel:
             "base_model": {"spec": pool_model.get("spec"), "name": pool_model.get("name"),
                            "fingerprint": model_fingerprint(self.model.config)},
             "router": asdict(self.router.config),
+            # The router's output i scores set i: binds the router to exactly this pool, in this order.
+            "pool_fingerprint": self.pool.fingerprint(),
             "training": {k: v for k, v in (summary or {}).items() if k != "history"},
             "provenance": provenance()})
         return folder
@@ -232,12 +246,34 @@ def read_config(folder: Path) -> dict[str, Any]:
     for key in ("base_model", "router"):
         if key not in config:
             raise ConfigError(f"{path} lacks the {key!r} entry")
+        if not isinstance(config[key], dict):
+            raise ConfigError(f"{path}: {key!r} must be an object, got {type(config[key]).__name__}")
+    base = config["base_model"]
+    if not isinstance(base.get("spec"), str) or not isinstance(base.get("fingerprint"), dict):
+        raise ConfigError(f"{path}: 'base_model' needs a 'spec' string and a 'fingerprint' object, got "
+                          f"{base!r:.100}")
     unknown = sorted(set(config) - KNOWN_KEYS)
     version = config.get("version", FORMAT_VERSION)
     if unknown or (isinstance(version, int) and version > FORMAT_VERSION):
         warnings.warn(f"{path} was written by a newer pudding (version {version}); ignoring unknown keys {unknown}",
                       stacklevel=3)
     return config
+
+
+def check_pool(config: dict[str, Any], pool: CandidatePool, folder: Path) -> None:
+    """ConfigError if ``pool`` is not the pool the artifact's router was trained on (its sets, in order).
+
+    A reordered or edited pool.json would otherwise load silently and route each prompt to the wrong set.
+    Artifacts written before the fingerprint was recorded load with a warning.
+    """
+    recorded = config.get("pool_fingerprint")
+    if recorded is None:
+        warnings.warn(f"{folder / CONFIG_FILE} records no pool fingerprint (written by an older pudding), so "
+                      f"{POOL_FILE} cannot be checked against the pool the router was trained on", stacklevel=3)
+    elif recorded != pool.fingerprint():
+        raise ConfigError(f"{POOL_FILE} does not match the pool the router was trained on: {folder / POOL_FILE} "
+                          f"has fingerprint {pool.fingerprint()}, {CONFIG_FILE} records {recorded} (were its sets "
+                          f"reordered, edited or replaced?)")
 
 
 def _known_fields(cls, data: dict, folder: Path) -> dict:

@@ -41,7 +41,7 @@ from pudding.candidates import CandidatePool
 from pudding.errors import ConfigError
 from pudding.labels import Labels
 from pudding.metrics import first_argmax
-from pudding.provenance import atomic_write_figure, atomic_write_json, provenance
+from pudding.provenance import atomic_write_figure, atomic_write_json, locks_output, provenance
 from pudding.router import LLM_BACKBONE, Router, RouterConfig, build_router, choose_sets
 from pudding.tasks import get_task
 
@@ -92,6 +92,11 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        for name in ("lr", "encoder_lr"):
+            # nan or inf train to a nan router without an error; a negative rate climbs the loss.
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
 
     @property
     def n_epochs(self) -> int:
@@ -360,6 +365,7 @@ def plot_history(history: list[dict], title: str, path: Path) -> None:
     atomic_write_figure(fig, path)
 
 
+@locks_output("out")
 def train_router(config: TrainConfig, *, model=None, tokenizer=None):
     """Train a router on ``config.labels`` and save a PuDDing artifact to ``config.out``; returns the model."""
     from pudding.load import load_model
