@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     for folder in args.routers:
         pudding = PuddingModel.from_pretrained(folder, model=model, tokenizer=tokenizer)
         pudding.route(texts[:1])
-        route_s = statistics.median(timed(lambda t=t: pudding.route([t])) for t in texts)
+        route_s = statistics.median(timed(lambda t=t, pudding=pudding: pudding.route([t])) for t in texts)
         name = f"{pudding.router.kind}-{pudding.router.config.loss}" + (" (shipped)" if folder == "default" else "")
         rows[name] = {"folder": folder, "route_ms": 1000 * route_s, "prefill_ms": 1000 * prefill_s,
                       "route_over_prefill": route_s / prefill_s,

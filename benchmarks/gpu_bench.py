@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         router = statistics.median(timer(lambda: pudding.route([texts[128]])) for _ in range(args.repeats))
         results[variant] = {"prefill_s": prefill, "decode_s": decode,
                             "router_s": router if variant == "routed" else 0.0,
-                            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+                            "peak_allocated_bytes": (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                                                     else None)}
         print(f"{variant:<7} pre-fill " + " ".join(f"{n}:{1000 * s:.2f}ms" for n, s in prefill.items())
               + f"  {args.new_tokens} tokens {decode:.3f}s")
     ratios = {

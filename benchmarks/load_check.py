@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     print(f"sequential: {len(texts)} requests in {sequential_wall:.1f} s = {sequential_rps:.2f} req/s")
     print(f"concurrent: {total} requests from {args.clients} clients in {wall:.1f} s = {total / wall:.2f} req/s "
           f"({result['throughput_ratio']:.2f}x sequential), {batches} generate batches")
-    print(f"latency p50 {result['concurrent']['latency_p50_s']:.2f} s, p95 {result['concurrent']['latency_p95_s']:.2f} s")
+    print(f"latency p50 {result['concurrent']['latency_p50_s']:.2f} s, "
+          f"p95 {result['concurrent']['latency_p95_s']:.2f} s")
     print(f"greedy answers equal to the sequential ones: {total - len(mismatches)}/{total}")
     if args.out:
         atomic_write_json(Path(args.out), result)

@@ -6,11 +6,19 @@ import json
 
 import pytest
 
-from pudding.candidates import (CandidatePool, PoolConfig, SetSource, build_baselines, build_pool, deduplicate,
-                               shrink_pool)
+from pudding.candidates import (
+    CandidatePool,
+    PoolConfig,
+    SetSource,
+    build_baselines,
+    build_pool,
+    deduplicate,
+    shrink_pool,
+)
 from pudding.cli import main
 from pudding.errors import ConfigError, UnknownNameError
 from pudding.load import load_config
+
 from tiny import NUM_LAYERS, tiny_model
 
 

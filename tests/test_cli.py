@@ -10,6 +10,7 @@ import pytest
 
 from pudding import load as load_module
 from pudding.cli import SUBCOMMANDS, build_parser, main
+
 from tiny import NUM_LAYERS
 
 
@@ -83,7 +84,8 @@ def test_missing_asset_package_says_what_to_install(monkeypatch, capsys):
 def test_unsupported_architecture_lists_supported_ones(tmp_path, capsys):
     from transformers import BertConfig
 
-    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64).save_pretrained(tmp_path)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config.save_pretrained(tmp_path)
     status = main(["eval", "--model", str(tmp_path), "--limit", "2", "--no-progress"])
     err = capsys.readouterr().err
     assert status != 0 and "'bert' is not supported" in err and "llama" in err

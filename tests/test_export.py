@@ -10,6 +10,7 @@ from pudding.cli import main
 from pudding.errors import ConfigError
 from pudding.export import MANIFEST_FILE, export_all_sets, export_pruned
 from pudding.omit import omit_blocks
+
 from tiny import tiny_model, tiny_tokenizer
 
 OMIT = (1, 3)

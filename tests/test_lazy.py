@@ -6,6 +6,7 @@ import torch
 from pudding.errors import ConfigError
 from pudding.lazy import BlockStore, build_lazy_model, resident_bytes, write_cache
 from pudding.omit import get_blocks, omit_blocks
+
 from tiny import tiny_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 8]])
@@ -74,4 +75,5 @@ def test_pudding_model_with_a_block_store_generates_the_same(tmp_path, tiny_dir)
         got = routed.generate(prompts, routes=[route, route], max_new_tokens=5)
         assert [g.text for g in got] == [w.text for w in want]
         kept = [i for i in range(6) if i not in route.blocks]
-        assert sum(resident_bytes(b) for b in get_blocks(lazy)) == sum(resident_bytes(get_blocks(dense)[i]) for i in kept)
+        assert (sum(resident_bytes(b) for b in get_blocks(lazy))
+                == sum(resident_bytes(get_blocks(dense)[i]) for i in kept))

@@ -138,3 +138,16 @@ def test_acc_norm_matches_lm_evals_own_process_results_on_real_documents(tmp_pat
         compared += 1
     assert compared >= 100
     assert flips > 0, "no document where counting the delimiter changes acc_norm: the test could not fail"
+
+
+def test_a_mistyped_model_arg_is_refused_and_lm_evals_own_arguments_are_accepted(setup):
+    from pudding.errors import ConfigError
+
+    root, model, tokenizer, _ = setup
+    with pytest.raises(ConfigError, match=r"unknown pudding model_args \['omitt'\]"):
+        PuddingLM.create_from_arg_string(f"pretrained={root / 'artifact'},omitt=1;3",
+                                         {"model": model, "tokenizer": tokenizer})
+    lm = PuddingLM.create_from_arg_string(f"pretrained={root / 'artifact'},omit=1;3",
+                                          {"model": model, "tokenizer": tokenizer, "batch_size": 8,
+                                           "max_batch_size": None, "device": "cpu"})
+    assert lm.static == (1, 3)

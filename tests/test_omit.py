@@ -10,7 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pudding.errors import ConfigError, UnknownNameError
-from pudding.omit import get_architecture, num_blocks, omit_blocks, prune_blocks, supported_model_types, validate_omission
+from pudding.omit import (
+    get_architecture,
+    num_blocks,
+    omit_blocks,
+    prune_blocks,
+    supported_model_types,
+    validate_omission,
+)
+
 from tiny import BLOCK_PREFIX, NUM_LAYERS, TINY_CONFIGS, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)

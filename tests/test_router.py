@@ -1,9 +1,8 @@
 """Labels, routers and the PuDDing model on a tiny llama (6 blocks) and a tiny BERT router backbone."""
 
 import hashlib
-import math
 import json
-import warnings
+import math
 
 import pytest
 import torch
@@ -18,10 +17,18 @@ from pudding.labels import LABELS_FILE, LabelConfig, Labels, build_labels, colle
 from pudding.load import model_fingerprint
 from pudding.omit import omit_blocks
 from pudding.routed import CONFIG_FILE, ROUTER_FILE, PuddingModel, Route
-from pudding.score import LikelihoodScorer
 from pudding.router import choose_sets
-from pudding.train import (TrainConfig, is_validation, label_targets, routing_data, split_rows, train_router,
-                           tune_switch)
+from pudding.score import LikelihoodScorer
+from pudding.train import (
+    TrainConfig,
+    is_validation,
+    label_targets,
+    routing_data,
+    split_rows,
+    train_router,
+    tune_switch,
+)
+
 from tiny import VOCAB, tiny_model, tiny_tokenizer
 
 SETS = [(1, 2), (2, 3), (3, 4), (1, 4)]
@@ -423,8 +430,8 @@ def test_cli_route_and_generate(trained, tmp_path, capsys, monkeypatch, llm):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is the capital of France?"}\n{"prompt": "The cat sat on"}\n')
     assert main(["route", "--model", str(out), "--file", str(prompts)]) == 0
-    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
-    assert [tuple(l["blocks"]) for l in lines] == [r.blocks for r in pudding.route(
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [tuple(line["blocks"]) for line in lines] == [r.blocks for r in pudding.route(
         ["What is the capital of France?", "The cat sat on"])]
     assert main(["generate", "--model", str(out), "--max-new-tokens", "3", "--compare-dense", "Hello"]) == 0
     text = capsys.readouterr().out
@@ -460,3 +467,13 @@ def test_cli_label_and_train_router(labelled, tmp_path, monkeypatch, llm, encode
                  "--no-progress"]) == 0
     router = json.loads((tmp_path / "safe" / CONFIG_FILE).read_text())["router"]
     assert router["target"] == "choice-prob" and router["default_set"] is not None
+
+
+def test_a_router_only_model_refuses_to_save_before_writing_anything(trained, tmp_path):
+    from pudding.routed import PuddingModel
+
+    out, _ = trained
+    router_only = PuddingModel.from_pretrained(out, router_only=True)
+    with pytest.raises(ConfigError, match="router-only"):
+        router_only.save_pretrained(tmp_path / "half")
+    assert not (tmp_path / "half").exists()

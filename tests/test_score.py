@@ -9,6 +9,7 @@ import torch
 
 from pudding.omit import omit_blocks
 from pudding.score import LikelihoodScorer, Request, encode_request, score_one_by_one
+
 from tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 
 QUESTIONS = [
@@ -118,7 +119,6 @@ def test_requests_longer_than_the_window_keep_their_last_tokens():
     assert score.n_tokens <= 16
     encoded = encode_request(tokenizer, long)
     whole = (encoded.context + encoded.continuation)[-17:]
-    import torch
     with torch.no_grad():
         logits = model(torch.tensor([whole[:-1]])).logits[0, -score.n_tokens:]
     want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(whole[-score.n_tokens:])[:, None]).sum()

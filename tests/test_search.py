@@ -16,18 +16,22 @@ import pytest
 from pudding.errors import ConfigError, UnknownNameError
 from pudding.omit import omit_blocks
 from pudding.score import LikelihoodScorer, Request, score_one_by_one
-from pudding.search import (CandidateEvaluator, OBJECTIVES, check_k, get_objective, greedy_search,
-                            removable_blocks)
+from pudding.search import OBJECTIVES, CandidateEvaluator, check_k, get_objective, greedy_search, removable_blocks
 from pudding.tasks import MCDoc
+
 from tiny import NUM_LAYERS, tiny_model, tiny_tokenizer
 
 DOCS = [
     MCDoc("t", "a", ("Question: Which technology was developed most recently?\nAnswer:",) * 3,
-          (" cellular telephone", " television", " a"), 0, "Question: Which technology was developed most recently?\nAnswer:"),
+          (" cellular telephone", " television", " a"), 0,
+          "Question: Which technology was developed most recently?\nAnswer:"),
     MCDoc("t", "b", ("The man turned on the faucet. Water flowed",) * 2,
           (" because the valve opened.", " from the spout"), 1, "The man turned on the faucet. Water flowed"),
-    MCDoc("t", "c", ("Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"),
-          (" always got the easier cases.",) * 2, 1, "Sarah was a much better surgeon than Maria so _ always got the easier cases."),
+    MCDoc("t", "c",
+          ("Sarah was a much better surgeon than Maria so Sarah",
+           "Sarah was a much better surgeon than Maria so Maria"),
+          (" always got the easier cases.",) * 2, 1,
+          "Sarah was a much better surgeon than Maria so _ always got the easier cases."),
 ]
 REQUESTS = OBJECTIVES["margin"].requests(DOCS)
 
@@ -74,7 +78,8 @@ def test_each_step_removes_the_argmin_and_respects_barriers():
     for step in result.steps:
         assert step.loss == min(step.candidate_losses.values())
         assert step.candidate_losses[step.removed] == step.loss
-    assert sorted(result.steps[1].candidate_losses) == [b for b in range(1, NUM_LAYERS - 1) if b != result.steps[0].removed]
+    assert sorted(result.steps[1].candidate_losses) == [b for b in range(1, NUM_LAYERS - 1)
+                                                        if b != result.steps[0].removed]
     wide = greedy_search(_evaluator(), loss, k=2, barriers=(2, 0))
     assert not {0, 1} & set(wide.blocks)
 
@@ -86,7 +91,8 @@ def test_objective_losses_match_hand_computation():
     means = [s.logprob / s.n_tokens for s in scores]
     want = -((means[0] - (means[1] + means[2]) / 2) + (means[4] - means[3]) + (means[6] - means[5]))
     assert OBJECTIVES["margin"].loss(DOCS, scores) == pytest.approx(want)
-    assert OBJECTIVES["ppl"].loss(DOCS, scores) == pytest.approx(-sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores))
+    assert OBJECTIVES["ppl"].loss(DOCS, scores) == pytest.approx(
+        -sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores))
     assert OBJECTIVES["ppl"].requests([DOCS[0]]) == [Request("", DOCS[0].contexts[0])]
 
 

@@ -41,7 +41,8 @@ def _block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def shortened_ppl_importance(scorer: LikelihoodScorer, requests: Sequence[Request], candidates: list[int]) -> dict[int, float]:
+def shortened_ppl_importance(scorer: LikelihoodScorer, requests: Sequence[Request],
+                             candidates: list[int]) -> dict[int, float]:
     """Log-perplexity of the calibration text with each candidate block alone removed."""
     evaluator = CandidateEvaluator(scorer, requests)
     scores = evaluator.evaluate([(b,) for b in candidates])
@@ -49,7 +50,8 @@ def shortened_ppl_importance(scorer: LikelihoodScorer, requests: Sequence[Reques
     return {b: loss([], s) for b, s in zip(candidates, scores)}
 
 
-def taylor_importance(scorer: LikelihoodScorer, requests: Sequence[Request], candidates: list[int]) -> dict[int, float]:
+def taylor_importance(scorer: LikelihoodScorer, requests: Sequence[Request],
+                      candidates: list[int]) -> dict[int, float]:
     """Sum of |w * dL/dw| over each block's weights, L the mean token NLL of the calibration text."""
     model, blocks = scorer.model, get_blocks(scorer.model)
     model.zero_grad(set_to_none=True)
@@ -71,7 +73,8 @@ def _nll(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
                                        ignore_index=-100, reduction="sum") / (labels != -100).sum()
 
 
-def shortgpt_importance(scorer: LikelihoodScorer, requests: Sequence[Request], candidates: list[int]) -> dict[int, float]:
+def shortgpt_importance(scorer: LikelihoodScorer, requests: Sequence[Request],
+                        candidates: list[int]) -> dict[int, float]:
     """Block Influence: mean over real tokens of 1 - cos(block input, block output)."""
     blocks, totals, count = get_blocks(scorer.model), {b: 0.0 for b in candidates}, 0
     current_mask: list[torch.Tensor] = []

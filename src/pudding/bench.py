@@ -70,7 +70,8 @@ def check_lengths(config: BenchConfig, limit: int | None) -> None:
     """ConfigError if a prompt length plus the new tokens exceeds the model's context of ``limit`` tokens."""
     too_long = [n for n in config.lengths if limit and n + config.new_tokens > limit]
     if too_long:
-        raise ConfigError(f"prompt lengths {too_long} plus {config.new_tokens} new tokens exceed the context ({limit})")
+        raise ConfigError(f"prompt lengths {too_long} plus {config.new_tokens} new tokens exceed the context "
+                          f"({limit})")
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -114,8 +115,8 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
     import torch
 
     from pudding.lazy import BlockStore, build_lazy_model, resident_bytes, write_cache
-    from pudding.omit import omit_blocks, prune_blocks
     from pudding.load import context_length
+    from pudding.omit import omit_blocks, prune_blocks
     from pudding.routed import PuddingModel
 
     torch.set_num_threads(config.threads)
@@ -265,10 +266,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     ms = lambda s: f"{1000 * s:.1f}"  # noqa: E731
     variants = report["variants"]
     lengths = list(variants["dense"]["prefill_seconds"])
-    lines = [f"# pudding bench ({report['provenance']['date']}, commit {report['provenance']['git'].get('commit', '?')[:10]})",
+    lines = [f"# pudding bench ({report['provenance']['date']}, "
+             f"commit {report['provenance']['git'].get('commit', '?')[:10]})",
              "", f"Command: `{' '.join(report['provenance']['command'])}`", "",
              "| variant | " + " | ".join(f"pre-fill {n} tok (ms)" for n in lengths)
-             + f" | {report['config']['new_tokens']} tokens (s) | router (ms) | set switch (ms) | weights (MB) | peak RSS (MB) |",
+             + f" | {report['config']['new_tokens']} tokens (s) | router (ms) | set switch (ms) | weights (MB) "
+               "| peak RSS (MB) |",
              "|---" * (len(lengths) + 6) + "|"]
     for name, v in variants.items():
         cells = [f"{ms(v['prefill_seconds'][n]['median'])} [{ms(v['prefill_seconds'][n]['q1'])}-"
@@ -283,11 +286,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"{switch['blocks_dropped']} dropped in {ms(switch['seconds']['median'])} ms (median; "
                       f"{switch['block_bytes'] / 1e6:.1f} MB per block)."]
     lines += ["", "Medians over repeats, [interquartile range]. Ratios:", "",
-              "- routed / static pre-fill: " + ", ".join(f"{n} tok {x:.3f}" for n, x in r["routed_over_static_prefill"].items()),
+              "- routed / static pre-fill: " + ", ".join(
+                  f"{n} tok {x:.3f}" for n, x in r["routed_over_static_prefill"].items()),
               "- routed without the router and switch / static pre-fill: " + ", ".join(
                   f"{n} tok {x:.3f}" for n, x in r["routed_model_only_over_static_prefill"].items()),
-              "- dense / routed pre-fill: " + ", ".join(f"{n} tok {x:.3f}" for n, x in r["dense_over_routed_prefill"].items()),
-              f"- dense / routed generation of {report['config']['new_tokens']} tokens: {r['dense_over_routed_decode']:.3f}",
+              "- dense / routed pre-fill: " + ", ".join(
+                  f"{n} tok {x:.3f}" for n, x in r["dense_over_routed_prefill"].items()),
+              f"- dense / routed generation of {report['config']['new_tokens']} tokens: "
+              f"{r['dense_over_routed_decode']:.3f}",
               f"- routed / dense resident weight bytes: {r['routed_over_dense_resident_weights']:.3f}",
               f"- routed / dense peak RSS: {r['routed_over_dense_peak_rss']:.3f}", ""]
     return "\n".join(lines)

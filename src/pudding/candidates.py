@@ -290,8 +290,8 @@ def _make_scorer(config: PoolConfig):
     if config.executor == "ray":
         from pudding.distributed import RaySettings, start_workers
 
-        return start_workers(RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor), config.model,
-                             config.max_batch_tokens, config.max_length)
+        return start_workers(RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor),
+                             config.model, config.max_batch_tokens, config.max_length)
     model, tokenizer = load_model(config.model)
     return LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
 

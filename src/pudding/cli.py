@@ -442,7 +442,8 @@ def _run_serve(args) -> int:
             raise ConfigError("--backend needs --gateway")
         pudding = PuddingModel.from_pretrained(args.model)
         if args.force_set is not None and not 0 <= args.force_set < len(pudding.pool.sets):
-            raise ConfigError(f"--force-set {args.force_set} is out of range: the pool has {len(pudding.pool.sets)} sets")
+            raise ConfigError(f"--force-set {args.force_set} is out of range: "
+                              f"the pool has {len(pudding.pool.sets)} sets")
         app = create_app(pudding, settings)
     run_server(app, args.host, args.port)
     return 0

@@ -16,7 +16,7 @@ import dataclasses
 import datetime as _dt
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,8 @@ class EvalConfig:
         for name in tasks:
             get_task(name)  # raises UnknownNameError listing the known tasks
         object.__setattr__(self, "tasks", tuple(dict.fromkeys(tasks)))
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
             raise ConfigError(f"limit must be a positive integer or None, got {self.limit!r}")
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
@@ -138,7 +139,7 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any
         "runs": [_evaluate_omission(config, scorer, docs, omitted) for omitted in config.omissions],
     }
     if config.output_dir is not None:
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         path = Path(config.output_dir) / f"eval-{stamp}.json"
         result["path"] = str(atomic_write_json(path, result))
         atomic_write_text(path.with_suffix(".md"), render_markdown(result))

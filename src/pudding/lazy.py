@@ -113,7 +113,7 @@ class BlockStore:
             raise ConfigError(f"a memory budget of {budget_bytes} bytes cannot hold one block ({largest} bytes)")
         self.budget = budget_bytes
         self.resident: OrderedDict[int, None] = OrderedDict()  # least recently used first
-        for i, block in enumerate(blocks):
+        for _, block in enumerate(blocks):
             if resident_bytes(block):
                 _release(block)
 

@@ -49,16 +49,27 @@ class PuddingLM(LM):
     """A PuDDing model (routed, static or dense) as an lm-eval ``LM`` for log-likelihood tasks."""
 
     def __init__(self, pretrained: str = "default", omit: str | None = None, batch_tokens: int = 512,
-                 max_length: int | None = None, model=None, tokenizer=None, **unused):
+                 max_length: int | None = None, model=None, tokenizer=None, batch_size=None, max_batch_size=None,
+                 device=None, **unknown):
         super().__init__()
         from pudding.routed import PuddingModel
 
+        # lm-eval hands every model its --batch_size, --max_batch_size and --device. We batch by tokens
+        # (batch_tokens), so the first two are accepted and unused; --device moves the LLM. Anything else is a
+        # typo in --model_args, which would otherwise change nothing without a word.
+        if unknown:
+            raise ConfigError(f"unknown pudding model_args {sorted(unknown)}; known: pretrained, omit, batch_tokens, "
+                              "max_length (and lm-eval's batch_size, max_batch_size, device)")
+
         self.pudding = PuddingModel.from_pretrained(pretrained, model=model, tokenizer=tokenizer)
+        if device is not None:
+            self.pudding.model.to(device)
         total = self.pudding.model.config.num_hidden_layers
         self.static: OmissionSet | None = None
         if omit is not None:
             text = str(omit).strip().lower()
-            self.static = () if text in ("", "none", "dense") else validate_omission(str(omit).replace(";", ","), total)
+            self.static = (() if text in ("", "none", "dense")
+                           else validate_omission(str(omit).replace(";", ","), total))
         self.scorer = LikelihoodScorer(self.pudding.model, self.pudding.tokenizer, max_batch_tokens=int(batch_tokens),
                                        max_length=int(max_length) if max_length else None)
         self.chosen: dict[OmissionSet, int] = {}  # documents routed to each set, for the run's log

@@ -13,8 +13,8 @@ unsupported model fails in seconds with the list of supported ones.
 
 from __future__ import annotations
 
-import importlib.util
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +125,8 @@ def load_model(
     load_config(spec)  # fail fast on an unsupported architecture or a missing model
     source = resolve_model_source(spec)
     common = dict(gguf_file=source.gguf_file, local_files_only=_cache_only(source))
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype if dtype is not None else "auto", **common)
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype if dtype is not None else "auto",
+                                                 **common)
     tokenizer = AutoTokenizer.from_pretrained(source.location, **common)
     ensure_pad_token(tokenizer)
     return model.to(device).eval(), tokenizer

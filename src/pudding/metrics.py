@@ -2,7 +2,8 @@
 
 ``acc`` and ``acc_norm`` follow lm-evaluation-harness exactly: the predicted choice is the first argmax of
 the summed continuation log-likelihood (``acc``) or of that sum divided by the answer option's character
-length (``acc_norm``: ``len(choice)``, without the target delimiter, as lm-eval's ``process_results``); the standard error of a mean is the sample standard deviation over sqrt(N).
+length (``acc_norm``: ``len(choice)``, without the target delimiter, as lm-eval's ``process_results``); the
+standard error of a mean is the sample standard deviation over sqrt(N).
 
 The paper's two search objectives are per document, on *mean per-token* log-likelihoods:
 

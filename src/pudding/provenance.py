@@ -51,7 +51,7 @@ def provenance() -> dict[str, Any]:
     """The record stamped into every result: git state, date, command, versions, machine."""
     return {
         "git": git_commit(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": sys.argv,
         "versions": library_versions(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},

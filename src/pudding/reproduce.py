@@ -32,15 +32,30 @@ from typing import Any
 
 import torch
 
-from pudding.candidates import (PAPER_TASKS, CandidatePool, PoolConfig, PoolEntry, SetSource, build_baselines,
-                                build_pool, shrink_pool)
+from pudding.candidates import (
+    PAPER_TASKS,
+    CandidatePool,
+    PoolConfig,
+    PoolEntry,
+    SetSource,
+    build_baselines,
+    build_pool,
+    shrink_pool,
+)
 from pudding.errors import ConfigError
 from pudding.importance import IMPORTANCE_FILE, ImportanceConfig, block_importance, load_importance, plot_heatmap
 from pudding.labels import LabelConfig, Labels, build_labels, collect_docs, run_identity
 from pudding.load import load_model, model_fingerprint, model_name
 from pudding.metrics import mean_with_stderr
-from pudding.provenance import (atomic_write_figure, atomic_write_json, atomic_write_text, differing_keys,
-                                locks_output, provenance, read_json)
+from pudding.provenance import (
+    atomic_write_figure,
+    atomic_write_json,
+    atomic_write_text,
+    differing_keys,
+    locks_output,
+    provenance,
+    read_json,
+)
 from pudding.routed import DEFAULT_ARTIFACT, PuddingModel
 from pudding.tasks import get_task
 from pudding.train import TARGETS, VAL_FRACTION, RoutingData, TrainConfig, routing_data, split_rows, train_router
@@ -326,7 +341,8 @@ def _router(config: ReproduceConfig, spec: RouterSpec, pools: dict[str, tuple[Ca
     """A trained router for ``spec``: one found with the same identity (the shipped artifact included), else
     trained now into this run's folder."""
     pool, pool_dir = pools[spec.pool]
-    train_config = TrainConfig(labels=str(labels_dir), pool=str(pool_dir), out=str(config.folder / "routers" / spec.name),
+    train_config = TrainConfig(labels=str(labels_dir), pool=str(pool_dir),
+                               out=str(config.folder / "routers" / spec.name),
                                router=spec.kind, loss=spec.loss, seed=spec.seed, target=spec.target, safe=spec.safe,
                                progress=config.progress)
     wanted = {"pool": pool.fingerprint(), "train": {k: v for k, v in asdict(train_config).items()
@@ -396,7 +412,8 @@ class Routed:
     def chosen(self, allowed: list[int] | None = None) -> list[int]:
         """Scoring-pool column per document: the router's own choice (safe routing included), or its argmax
         restricted to the sets at ``allowed`` (the ablations that shrink the paper's pool)."""
-        picks = self.pudding.router.choose(self.scores) if allowed is None else _restricted_argmax(self.scores, allowed)
+        picks = (self.pudding.router.choose(self.scores) if allowed is None
+                 else _restricted_argmax(self.scores, allowed))
         return [self.columns[int(i)] for i in picks]
 
 
@@ -505,8 +522,9 @@ def render_headroom(headroom: dict[str, Any]) -> str:
 
 def render_table(title: str, table: dict[str, Any], note: str = "") -> str:
     tasks = list(table["metrics"])
-    lines = [f"### {title}", "", *([note, ""] if note else []), "| row | " + " | ".join(f"{t} ({table['metrics'][t]})" for t in tasks)
-             + " | average |", "|---" * (len(tasks) + 2) + "|"]
+    lines = [f"### {title}", "", *([note, ""] if note else []),
+             "| row | " + " | ".join(f"{t} ({table['metrics'][t]})" for t in tasks) + " | average |",
+             "|---" * (len(tasks) + 2) + "|"]
     for row, data in table["rows"].items():
         cells = [f"{data['tasks'][t]['value']:.3f} ± {data['tasks'][t]['stderr']:.3f}" if t in data["tasks"] else "-"
                  for t in tasks]
@@ -570,7 +588,8 @@ def _importance_map(config: ReproduceConfig, model) -> dict[str, Any]:
             result = load_importance(folder)
             if result["model"]["fingerprint"] == model_fingerprint(model.config):
                 return result
-    return block_importance(ImportanceConfig(model=config.model, samples=16, out=str(config.folder.parent / "importance"),
+    return block_importance(ImportanceConfig(model=config.model, samples=16,
+                                             out=str(config.folder.parent / "importance"),
                                              progress=config.progress))
 
 
@@ -593,8 +612,8 @@ def _plotted_series(row: str, kind: str | None) -> str | None:
 
 def plot_accuracy_vs_k(parent: Path, budget: str) -> dict[str, Any] | None:
     """Collect ``parent/k*/main.json`` of one budget into accuracy against k (dense, SLEB, the best static
-    set, the task-best set, PuDDing as the paper builds it, the best variant, the oracle); writes ``accuracy-vs-k-<budget>.json`` and ``.png`` in ``parent``, so budgets
-    never mix. None if no k exists."""
+    set, the task-best set, PuDDing as the paper builds it, the best variant, the oracle); writes
+    ``accuracy-vs-k-<budget>.json`` and ``.png`` in ``parent``, so budgets never mix. None if no k exists."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -650,7 +669,8 @@ def _variant_specs(config: ReproduceConfig) -> list[RouterSpec]:
     for target in TARGETS:
         for pool in POOL_VARIANTS:
             for safe in (False, True):
-                name = f"{kind}-{loss}" + ("" if (target, pool) == ("tl", "pool") else f"-{target}-{pool.replace('+', '-plus-')}")
+                name = f"{kind}-{loss}" + ("" if (target, pool) == ("tl", "pool")
+                                           else f"-{target}-{pool.replace('+', '-plus-')}")
                 specs.append(RouterSpec(name + ("-safe" if safe else ""), pool, kind, loss, target, safe))
     return specs
 
@@ -676,7 +696,8 @@ def _train_routers(config: ReproduceConfig, pools: dict, labels_dir: Path, calib
     scores = {spec.name: _validation_accuracy(trained[spec.name][1]) for spec in grid}
     # The pool size, chosen on calibration data: the n best sets of pool + baselines by training-prompt accuracy,
     # routed with the best target and safety found on that pool.
-    wide = max((spec for spec in grid if spec.pool == "pool+baselines"), key=lambda spec: _score_key(scores[spec.name]))
+    wide = max((spec for spec in grid if spec.pool == "pool+baselines"),
+               key=lambda spec: _score_key(scores[spec.name]))
     train_rows, _ = split_rows(calibration.texts, VAL_FRACTION)
     wide_columns = pools["pool+baselines"][0].config["columns"]
     ranked = sorted(wide_columns, key=lambda c: -calibration.correct[train_rows, c].mean().item())
@@ -746,11 +767,12 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     # columns they route over (Labels.for_pool restricts; nothing is scored again).
     calibration = routing_data(Labels.load(labels_dir).for_pool(scoring_pool))
     with stages("routers"):
-        trained, selection = _train_routers(config, pools, labels_dir, calibration, scoring_pool, model, tokenizer, log)
+        trained, selection = _train_routers(config, pools, labels_dir, calibration, scoring_pool, model, tokenizer,
+                                            log)
     with stages("tables and plots"):
         summary = _write_tables(config, pool, pools, rows, pool_columns, candidates, calibration, trained, selection,
-                                Labels.load(main_dir).for_pool(scoring_pool), Labels.load(unseen_dir).for_pool(scoring_pool),
-                                model, log)
+                                Labels.load(main_dir).for_pool(scoring_pool),
+                                Labels.load(unseen_dir).for_pool(scoring_pool), model, log)
     stamp = {"config": asdict(config), "budget": asdict(sizes), "seconds": stages.seconds, "artifacts": log,
              "provenance": provenance()}
     atomic_write_json(config.folder / "stages.json", stamp)
@@ -786,7 +808,8 @@ def _write_tables(config: ReproduceConfig, pool: CandidatePool, pools: dict, row
         data = routing_data(scores)
         # Every router reads the main table's prompts (the ablations use them all); the unseen tasks need
         # only the rows' own routers.
-        needed = trained if name == "main" else {n: trained[n] for n in dict.fromkeys([paper_name, *seeds, *best_seeds])}
+        needed = (trained if name == "main"
+                  else {n: trained[n] for n in dict.fromkeys([paper_name, *seeds, *best_seeds])})
         routed = _routed(needed, pools, data.texts)
         routed_main = routed_main or routed
         columns = _static_columns(data, rows, static, pool_columns, candidates, config.seed)
@@ -798,7 +821,8 @@ def _write_tables(config: ReproduceConfig, pool: CandidatePool, pools: dict, row
             if len(best_seeds) > 1:
                 columns[best_mean] = _seed_mean(data, [routed[s] for s in best_seeds])
         ordered = {r: columns[r] for r in static_rows if r in columns}
-        ordered.update({r: v for r, v in columns.items() if r not in ordered and not r.startswith(("pool ceiling", "oracle"))})
+        ordered.update({r: v for r, v in columns.items()
+                        if r not in ordered and not r.startswith(("pool ceiling", "oracle"))})
         ordered.update({r: v for r, v in columns.items() if r.startswith(("pool ceiling", "oracle"))})
         for row in ordered:
             kinds[row] = ("static" if row in static_rows else "bound" if row.startswith(("pool ceiling", "oracle"))
@@ -813,8 +837,8 @@ def _write_tables(config: ReproduceConfig, pool: CandidatePool, pools: dict, row
             table["switch_rate"] = _switch_rates(routed, data)
         tables[name] = table
         atomic_write_json(out / f"{name}.json", {**stamp, **table})
-        markdown.append(render_table("Main table (paper Table 1)" if name == "main" else "Unseen tasks (paper Table 5)",
-                                     table))
+        markdown.append(render_table(
+            "Main table (paper Table 1)" if name == "main" else "Unseen tasks (paper Table 5)", table))
         for row, differences in table["paired_differences"].items():
             markdown.append(render_paired(differences, row))
         markdown.append(render_headroom(table["headroom"]))
@@ -847,7 +871,8 @@ def _write_tables(config: ReproduceConfig, pool: CandidatePool, pools: dict, row
     if plot_accuracy_vs_k(out.parent, config.budget):
         markdown += ["Accuracy against k, over every k reproduced with this budget: "
                      f"[../accuracy-vs-k-{config.budget}.png](../accuracy-vs-k-{config.budget}.png)", ""]
-    atomic_write_text(out / "README.md", "\n".join(markdown) + f"\nCommand: `{' '.join(stamp['provenance']['command'])}`; "
+    atomic_write_text(out / "README.md", "\n".join(markdown)
+                      + f"\nCommand: `{' '.join(stamp['provenance']['command'])}`; "
                       f"commit {stamp['provenance']['git'].get('commit', '?')}; {stamp['provenance']['date']}.\n")
     return {"tables": tables, "ablations": ablations, "selection": selection, "out": str(out)}
 

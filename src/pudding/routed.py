@@ -143,12 +143,12 @@ class PuddingModel:
 
     def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
         """Write pudding.json, pool.json and router.safetensors (never the LLM) and return the folder."""
+        if self.model is None:  # checked first: refusing after the pool and router are written leaves half an artifact
+            raise ConfigError("a router-only PuddingModel cannot be saved; load it with its LLM")
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.pool.save_pretrained(folder)
         save_router(self.router, folder / ROUTER_FILE)
-        if self.model is None:
-            raise ConfigError("a router-only PuddingModel cannot be saved; load it with its LLM")
         pool_model = self.pool.model
         summary = training if training is not None else self.training
         atomic_write_json(folder / CONFIG_FILE, {

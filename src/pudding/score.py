@@ -290,7 +290,8 @@ class LikelihoodScorer:
         call :meth:`score_packed` per set; identical batches also make cached hidden states reusable.
         """
         encoded = [encode_request(self.tokenizer, r, self.add_bos) for r in requests]
-        return [self._make_packed(b, encoded, requests) for b in self._packed_batches(list(range(len(requests))), encoded)]
+        return [self._make_packed(b, encoded, requests)
+                for b in self._packed_batches(list(range(len(requests))), encoded)]
 
     def score_packed(self, batch: PackedBatch) -> list[ChoiceScore]:
         """Scores of one packed batch's rows, in row order."""
@@ -322,7 +323,8 @@ class LikelihoodScorer:
             yield index, _make_score(requests[index], logprobs, greedy)
 
     def _continuation_logits(self, context_out, context_mask, rows, group_of_row, encoded) -> torch.Tensor:
-        """Logits at continuation positions 0..n-2 (predicting tokens 1..n-1), every row reusing its context's cache."""
+        """Logits at continuation positions 0..n-2 (predicting tokens 1..n-1), every row reusing its context's
+        cache."""
         cache = context_out.cache if hasattr(context_out, "cache") else context_out.past_key_values
         cache.batch_select_indices(group_of_row)  # one copy of the context's K/V per choice
         inputs = [encoded[i].continuation[:-1] for i in rows]

@@ -41,8 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from pudding.errors import ConfigError, MissingAssetError, UnknownNameError
-from pudding.hub import OFFLINE_ENVS, offline_requested
+from pudding.hub import OFFLINE_ENVS as OFFLINE_ENVS  # re-exported: pudding.tasks.OFFLINE_ENVS is used by tests
 from pudding.hub import hub_reachable as _hub_reachable
+from pudding.hub import offline_requested
 
 __all__ = ["TASKS", "MCDoc", "Task", "get_task", "hellaswag_preprocess", "load_docs", "resolve_source", "task_names"]
 
@@ -95,7 +96,8 @@ class MCDoc:
         if not 0 <= self.gold < self.n_choices:
             raise ValueError(f"{self.task}/{self.doc_id}: gold {self.gold} outside 0..{self.n_choices - 1}")
         if self.choices and len(self.choices) != self.n_choices:
-            raise ValueError(f"{self.task}/{self.doc_id}: {len(self.choices)} choices for {self.n_choices} continuations")
+            raise ValueError(f"{self.task}/{self.doc_id}: {len(self.choices)} choices for "
+                             f"{self.n_choices} continuations")
 
     @property
     def choice_chars(self) -> tuple[int, ...]:

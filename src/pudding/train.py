@@ -169,8 +169,10 @@ def routing_data(labels: Labels, target: str = "tl") -> RoutingData:
     table = labels.table
     metrics = {t: get_task(t).metric for t in set(table["task"])}
     rows = list(zip(table["task"], table["choice_logprob"], table["choice_chars"], table["gold"], table["label"]))
-    correct = [[_is_correct(lp, chars, gold, metrics[task]) for lp in per_set] for task, per_set, chars, gold, _ in rows]
-    targets = [label_targets(per_set, chars, gold, metrics[task], tl, target) for task, per_set, chars, gold, tl in rows]
+    correct = [[_is_correct(lp, chars, gold, metrics[task]) for lp in per_set]
+               for task, per_set, chars, gold, _ in rows]
+    targets = [label_targets(per_set, chars, gold, metrics[task], tl, target)
+               for task, per_set, chars, gold, tl in rows]
     return RoutingData(list(table["router_text"]), torch.tensor(targets, dtype=torch.float64),
                        torch.tensor(correct, dtype=torch.float64), list(table["task"]))
 
@@ -317,7 +319,8 @@ def tune_switch(scores: torch.Tensor, correct: torch.Tensor, default: int) -> tu
     switched = (choose_sets(scores, default, threshold) != default).double().mean().item()
     return threshold, {"default_set": default, "threshold": threshold, "acc_safe": accuracy,
                        "acc_safe_crossfit": _crossfit_accuracy(scores, correct, default),
-                       "acc_argmax": correct[rows, best].mean().item(), "acc_default": correct[:, default].mean().item(),
+                       "acc_argmax": correct[rows, best].mean().item(),
+                       "acc_default": correct[:, default].mean().item(),
                        "switch_rate": switched, "n": len(scores)}
 
 
