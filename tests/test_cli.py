@@ -292,3 +292,13 @@ def test_serve_binds_to_loopback_unless_told_otherwise():
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
     assert build_parser().parse_args(["serve", "--host", "0.0.0.0"]).host == "0.0.0.0"
     assert inspect.signature(run_server).parameters["host"].default == "127.0.0.1"
+
+
+def test_every_public_name_resolves_and_import_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, pudding; assert 'torch' not in sys.modules, 'import pudding pulled in torch'; "
+            "missing = [n for n in pudding.__all__ if getattr(pudding, n, None) is None]; print(missing)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr + result.stdout

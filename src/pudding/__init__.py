@@ -22,6 +22,11 @@ _EXPORTS = {
     "task_names": "pudding.tasks",
     "EvalConfig": "pudding.evaluate",
     "evaluate": "pudding.evaluate",
+    "CandidatePool": "pudding.candidates",
+    "PoolConfig": "pudding.candidates",
+    "build_pool": "pudding.candidates",
+    "PuddingModel": "pudding.routed",
+    "export_pruned": "pudding.export",
     "PuddingError": "pudding.errors",
 }
 
