@@ -36,9 +36,35 @@ def test_bench_runs_every_variant_and_reports_ratios(artifact):
     # only the 4 kept blocks of 6 are resident in the routed model, none of the omitted ones
     assert variants["routed"]["resident_weight_bytes"] < variants["dense"]["resident_weight_bytes"]
     assert variants["routed"]["resident_weight_bytes"] == variants["static"]["resident_weight_bytes"]
+    # the speed ratios are paired within rounds of one interleaved process, one ratio per round
+    assert report["interleaved"]["rounds"] == 2
+    assert all(len(report["interleaved"]["prefill_seconds"][v]["16"]) == 2 for v in ("dense", "static", "routed"))
     assert set(report["ratios"]["dense_over_routed_prefill"]) == {"16", "32"}
+    assert report["ratios"]["dense_over_routed_prefill"]["16"]["n"] == 2
+    assert report["ratios"]["compute_limit"] == pytest.approx(6 / 4)
+    assert isinstance(report["ratios"]["measurement_errors"], list)
     assert variants["routed"]["router_seconds"]["median"] > 0 and variants["dense"]["router_seconds"]["median"] == 0
     assert (artifact / "out" / "bench.md").read_text().count("| routed |") == 1
+
+
+def test_ratios_beyond_their_compute_limit_are_flagged():
+    from pudding.bench import compute_limit, measurement_errors
+
+    def summary(median):
+        return {"median": median, "q1": median, "q3": median, "min": median, "max": median, "n": 1}
+
+    limit = compute_limit(30, 6)
+    assert limit == pytest.approx(1.25)
+    plausible = {"dense_over_routed_prefill": {"512": summary(1.2)},
+                 "dense_over_static_prefill": {"512": summary(1.21)},
+                 "routed_model_only_over_static_prefill": {"512": summary(1.01)},
+                 "dense_over_routed_decode": summary(1.18)}
+    assert measurement_errors(plausible, limit) == []
+    # the committed run's 1.45 at 512 tokens, and routed running 0.9x static on identical compute
+    drifted = {**plausible, "dense_over_routed_prefill": {"512": summary(1.45)},
+               "routed_model_only_over_static_prefill": {"512": summary(0.9)}}
+    errors = measurement_errors(drifted, limit)
+    assert len(errors) == 2 and "above the compute limit 1.250" in errors[0] and "identical compute" in errors[1]
 
 
 def test_bench_refuses_bad_input(artifact, capsys):

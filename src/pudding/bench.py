@@ -111,17 +111,45 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
-    import torch
+@dataclass
+class _Variant:
+    """One variant loaded and ready to time: ``run(ids, new_tokens)`` returns its timings in seconds."""
 
-    from pudding.lazy import BlockStore, build_lazy_model, resident_bytes, write_cache
-    from pudding.load import context_length
-    from pudding.omit import omit_blocks, prune_blocks
-    from pudding.routed import PuddingModel
+    name: str
+    pudding: Any
+    model: Any
+    store: Any
+    blocks: tuple[int, ...]
+    set_name: str
+    texts: dict[int, str]
+    prompts: dict[int, Any]
+    load_seconds: float
 
-    torch.set_num_threads(config.threads)
-    from pudding.load import load_tokenizer
-    from pudding.routed import DEFAULT_ARTIFACT, read_config
+    def run(self, ids, new_tokens: int) -> dict[str, float]:
+        import torch
+
+        from pudding.omit import omit_blocks
+
+        total = self.model.config.num_hidden_layers
+        timing = {"router": 0.0, "switch": 0.0}
+        if self.name == "routed":
+            timing["router"] = _timed(lambda: self.pudding.route([self.texts[ids.shape[1]]]))
+            if self.store is not None:
+                timing["switch"] = self.store.ensure([i for i in range(total) if i not in self.blocks]).seconds
+        mask = torch.ones_like(ids)
+        with omit_blocks(self.model, self.blocks if self.name == "routed" else ()), torch.inference_mode():
+            timing["generate"] = _timed(lambda: self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, pad_token_id=self.pudding.tokenizer.pad_token_id))
+        timing["total"] = timing["router"] + timing["switch"] + timing["generate"]
+        return timing
+
+
+def _load_variant(variant: str, config: BenchConfig) -> _Variant:
+    from pudding.lazy import BlockStore, build_lazy_model, write_cache
+    from pudding.load import context_length, load_tokenizer
+    from pudding.omit import prune_blocks
+    from pudding.routed import DEFAULT_ARTIFACT, PuddingModel, read_config
 
     folder = DEFAULT_ARTIFACT if config.model == "default" else Path(config.model)
     spec = read_config(folder)["base_model"]["spec"]
@@ -142,31 +170,30 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
     prompts = {n: _prompt_ids(tokenizer, n) for n in sorted(set(config.lengths) | {128})}
     texts = {n: tokenizer.decode(ids[0]) for n, ids in prompts.items()}
     [route] = pudding.route([texts[128]])
-    blocks = route.blocks
-    total = model.config.num_hidden_layers
     if variant == "dense":
         write_cache(model, config.cache_dir)  # for the routed run; idempotent
     if variant == "static":
-        prune_blocks(model, blocks, inplace=True)
+        prune_blocks(model, route.blocks, inplace=True)
+    if store is not None:
+        store.ensure([i for i in range(model.config.num_hidden_layers) if i not in route.blocks])
+    return _Variant(variant, pudding, model, store, route.blocks, route.name, texts, prompts, load_seconds)
 
-    def run(ids, new_tokens: int) -> dict[str, float]:
-        timing = {"router": 0.0, "switch": 0.0}
-        if variant == "routed":
-            timing["router"] = _timed(lambda: pudding.route([texts[ids.shape[1]]]))
-            if store is not None:
-                timing["switch"] = store.ensure([i for i in range(total) if i not in blocks]).seconds
-        mask = torch.ones_like(ids)
-        with omit_blocks(model, blocks if variant == "routed" else ()), torch.inference_mode():
-            timing["generate"] = _timed(lambda: model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, pad_token_id=tokenizer.pad_token_id))
-        timing["total"] = timing["router"] + timing["switch"] + timing["generate"]
-        return timing
 
+def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
+    """One variant alone in this process: its memory, load time, router and set-switch costs, and timings."""
+    import torch
+
+    from pudding.lazy import resident_bytes
+
+    torch.set_num_threads(config.threads)
+    loaded = _load_variant(variant, config)
+    model, store, blocks = loaded.model, loaded.store, loaded.blocks
+    total = model.config.num_hidden_layers
     switches = []
-    if store is not None and len(pudding.pool.sets) > 1:
+    if store is not None and len(loaded.pudding.pool.sets) > 1:
         # The paper's Table 7 analog: alternate between the two pool sets that differ most.
-        pairs = [(a.blocks, b.blocks) for a in pudding.pool.sets for b in pudding.pool.sets]
+        sets = loaded.pudding.pool.sets
+        pairs = [(a.blocks, b.blocks) for a in sets for b in sets]
         first, second = max(pairs, key=lambda p: len(set(p[0]) ^ set(p[1])))
         for _ in range(config.repeats):
             for blocks_now in (first, second):
@@ -175,14 +202,15 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
                                  "dropped": len(switch.dropped)})
         store.ensure([i for i in range(total) if i not in blocks])
     load_before = os.getloadavg()
+    prompts, run = loaded.prompts, loaded.run
     run(prompts[128], 2)  # warm-up
     prefill = {n: [run(prompts[n], 1) for _ in range(config.repeats)] for n in config.lengths}
     decode = [run(prompts[128], config.new_tokens) for _ in range(config.repeats)]
     # Decode per token: total generation minus the 128-token pre-fill, over the new tokens after the first.
     prefill_128 = statistics.median(t["generate"] for t in prefill.get(128, [run(prompts[128], 1)]))
     return {
-        "variant": variant, "omitted": list(blocks) if variant != "dense" else [], "set": route.name,
-        "load_seconds": load_seconds,
+        "variant": variant, "omitted": list(blocks) if variant != "dense" else [], "set": loaded.set_name,
+        "load_seconds": loaded.load_seconds,
         "prefill_seconds": {str(n): _summary([t["total"] for t in runs]) for n, runs in prefill.items()},
         # the model's own share, without routing and set switching: isolates what the router costs
         "prefill_model_seconds": {str(n): _summary([t["generate"] for t in runs]) for n, runs in prefill.items()},
@@ -201,40 +229,114 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
     }
 
 
+def _measure_interleaved(config: BenchConfig) -> dict[str, Any]:
+    """All three variants in this one process, timed in turns: round r runs A B C, round r+1 B C A, ...
+
+    Run one after another in their own processes, the variants met different machine conditions (another
+    job starting, a CPU clocking down), and that drift went straight into their ratios. Interleaved, every
+    round sees each variant under the same conditions, so a ratio is taken within a round and its spread
+    over the rounds shows how much to trust it. (Memory is still measured one process per variant.)
+    """
+    import torch
+
+    torch.set_num_threads(config.threads)
+    loaded = {v: _load_variant(v, config) for v in VARIANTS}  # dense first: it writes the routed block cache
+    for variant in loaded.values():
+        variant.run(variant.prompts[128], 2)  # warm-up
+    prefill: dict[str, dict[str, list[float]]] = {v: {str(n): [] for n in config.lengths} for v in VARIANTS}
+    model_prefill: dict[str, dict[str, list[float]]] = {v: {str(n): [] for n in config.lengths} for v in VARIANTS}
+    decode: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    load_before = os.getloadavg()
+    for round_index in range(config.repeats):
+        shift = round_index % len(VARIANTS)
+        for name in VARIANTS[shift:] + VARIANTS[:shift]:
+            variant = loaded[name]
+            for n in config.lengths:
+                timing = variant.run(variant.prompts[n], 1)
+                prefill[name][str(n)].append(timing["total"])
+                model_prefill[name][str(n)].append(timing["generate"])
+            decode[name].append(variant.run(variant.prompts[128], config.new_tokens)["total"])
+    return {"rounds": config.repeats, "order": "rotated each round", "prefill_seconds": prefill,
+            "prefill_model_seconds": model_prefill, "decode_seconds": decode,
+            "blocks": {v: list(loaded[v].blocks) for v in VARIANTS}, "total_blocks":
+            loaded["dense"].model.config.num_hidden_layers,
+            "load_average": {"before": load_before, "after": os.getloadavg()}}
+
+
 # --- the orchestrating process ---------------------------------------------------------------------------------
 
 
-def _run_variant(variant: str, config: BenchConfig, workdir: Path) -> dict[str, Any]:
-    config_path, result_path = workdir / f"{variant}-config.json", workdir / f"{variant}-result.json"
+def _run_process(kind: str, config: BenchConfig, workdir: Path) -> dict[str, Any]:
+    """Run one variant (or the interleaved timing, ``kind="interleaved"``) in a fresh Python process."""
+    config_path, result_path = workdir / f"{kind}-config.json", workdir / f"{kind}-result.json"
     config_path.write_text(json.dumps(asdict(config)))
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
-    process = subprocess.run([sys.executable, "-m", "pudding.bench", variant, str(config_path), str(result_path)],
+    process = subprocess.run([sys.executable, "-m", "pudding.bench", kind, str(config_path), str(result_path)],
                              env=env, capture_output=True, text=True)
     if process.returncode == USAGE_ERROR:  # the variant refused its input; its last line says why
         raise ConfigError(process.stderr.strip().splitlines()[-1])
     if process.returncode != 0:
         tail = (process.stderr or process.stdout).strip().splitlines()[-5:]
-        raise ConfigError(f"bench variant {variant} failed: " + " | ".join(tail))
+        raise ConfigError(f"bench {kind} failed: " + " | ".join(tail))
     return json.loads(result_path.read_text())
 
 
-def ratios(results: dict[str, dict]) -> dict[str, Any]:
-    """The three ratios the issue asks for, per prompt length where it applies."""
-    def median(variant, length):
-        return results[variant]["prefill_seconds"][str(length)]["median"]
+def compute_limit(total_blocks: int, omitted: int) -> float:
+    """The largest speed-up skipping ``omitted`` of ``total_blocks`` blocks can give: every block's share.
 
-    lengths = list(results["dense"]["prefill_seconds"])
-    return {
-        "routed_over_static_prefill": {n: median("routed", n) / median("static", n) for n in lengths},
+    The embedding and the LM head run in both models and only lower the real ratio, so a measured ratio
+    above this bound is a measurement error, not a result.
+    """
+    return total_blocks / (total_blocks - omitted)
+
+
+def _paired(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """The ratio within each round, summarized over the rounds (median, quartiles, range)."""
+    return _summary([a / b for a, b in zip(numerator, denominator, strict=True)])
+
+
+def ratios(results: dict[str, dict], interleaved: dict[str, Any]) -> dict[str, Any]:
+    """Speed ratios from the interleaved rounds (each a within-round ratio with its spread), memory ratios
+    from the one-variant processes, and a flag for every speed ratio beyond what the skipped compute allows."""
+    prefill, model_only, decode = (interleaved[key] for key in ("prefill_seconds", "prefill_model_seconds",
+                                                                "decode_seconds"))
+    lengths = list(prefill["dense"])
+    speed = {
+        "dense_over_routed_prefill": {n: _paired(prefill["dense"][n], prefill["routed"][n]) for n in lengths},
+        "dense_over_static_prefill": {n: _paired(prefill["dense"][n], prefill["static"][n]) for n in lengths},
+        "routed_over_static_prefill": {n: _paired(prefill["routed"][n], prefill["static"][n]) for n in lengths},
         "routed_model_only_over_static_prefill": {
-            n: results["routed"]["prefill_model_seconds"][n]["median"] / median("static", n) for n in lengths},
-        "dense_over_routed_prefill": {n: median("dense", n) / median("routed", n) for n in lengths},
-        "dense_over_routed_decode": results["dense"]["decode_seconds"]["median"]
-        / results["routed"]["decode_seconds"]["median"],
-        "routed_over_dense_resident_weights": results["routed"]["resident_weight_bytes"]
-        / results["dense"]["resident_weight_bytes"],
-        "routed_over_dense_peak_rss": results["routed"]["peak_rss_bytes"] / results["dense"]["peak_rss_bytes"],
+            n: _paired(model_only["routed"][n], model_only["static"][n]) for n in lengths},
+        "dense_over_routed_decode": _paired(decode["dense"], decode["routed"]),
     }
+    limit = compute_limit(interleaved["total_blocks"], len(interleaved["blocks"]["routed"]))
+    return {**speed,
+            "compute_limit": limit,
+            "measurement_errors": measurement_errors(speed, limit),
+            "routed_over_dense_resident_weights": results["routed"]["resident_weight_bytes"]
+            / results["dense"]["resident_weight_bytes"],
+            "routed_over_dense_peak_rss": results["routed"]["peak_rss_bytes"] / results["dense"]["peak_rss_bytes"]}
+
+
+SAME_COMPUTE_TOLERANCE = 0.05  # routed without its router vs static run the same blocks: beyond 5% is not compute
+
+
+def measurement_errors(speed: dict[str, Any], limit: float) -> list[str]:
+    """Every ratio that its compute cannot explain, as a sentence; an empty list when all are plausible."""
+    errors = []
+    for name in ("dense_over_routed_prefill", "dense_over_static_prefill"):
+        for n, summary in speed[name].items():
+            if summary["median"] > limit:
+                errors.append(f"{name} at {n} tokens is {summary['median']:.3f}, above the compute limit "
+                              f"{limit:.3f}")
+    if speed["dense_over_routed_decode"]["median"] > limit:
+        errors.append(f"dense_over_routed_decode is {speed['dense_over_routed_decode']['median']:.3f}, above the "
+                      f"compute limit {limit:.3f}")
+    for n, summary in speed["routed_model_only_over_static_prefill"].items():
+        if abs(summary["median"] - 1) > SAME_COMPUTE_TOLERANCE:
+            errors.append(f"routed_model_only_over_static_prefill at {n} tokens is {summary['median']:.3f}, but "
+                          f"the two run identical compute (tolerance {SAME_COMPUTE_TOLERANCE:.0%})")
+    return errors
 
 
 def _check_before_running(config: BenchConfig) -> None:
@@ -247,19 +349,25 @@ def _check_before_running(config: BenchConfig) -> None:
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
-    """Run every variant in its own process; return (and write) the results with the ratios."""
+    """Memory per variant in its own process, speed ratios from one interleaved process; return (and write) them."""
     import tempfile
 
     _check_before_running(config)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {v: _run_variant(v, config, Path(tmp)) for v in VARIANTS}
-    report = {"config": asdict(config), "variants": results, "ratios": ratios(results),
-              "provenance": provenance()}
+        # dense first: it writes the block cache that the routed variant (and the interleaved run) reads
+        results = {v: _run_process(v, config, Path(tmp)) for v in VARIANTS}
+        interleaved = _run_process("interleaved", config, Path(tmp))
+    report = {"config": asdict(config), "variants": results, "interleaved": interleaved,
+              "ratios": ratios(results, interleaved), "provenance": provenance()}
     if config.out:
         out = Path(config.out)
         atomic_write_json(out / "bench.json", report)
         atomic_write_text(out / "bench.md", render_markdown(report))
     return report
+
+
+def _ratio(summary: dict[str, float]) -> str:
+    return f"{summary['median']:.3f} [{summary['min']:.3f}-{summary['max']:.3f}]"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -285,26 +393,35 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Set switch (routed, only the difference moves): {switch['blocks_loaded']} blocks loaded and "
                       f"{switch['blocks_dropped']} dropped in {ms(switch['seconds']['median'])} ms (median; "
                       f"{switch['block_bytes'] / 1e6:.1f} MB per block)."]
-    lines += ["", "Medians over repeats, [interquartile range]. Ratios:", "",
-              "- routed / static pre-fill: " + ", ".join(
-                  f"{n} tok {x:.3f}" for n, x in r["routed_over_static_prefill"].items()),
-              "- routed without the router and switch / static pre-fill: " + ", ".join(
-                  f"{n} tok {x:.3f}" for n, x in r["routed_model_only_over_static_prefill"].items()),
-              "- dense / routed pre-fill: " + ", ".join(
-                  f"{n} tok {x:.3f}" for n, x in r["dense_over_routed_prefill"].items()),
+    lines += ["", "Table: each variant alone in its own process (medians over repeats, [interquartile range]).", "",
+              f"Speed ratios, from one process timing the variants in turns ({report['interleaved']['rounds']} "
+              "rounds, order rotated each round); each is the median of the within-round ratios, [its range "
+              "over the rounds]:", "",
+              *(f"- {label}: " + ", ".join(f"{n} tok {_ratio(x)}" for n, x in r[name].items())
+                for name, label in (("dense_over_routed_prefill", "dense / routed pre-fill"),
+                                    ("dense_over_static_prefill", "dense / static pre-fill"),
+                                    ("routed_over_static_prefill", "routed / static pre-fill"),
+                                    ("routed_model_only_over_static_prefill",
+                                     "routed without the router and switch / static pre-fill"))),
               f"- dense / routed generation of {report['config']['new_tokens']} tokens: "
-              f"{r['dense_over_routed_decode']:.3f}",
+              f"{_ratio(r['dense_over_routed_decode'])}",
+              f"- compute limit of any dense / pruned ratio: {r['compute_limit']:.3f}",
               f"- routed / dense resident weight bytes: {r['routed_over_dense_resident_weights']:.3f}",
               f"- routed / dense peak RSS: {r['routed_over_dense_peak_rss']:.3f}", ""]
+    errors = r["measurement_errors"]
+    lines += (["**Measurement errors** (ratios the skipped compute cannot explain; rerun on a quiet machine):", "",
+               *(f"- {e}" for e in errors), ""] if errors else ["No ratio is beyond its compute limit.", ""])
     return "\n".join(lines)
 
 
 def _variant_main(variant: str, config_file: str, result_file: str) -> int:
-    """One variant, in a fresh process (see _run_variant); a refused input is its message alone, no traceback."""
+    """One variant, in a fresh process (see _run_process); a refused input is its message alone, no traceback."""
     settings = json.loads(Path(config_file).read_text())
     settings["lengths"] = tuple(settings["lengths"])
     try:
-        Path(result_file).write_text(json.dumps(_measure_variant(variant, BenchConfig(**settings))))
+        config = BenchConfig(**settings)
+        measure = _measure_interleaved(config) if variant == "interleaved" else _measure_variant(variant, config)
+        Path(result_file).write_text(json.dumps(measure))
     except PuddingError as error:
         print(error, file=sys.stderr)
         return USAGE_ERROR
