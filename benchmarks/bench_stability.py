@@ -46,7 +46,14 @@ def main() -> int:
     args = parser.parse_args()
     config = BenchConfig(model=args.model, lengths=args.lengths, new_tokens=args.new_tokens, repeats=args.repeats,
                          out=None)
-    reports = [run_bench(config) for _ in range(args.runs)]
+    reports = []
+    for index in range(args.runs):  # each run is reported and saved as it ends: a killed job keeps its runs
+        reports.append(run_bench(config))
+        print(f"run {index + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio_medians(reports[-1]).items()),
+              flush=True)
+        if args.out:
+            atomic_write_json(args.out, {"config": vars(args), "runs": [ratio_medians(r) for r in reports],
+                                         "reports": reports, "finished": False, "provenance": provenance()})
     runs = [ratio_medians(r) for r in reports]
     deviation = spread(runs)
     print(f"{'ratio':48s}" + "".join(f"{f'run {i + 1}':>9s}" for i in range(len(runs))) + f"{'max dev':>9s}")
@@ -59,7 +66,8 @@ def main() -> int:
         print(f"  {error}")
     if args.out:
         atomic_write_json(args.out, {"config": vars(args), "runs": runs, "max_relative_deviation": deviation,
-                                     "measurement_errors": errors, "reports": reports, "provenance": provenance()})
+                                     "measurement_errors": errors, "reports": reports, "finished": True,
+                                     "provenance": provenance()})
     return 0
 
 
