@@ -472,9 +472,6 @@ def _run_export(args) -> int:
         return 0
     from pudding.export import export_from_spec
 
-    out = Path(args.out).resolve()
-    if out.is_dir() and any(out.iterdir()):  # export checks this too, but only after loading the model
-        raise ConfigError(f"{args.out} exists and is not empty; choose another --out or remove it")
     out, omission = export_from_spec(args.model, args.omit, args.out)
     print(f"wrote {out} without blocks {list(omission)}")
     return 0

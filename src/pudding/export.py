@@ -140,6 +140,7 @@ def _export_set(pudding, out: Path, index: int, entry) -> dict:
 
 def export_from_spec(spec: str, blocks: str, out: str | Path) -> tuple[Path, OmissionSet]:
     """Load ``spec`` and export it without ``blocks`` (the ``pudding export --omit`` path)."""
+    _output_folder(out)  # before the model loads: a non-empty --out fails in a second, not after minutes
     model, tokenizer = load_model(spec)
     omission = validate_omission(blocks, num_blocks(model))
     return export_pruned(model, tokenizer, omission, out, source=model_name(spec)), omission
