@@ -7,6 +7,7 @@ partial rotary (gpt_neox), learned absolute positions (gpt2, opt).
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -83,3 +84,30 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+_LLAMA_LIKE = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
+# Each family's output projection per sub-layer, written out here rather than read from pudding.omit: zeroing it
+# is the reference for skipping that sub-layer (tests/test_subblock.py).
+OUTPUT_PROJECTION = {
+    **{f: _LLAMA_LIKE for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")},
+    "gpt2": {"attn": "attn.c_proj", "mlp": "mlp.c_proj"},
+    "gpt_neox": {"attn": "attention.dense", "mlp": "mlp.dense_4h_to_h"},
+    "opt": {"attn": "self_attn.out_proj", "mlp": "fc2"},
+}
+
+
+def zeroed_reference(model, spec: str):
+    """A deep copy of ``model`` whose named sub-layers (or whole blocks) have zero output projections."""
+    reference = copy.deepcopy(model)
+    table = OUTPUT_PROJECTION[model.config.model_type]
+    modules = dict(reference.named_modules())
+    for item in spec.split(","):
+        block, _, name = item.partition(".")
+        for sublayer in ([name] if name else ["attn", "mlp"]):
+            projection = modules[f"{BLOCK_PREFIX[model.config.model_type]}.{block}.{table[sublayer]}"]
+            with torch.no_grad():
+                projection.weight.zero_()
+                if getattr(projection, "bias", None) is not None:
+                    projection.bias.zero_()
+    return reference

@@ -161,9 +161,11 @@ def _load_variant(variant: str, config: BenchConfig) -> _Variant:
             raise ConfigError(f"no block cache at {cache}; the bench writes it in its dense run first")
         model = build_lazy_model(cache)
         store = BlockStore(model, cache)
-        pudding = PuddingModel.from_pretrained(folder, model=model, tokenizer=load_tokenizer(spec))
+        # adapters="none" in both variants: the bench times the pruned model itself (an unmerged LoRA adds its own
+        # cost), and the lazy block store loads plain blocks, not PEFT-wrapped ones.
+        pudding = PuddingModel.from_pretrained(folder, model=model, tokenizer=load_tokenizer(spec), adapters="none")
     else:
-        pudding = PuddingModel.from_pretrained(folder)
+        pudding = PuddingModel.from_pretrained(folder, adapters="none")
     model, tokenizer = pudding.model, pudding.tokenizer
     load_seconds = time.perf_counter() - load_start
     check_lengths(config, context_length(model))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,20 @@ class PoolEntry:
 
     blocks: OmissionSet
     sources: tuple[SetSource, ...]
+    # A depth ladder holds the same search at several k: its names carry the k ("arc_easy-tl-k3") to stay distinct.
+    depth_in_name: bool = field(default=False, compare=False)
 
     @property
     def name(self) -> str:
         source = self.sources[0]
-        return "-".join(p for p in (source.method if source.method != "greedy" else None, source.task,
+        name = "-".join(p for p in (source.method if source.method != "greedy" else None, source.task,
                                     source.objective) if p)
+        return f"{name}-k{self.k}" if self.depth_in_name and self.blocks else name
+
+    @property
+    def k(self) -> int:
+        """Blocks this set skips (its depth in a ladder)."""
+        return len(self.blocks)
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,9 @@ class CandidatePool:
                 raise ValueError(f"format is {data.get('format')!r}, expected {POOL_FORMAT!r}")
             model = data["model"]
             total = _block_count(model)
+            ladder = isinstance(data.get("config"), dict) and "ladder" in data["config"]
             sets = tuple(PoolEntry(_stored_blocks(i, s, total), tuple(SetSource(**_known(SetSource, src))
-                                                                     for src in s["sources"]))
+                                                                     for src in s["sources"]), ladder)
                          for i, s in enumerate(data["sets"]))
         except FileNotFoundError:
             raise ConfigError(f"no candidate pool at {path}") from None
@@ -183,6 +193,58 @@ def shrink_pool(pool: CandidatePool, k: int) -> CandidatePool:
     config = {**pool.config, "k": k, "derived_from": {"k": found_k, "pool": pool.fingerprint(),
                                                       "provenance": pool.provenance}}
     return CandidatePool(sets, pool.model, config, provenance())
+
+
+DENSE_SOURCE = SetSource("dense", None, None, [], [], [], 0.0)
+
+
+def ladder_pool(pools: Sequence[CandidatePool], depths: Sequence[int]) -> CandidatePool:
+    """A depth ladder: every search's and baseline's set at each of ``depths``, as one pool.
+
+    Each set is exact (:func:`shrink_source`): a greedy search's (and SLEB's) first ``k`` removals, a one-shot
+    baseline's ``k`` least important blocks. Depth 0 adds the dense model as a set of its own, the reference
+    of tolerance routing (:mod:`pudding.adaptive`). Sets are ordered by depth, then as found; a set found by
+    several searches at one depth is one entry with every source. A greedy search shorter than the deepest
+    rung is refused: extend it first by rerunning it with the larger ``--k`` and the same ``--run-dir``
+    (its checkpoint resumes; nothing already searched is recomputed).
+
+    >>> ladder_pool([pool, baselines], (3, 6, 9))  # doctest: +SKIP
+    """
+    if not pools or not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
+        raise ConfigError(f"a ladder needs at least one pool and depths that are integers >= 0, got {list(depths)}")
+    rungs = sorted(set(depths))
+    model = pools[0].model
+    found: list[tuple[OmissionSet, SetSource]] = []
+    for pool in pools:
+        if pool.model.get("fingerprint") != model.get("fingerprint"):
+            raise ConfigError(f"the pools to ladder are of different models: {model.get('fingerprint')} and "
+                              f"{pool.model.get('fingerprint')}")
+        if "ladder" in pool.config:
+            raise ConfigError("a ladder is built from the searched pools, not from another ladder")
+        removable = removable_blocks(model["fingerprint"]["num_blocks"], tuple(pool.config.get("barriers", (1, 1))))
+        for entry in pool.sets:
+            for source in entry.sources:
+                found += [(tuple(s.removal_order), s) for s in _rungs(source, rungs, removable)]
+    if 0 in rungs:
+        found.insert(0, ((), DENSE_SOURCE))
+    entries = tuple(replace(e, depth_in_name=True) for e in sorted(deduplicate(found), key=lambda e: e.k))
+    config = {"k": None, "barriers": pools[0].config.get("barriers", [1, 1]),
+              "ladder": {"depths": rungs, "from": [{"pool": p.fingerprint(), "k": p.config.get("k"),
+                                                    "config": p.config, "provenance": p.provenance} for p in pools]}}
+    return CandidatePool(entries, model, config, provenance())
+
+
+def _rungs(source: SetSource, rungs: list[int], removable: list[int]) -> list[SetSource]:
+    """``source`` at every positive depth of ``rungs``; ConfigError naming how to extend a short search."""
+    deepest = max(rungs)
+    if deepest >= len(removable):
+        raise ConfigError(f"depth {deepest} leaves fewer than one of the {len(removable)} removable blocks")
+    if source.method in ("greedy", "sleb") and len(source.removal_order) < deepest:
+        what = "/".join(p for p in (source.method, source.task, source.objective) if p)
+        raise ConfigError(f"the {what} search stopped at k={len(source.removal_order)}, short of depth {deepest}; "
+                          f"extend it with `pudding {'baselines' if source.method == 'sleb' else 'candidates'} "
+                          f"--k {deepest}` and its --run-dir (the checkpoint resumes), then ladder that pool")
+    return [shrink_source(source, k, removable) for k in rungs if k > 0]
 
 
 @dataclass(frozen=True)
@@ -316,21 +378,31 @@ def build_pool(config: PoolConfig) -> CandidatePool:
 @locks_output("run_dir", "out")
 def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "shortened_ppl", "taylor", "shortgpt"),
                     ) -> CandidatePool:
-    """The static baselines at ``config.k`` on the PPL calibration text, saved as a pool to ``config.out``."""
+    """The static baselines at ``config.k`` on the PPL calibration text, saved as a pool to ``config.out``.
+
+    FinerCut's set names sub-layers, so it is saved beside the pool, in ``subblock_sets.json``
+    (:mod:`pudding.finercut`), and pool.json holds whole-block sets only (none if FinerCut is all that ran).
+    """
     from pudding.baselines import ONE_SHOT_METHODS, rank_blocks
 
     if config.executor != "local":
         raise ConfigError("the baselines run on the local executor only (the one-shot methods need gradients)")
-    unknown = [m for m in methods if m != "sleb" and m not in ONE_SHOT_METHODS]
+    from pudding.finercut import SUBBLOCK_METHODS
+
+    unknown = [m for m in methods if m != "sleb" and m not in ONE_SHOT_METHODS and m not in SUBBLOCK_METHODS]
     if unknown or not methods:
-        raise ConfigError(f"unknown baseline methods {unknown}; known: sleb, {', '.join(ONE_SHOT_METHODS)}")
+        raise ConfigError(f"unknown baseline methods {unknown}; known: sleb, {', '.join(ONE_SHOT_METHODS)}, "
+                          f"{', '.join(SUBBLOCK_METHODS)}")
     ppl = get_objective("ppl")
     fingerprint, _ = _prepare(PoolConfig(**{**asdict(config), "tasks": ("boolq",), "objectives": ("ppl",)}))
     docs = calibration_docs(ppl.text_task, config.samples)
     model, tokenizer = load_model(config.model)
     scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
-    found = []
+    found, subblock = [], []
     for method in methods:
+        if method in SUBBLOCK_METHODS:  # sets that name sub-layers go to their own file, not pool.json
+            subblock.append(_run_finercut(config, scorer, fingerprint, docs))
+            continue
         if method == "sleb":
             source = _run_search(config, scorer, fingerprint, "sleb", "ppl", docs)
             source = SetSource("sleb", None, "ppl", *[getattr(source, f) for f in
@@ -343,6 +415,22 @@ def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "sho
         found.append((tuple(source.removal_order), source))
     pool = CandidatePool(tuple(PoolEntry(validate_omission(b, fingerprint["num_blocks"]), (s,)) for b, s in found),
                          {"spec": config.model, "name": model_name(config.model), "fingerprint": fingerprint},
-                         {**asdict(config), "methods": list(methods)}, provenance())
-    pool.save_pretrained(config.out)
+                         {**asdict(config), "methods": [m for m in methods if m not in SUBBLOCK_METHODS]},
+                         provenance())
+    if found:
+        pool.save_pretrained(config.out)
+    if subblock:
+        from pudding.finercut import save_subblock_sets
+
+        save_subblock_sets(config.out, subblock, pool.model, {**asdict(config), "methods": ["finercut"]})
     return pool
+
+
+def _run_finercut(config: PoolConfig, scorer, fingerprint: dict, docs: list[MCDoc]):
+    """FinerCut at ``config.k`` blocks' budget on the same calibration text and barriers as the other baselines."""
+    from pudding.finercut import run_finercut
+
+    return run_finercut(scorer, get_objective("ppl").requests(docs), config.k, barriers=config.barriers,
+                        checkpoint=Path(config.run_dir) / "finercut-js.json",
+                        identity=_search_identity(config, fingerprint, "finercut", "js", docs),
+                        sample_ids=[d.doc_id for d in docs], progress="finercut" if config.progress else False)

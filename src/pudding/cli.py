@@ -72,11 +72,15 @@ def _add_eval(sub) -> None:
     parser.add_argument("--model", default="default", help="'default', a .gguf file, a model folder or a hub id")
     parser.add_argument("--tasks", default="piqa,arc_easy", help="comma-separated task names (see `pudding tasks`)")
     parser.add_argument("--omit", action="append", type=_omission, metavar="BLOCKS",
-                        help="comma-separated 0-based blocks to omit, or 'none' for dense; repeat for more rows")
+                        help="comma-separated 0-based blocks to omit, or 'none' for dense; sub-layers too, e.g. "
+                             "'3,12.attn,14.mlp' (docs/SUBBLOCK.md); repeat for more rows")
     parser.add_argument("--limit", type=_positive_int, default=None, help="documents per task (seeded sample)")
     parser.add_argument("--split", default="evaluation", choices=["evaluation", "calibration"])
     parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
     parser.add_argument("--output-dir", default="runs/eval", help="where the result JSON is written")
+    parser.add_argument("--adapter", default=None, metavar="PATH",
+                        help="LoRA adapters from `pudding heal` (artifact, its adapters/ or one adapter folder): each "
+                             "row runs with its set's adapter, or the shared one (docs/HEALING.md)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(handler=_run_eval)
 
@@ -86,7 +90,7 @@ def _run_eval(args) -> int:
 
     config = EvalConfig(model=args.model, tasks=args.tasks, omissions=tuple(args.omit or [""]), limit=args.limit,
                         split=args.split, max_batch_tokens=args.batch_tokens, output_dir=args.output_dir,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, adapter=args.adapter)
     result = evaluate(config)
     print(format_table(result))
     print(f"\nwrote {result['path']}")
@@ -195,7 +199,9 @@ def _add_baselines(sub) -> None:
     parser = sub.add_parser("baselines", help="static baselines: SLEB, Shortened-LLaMA PPL/Taylor+, ShortGPT",
                             description="Compute the static depth-pruning baselines at k and save them as a pool.")
     _add_search_options(parser, tasks=False)
-    parser.add_argument("--methods", default="sleb,shortened_ppl,taylor,shortgpt", help="comma-separated methods")
+    parser.add_argument("--methods", default="sleb,shortened_ppl,taylor,shortgpt",
+                        help="comma-separated methods; also finercut (2k sub-layers, saved to subblock_sets.json; "
+                             "docs/SUBBLOCK.md)")
     parser.set_defaults(handler=_run_baselines)
 
 
@@ -204,8 +210,130 @@ def _run_baselines(args) -> int:
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     pool = _derived_pool(args) if args.from_pool else build_baselines(_pool_config(args, objectives=("ppl",)), methods)
+    if pool.sets:
+        print(_describe_pool(pool))
+    if "finercut" in methods and not args.from_pool:
+        from pudding.finercut import load_subblock_sets
+
+        for entry in load_subblock_sets(args.out):
+            print(f"  {entry.omit:<24} {entry.method} ({entry.budget['attn']} attn + {entry.budget['mlp']} mlp, "
+                  f"{entry.budget['block_equivalents']:.2f} blocks of parameters); pudding eval --omit {entry.omit}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_ladder(sub) -> None:
+    parser = sub.add_parser("ladder", help="depth ladder: searched pools' sets at several k, for tolerance routing",
+                            description="Take every search's and baseline's set at each depth (a greedy search's "
+                                        "first k removals, a one-shot baseline's k least important blocks) and "
+                                        "save them as one pool, without searching. See docs/ADAPTIVE.md.")
+    parser.add_argument("--pool", action="append", required=True, metavar="FOLDER",
+                        help="a pool searched at the deepest k or beyond (pudding candidates / baselines --out); "
+                             "repeat to add the baselines")
+    parser.add_argument("--depths", default="3,6,9", help="comma-separated k; 0 adds the dense model as a set")
+    parser.add_argument("--out", required=True, help="folder the ladder pool (pool.json) is written to")
+    parser.set_defaults(handler=_run_ladder)
+
+
+def _run_ladder(args) -> int:
+    from pudding.candidates import CandidatePool, ladder_pool
+
+    try:
+        depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    except ValueError:
+        raise ConfigError(f"--depths must be comma-separated integers like 3,6,9, got {args.depths!r}") from None
+    pool = ladder_pool([CandidatePool.from_pretrained(p) for p in args.pool], depths)
+    pool.save_pretrained(args.out)
     print(_describe_pool(pool))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _tolerance(text: str) -> float:
+    from pudding.adaptive import check_tolerance
+
+    try:
+        return check_tolerance(float(text))
+    except (ValueError, ConfigError) as error:
+        message = str(error) if isinstance(error, ConfigError) else f"expected a number >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+# Flags of `pudding compress` that belong to one method only: dest -> (method, config field or train field).
+_COMPRESS_ONLY = {"merge_layers": ("laco", "merge_layers"), "interval": ("laco", "interval"),
+                  "threshold": ("laco", "threshold"), "relax_step": ("laco", "relax_step"), "rule": ("laco", "rule"),
+                  "train_steps": ("streamline", "steps"), "train_samples": ("streamline", "train_samples"),
+                  "val_samples": ("streamline", "val_samples"), "lr": ("streamline", "lr"),
+                  "seed": ("streamline", "seed")}
+
+
+def _add_compress(sub) -> None:
+    parser = sub.add_parser("compress", help="LaCo, LLM-Streamline: a k-block-smaller model as an HF checkpoint",
+                            description="Merge blocks (LaCo) or replace a run by one trained block (LLM-Streamline) "
+                                        "on calibration text, and save the model as a standard HF checkpoint with "
+                                        "compress.json beside it; score it with `pudding eval --model OUT`.")
+    parser.add_argument("--method", required=True, help="laco or streamline (docs/MERGE_BASELINES.md)")
+    parser.add_argument("--model", default="default", help="'default', a .gguf file, a model folder or a hub id")
+    parser.add_argument("--k", type=_positive_int, default=6, help="blocks the result has fewer than the model")
+    parser.add_argument("--samples", type=_positive_int, default=16, help="calibration documents (BoolQ passages)")
+    parser.add_argument("--max-length", type=_positive_int, default=256, help="tokens kept per passage")
+    parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
+    parser.add_argument("--barriers", default="1,1", help="blocks protected at the start and the end, e.g. 1,1")
+    parser.add_argument("--out", required=True, help="checkpoint folder (must be empty or absent)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    laco = parser.add_argument_group("laco (defaults: LacoConfig)")
+    laco.add_argument("--merge-layers", type=_positive_int, help="C: blocks per merge (base + C-1 collapsed)")
+    laco.add_argument("--interval", type=_positive_int, help="I: how far the merge base moves after a merge")
+    laco.add_argument("--threshold", type=float, help="T: the similarity a merge must exceed")
+    laco.add_argument("--relax-step", type=float, help="least threshold decrease per extra sweep to reach k")
+    laco.add_argument("--rule", help="rdsc (the paper's equation 1) or released_code")
+    stream = parser.add_argument_group("streamline (defaults: TrainSettings)")
+    stream.add_argument("--no-train", action="store_true", help="remove the most similar k-run, no replacement")
+    stream.add_argument("--train-steps", type=_positive_int, help="optimiser steps for the replacement block")
+    stream.add_argument("--train-samples", type=_positive_int, help="documents the replacement is trained on")
+    stream.add_argument("--val-samples", type=_positive_int, help="held-out documents (best state, reported MSE)")
+    stream.add_argument("--lr", type=float, help="peak learning rate")
+    stream.add_argument("--seed", type=int, help="batch-order seed")
+    parser.set_defaults(handler=_run_compress)
+
+
+def _compress_config(args):
+    from dataclasses import replace
+
+    from pudding.compress import get_compressor
+
+    config_class, entry = get_compressor(args.method)
+    given = {dest: getattr(args, dest) for dest in _COMPRESS_ONLY if getattr(args, dest) is not None}
+    wrong = [dest for dest in given if _COMPRESS_ONLY[dest][0] != args.method]
+    wrong += ["no_train"] if args.no_train and args.method != "streamline" else []
+    if wrong:
+        raise ConfigError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
+    if args.no_train and given:
+        raise ConfigError(f"--{next(iter(given)).replace('_', '-')} sets up training, which --no-train skips")
+    try:
+        barriers = tuple(int(b) for b in args.barriers.split(","))
+    except ValueError:
+        raise ConfigError(f"--barriers must be two integers like 1,1, got {args.barriers!r}") from None
+    common = dict(model=args.model, k=args.k, samples=args.samples, max_length=args.max_length,
+                  max_batch_tokens=args.batch_tokens, barriers=barriers, out=args.out, progress=not args.no_progress)
+    if args.method == "laco":
+        return config_class(**common, **given), entry
+    from pudding.streamline import TrainSettings
+
+    train = None if args.no_train else replace(TrainSettings(), **{_COMPRESS_ONLY[d][1]: v for d, v in given.items()})
+    return config_class(**common, train=train), entry
+
+
+def _run_compress(args) -> int:
+    config, entry = _compress_config(args)
+    record = entry(config)
+    print(f"{record['method']}: {record['original_num_blocks']} -> {record['num_blocks']} blocks; "
+          f"result blocks hold original blocks {record['blocks']}")
+    if "training" in record:
+        t = record["training"]
+        print(f"replacement block, validation MSE: no block {t['val_mse_no_block']:.4g}, untrained "
+              f"{t['val_mse_untrained']:.4g}, trained {t['val_mse_trained']:.4g}")
+    print(f"wrote {args.out}; score it with: pudding eval --model {args.out}")
     return 0
 
 
@@ -311,6 +439,70 @@ def _run_train_router(args) -> int:
     return 0
 
 
+def _add_heal(sub) -> None:
+    parser = sub.add_parser("heal", help="LoRA-heal the pruned model (PEFT): one adapter per set, or one shared",
+                            description="Fine-tune LoRA adapters with blocks omitted and save them inside the "
+                                        "PuDDing artifact (adapters/); generate, serve, export and eval apply them. "
+                                        "See docs/HEALING.md.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pool", help="a PuDDing artifact folder (adapters go inside it) or a pool folder")
+    which.add_argument("--omit", help="explicit sets instead of a pool, ';'-separated, e.g. '20,21;18,19'")
+    parser.add_argument("--out", default=None, help="artifact folder for the adapters (default: --pool, an artifact)")
+    parser.add_argument("--model", default=None, help="base model spec (default: the one the pool records)")
+    parser.add_argument("--mode", default="per-set", choices=["per-set", "shared"],
+                        help="per-set: one adapter per set; shared: one adapter, a drawn set omitted per step")
+    parser.add_argument("--sets", default="", help="pool set indices to heal or draw from, e.g. 0,3 (default: all)")
+    parser.add_argument("--include-dense", action="store_true", help="shared: the dense model is a draw too")
+    parser.add_argument("--data", default="boolq-passages",
+                        help="boolq-passages (offline), an Alpaca-format hub dataset id, or a .json/.jsonl file")
+    parser.add_argument("--max-texts", type=_positive_int, default=None, help="use at most this many texts")
+    # Defaults live in HealConfig alone (importing it here would slow down --help); docs/HEALING.md lists them.
+    for flag, kind, help_text in (("--rank", _positive_int, "LoRA rank"), ("--alpha", float, "LoRA alpha"),
+                                  ("--dropout", float, "LoRA dropout"), ("--steps", _positive_int, "optimizer steps"),
+                                  ("--lr", float, "peak learning rate (warm-up, then linear decay)"),
+                                  ("--batch-size", _positive_int, "sequences per step"),
+                                  ("--seq-length", _positive_int, "tokens per sequence"),
+                                  ("--val-chunks", _positive_int, "held-out sequences for the before/after loss"),
+                                  ("--seed", int, "data order, set draws, dropout, LoRA init"),
+                                  ("--checkpoint-every", _positive_int, "steps between checkpoints")):
+        parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: HealConfig's)")
+    parser.add_argument("--target-modules", default="", help="comma-separated module names (default: every linear "
+                                                             "projection inside the blocks)")
+    parser.add_argument("--run-dir", default="runs/heal", help="training checkpoints; reruns resume")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(handler=_run_heal)
+
+
+def _run_heal(args) -> int:
+    from pudding.heal import HealConfig, heal
+
+    names = ("rank", "alpha", "dropout", "steps", "lr", "batch_size", "seq_length", "val_chunks", "seed",
+             "checkpoint_every", "model", "mode", "sets", "include_dense", "data", "max_texts", "target_modules",
+             "run_dir", "out")
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    config = HealConfig(pool=args.pool, omit=args.omit or (), progress=not args.no_progress, **given)
+    summary = heal(config)
+    for name, result in summary["adapters"].items():
+        if "kept" in result:
+            print(f"{name}: already healed ({result['kept']})")
+            continue
+        before, after = result["val_loss_before"], result["val_loss_after"]
+        losses = ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" for k in after)
+        print(f"{name}: {result['steps']} steps in {result['seconds']:.0f} s "
+              f"({result['seconds_per_step']:.2f} s/step); held-out loss {losses}")
+    print(f"data: {summary['data']['source']} ({summary['data']['texts']} texts; may favour "
+          f"{', '.join(summary['data']['favours']) or 'no evaluated task'})")
+    print(f"wrote {summary['out']}")
+    return 0
+
+
+def _add_adapter_options(parser, help_text: str = "healing adapters from `pudding heal`") -> None:
+    parser.add_argument("--adapters", default="auto", choices=["auto", "per-set", "shared", "none"],
+                        help=f"{help_text}: auto (per-set if any, else shared), per-set, shared or none")
+    parser.add_argument("--no-adapters", dest="adapters", action="store_const", const="none",
+                        help="ignore the artifact's adapters (the unhealed model, to compare)")
+
+
 def read_prompts(path: str) -> list[str]:
     """Prompts from a .jsonl file ({"prompt": ...} per line) or plain text (one per line)."""
     from pudding.errors import ConfigError
@@ -347,6 +539,8 @@ def _add_route(sub) -> None:
     parser = sub.add_parser("route", help="route prompts in bulk: print each prompt's chosen omission set")
     parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
     parser.add_argument("--file", required=True, help=".jsonl with a \"prompt\" per line, or plain text lines")
+    parser.add_argument("--tolerance", type=_tolerance, default=None,
+                        help="adaptive depth (ladder artifacts): the deepest set whose predicted drop is at most this")
     parser.set_defaults(handler=_run_route)
 
 
@@ -357,8 +551,9 @@ def _run_route(args) -> int:
 
     prompts = read_prompts(args.file)
     pudding = PuddingModel.from_pretrained(args.model)
-    for prompt, route in zip(prompts, pudding.route(prompts)):
-        print(json.dumps({"prompt": prompt, "set": route.name, "blocks": list(route.blocks),
+    for prompt, route in zip(prompts, pudding.route(prompts, tolerance=args.tolerance)):
+        adaptive = {} if args.tolerance is None else {"k": len(route.blocks), "tolerance": args.tolerance}
+        print(json.dumps({"prompt": prompt, "set": route.name, "blocks": list(route.blocks), **adaptive,
                           "scores": route.scores}))
     return 0
 
@@ -369,6 +564,9 @@ def _add_generate(sub) -> None:
     parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=48)
     parser.add_argument("--compare-dense", action="store_true", help="also generate with the dense model and time it")
+    parser.add_argument("--tolerance", type=_tolerance, default=None,
+                        help="adaptive depth (ladder artifacts): the deepest set whose predicted drop is at most this")
+    _add_adapter_options(parser)
     parser.set_defaults(handler=_run_generate)
 
 
@@ -378,16 +576,21 @@ def _run_generate(args) -> int:
     from pudding.routed import PuddingModel, check_prompts
 
     check_prompts(args.prompts)  # before the model loads: an undecodable argv byte is a one-line error
-    pudding = PuddingModel.from_pretrained(args.model)
+    pudding = PuddingModel.from_pretrained(args.model, adapters=args.adapters)
+    if pudding.adapters is not None:
+        print(f"healed with {pudding.adapters.mode} LoRA adapters: {', '.join(pudding.adapters.folders)}")
+    if args.tolerance is not None:
+        pudding.check_tolerance(args.tolerance)  # before the warm-up: an artifact without a ladder fails at once
     pudding.generate(args.prompts[:1], max_new_tokens=2)  # warm-up, so the first timing is not a cold start
     start = time.perf_counter()
-    routes = pudding.route(args.prompts)
+    routes = pudding.route(args.prompts, tolerance=args.tolerance)
     route_ms = (time.perf_counter() - start) * 1000 / len(args.prompts)
     for prompt, route in zip(args.prompts, routes):
         start = time.perf_counter()
         [out] = pudding.generate([prompt], routes=[route], max_new_tokens=args.max_new_tokens)
         seconds = time.perf_counter() - start
-        print(f"prompt: {prompt}\n  set {route.name}: omit blocks {list(route.blocks)}")
+        print(f"prompt: {prompt}\n  set {route.name}: omit blocks {list(route.blocks)}"
+              + ("" if args.tolerance is None else f" (k={len(route.blocks)} within tolerance {args.tolerance:g})"))
         print(f"  answer: {out.text.strip()!r}")
         line = f"  {out.completion_tokens} tokens in {seconds:.2f} s (router {route_ms:.1f} ms/prompt)"
         if args.compare_dense:
@@ -420,6 +623,7 @@ def _add_serve(sub) -> None:
     parser.add_argument("--gateway", action="store_true", help="run only the router and forward to --backend servers")
     parser.add_argument("--backend", action="append", default=[], metavar="SET=URL",
                         help="gateway backend serving one set (index or name), e.g. 3=http://10.0.0.5:8000")
+    _add_adapter_options(parser)
     parser.set_defaults(handler=_run_serve)
 
 
@@ -440,7 +644,7 @@ def _run_serve(args) -> int:
     else:
         if args.backend:
             raise ConfigError("--backend needs --gateway")
-        pudding = PuddingModel.from_pretrained(args.model)
+        pudding = PuddingModel.from_pretrained(args.model, adapters=args.adapters)
         if args.force_set is not None and not 0 <= args.force_set < len(pudding.pool.sets):
             raise ConfigError(f"--force-set {args.force_set} is out of range: "
                               f"the pool has {len(pudding.pool.sets)} sets")
@@ -459,6 +663,7 @@ def _add_export(sub) -> None:
     which.add_argument("--omit", help="comma-separated 0-based blocks to remove")
     which.add_argument("--all-sets", action="store_true", help="export every set of a PuDDing artifact + manifest")
     parser.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    _add_adapter_options(parser, "with --all-sets: merge each set's healing adapter into its checkpoint")
     parser.set_defaults(handler=_run_export)
 
 
@@ -467,7 +672,7 @@ def _run_export(args) -> int:
         from pudding.export import MANIFEST_FILE, export_all_sets
         from pudding.routed import PuddingModel
 
-        out = export_all_sets(PuddingModel.from_pretrained(args.model), args.out)
+        out = export_all_sets(PuddingModel.from_pretrained(args.model, adapters=args.adapters), args.out)
         print(f"wrote {len(list(out.glob('set-*')))} checkpoints and {out / MANIFEST_FILE}")
         return 0
     from pudding.export import export_from_spec
@@ -563,8 +768,11 @@ SUBCOMMANDS: dict[str, Callable] = {  # in pipeline order
     "importance": _add_importance,
     "candidates": _add_candidates,
     "baselines": _add_baselines,
+    "compress": _add_compress,
+    "ladder": _add_ladder,
     "label": _add_label,
     "train-router": _add_train_router,
+    "heal": _add_heal,
     "route": _add_route,
     "generate": _add_generate,
     "serve": _add_serve,

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -152,16 +153,20 @@ class SetBatchingEngine:
         batch_window: seconds a batch waits, from its oldest job's arrival, for peers of the same set.
         max_batch_size: rows per batch.
         on_batch: called with (blocks, batch size) after each batch (for metrics).
+        runner: ``runner(blocks)`` is the context a batch runs in; default :func:`omit_blocks` on ``model``.
+            :meth:`pudding.routed.PuddingModel.running` also switches to the set's healing adapter.
     """
 
     def __init__(self, model, tokenizer, *, batch_window: float = 0.01, max_batch_size: int = 16,
-                 on_batch: Callable[[OmissionSet, int], None] | None = None):
+                 on_batch: Callable[[OmissionSet, int], None] | None = None,
+                 runner: Callable[[OmissionSet], AbstractContextManager] | None = None):
         # The HTTP layer tokenizes and routes on a thread of its own while this worker decodes. A fast tokenizer
         # shared by two threads fails with "RuntimeError: Already borrowed" (huggingface/tokenizers#537): each
         # call re-sets padding and truncation on the one Rust object. So the worker decodes with its own copy.
         self.model, self.tokenizer = model, copy.deepcopy(tokenizer)
         self.batch_window, self.max_batch_size = batch_window, max_batch_size
         self.on_batch = on_batch
+        self.runner = runner or (lambda blocks: omit_blocks(model, blocks))
         self.queues: dict[tuple, deque[Job]] = {}
         self.wakeup = asyncio.Event()
         self.stats = EngineStats()
@@ -224,7 +229,7 @@ class SetBatchingEngine:
         try:  # tokenizing inside too: an exception that escaped this thread would end the worker for good
             batch = self.tokenizer([j.prompt for j in jobs], return_tensors="pt", padding=True, padding_side="left")
             batch = {k: v.to(self.model.device) for k, v in batch.items()}
-            with omit_blocks(self.model, jobs[0].blocks), torch.inference_mode():
+            with self.runner(jobs[0].blocks), torch.inference_mode():
                 self.model.generate(**batch, max_new_tokens=max(j.max_tokens for j in jobs),
                                     pad_token_id=self.tokenizer.pad_token_id, streamer=_BatchStreamer(rows, self.eos),
                                     stopping_criteria=StoppingCriteriaList([_StopRows(jobs, rows)]),

@@ -16,6 +16,7 @@ import dataclasses
 import datetime as _dt
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from pudding.errors import ConfigError
 from pudding.load import DEFAULT_MODEL, load_config, load_model, model_name
 from pudding.metrics import DocScores, aggregate, scores_by_doc
-from pudding.omit import OmissionSet, omit_blocks, validate_omission
+from pudding.omit import OmissionSet, omission_key, omit_blocks
 from pudding.provenance import atomic_write_json, atomic_write_text, provenance
 from pudding.score import LikelihoodScorer, Request
 from pudding.tasks import SPLITS, MCDoc, get_task, load_docs
@@ -38,13 +39,17 @@ class EvalConfig:
     Attributes:
         model: ``"default"`` (embedded SmolLM2), a ``.gguf`` file, a model folder or a hub id.
         tasks: registered task names (see ``pudding tasks``); a comma-separated string is accepted.
-        omissions: one omission set per result row; ``()`` is the dense model.
+        omissions: one omission set per result row; ``()`` is the dense model. A set may name sub-layers
+            beside whole blocks (``"3,12.attn"``, see :func:`pudding.omit.parse_omission`); such a set is kept
+            as its canonical key, e.g. ``(3, "12.attn")``.
         limit: documents per task (a fixed, seeded sample of the split); None for all.
         split: ``"evaluation"`` (reported accuracy) or ``"calibration"``.
         max_batch_tokens: padded tokens per forward pass.
         output_dir: where the result JSON goes; None to write nothing.
         save_samples: store every document's per-choice scores in the JSON (enables later re-analysis).
         progress: show progress bars.
+        adapter: LoRA adapters from ``pudding heal`` (an artifact, its ``adapters/`` folder or one adapter's
+            folder): each row runs with the adapter for its set (per-set), or the shared one; None for none.
     """
 
     model: str = DEFAULT_MODEL
@@ -56,6 +61,7 @@ class EvalConfig:
     output_dir: str | None = "runs/eval"
     save_samples: bool = True
     progress: bool = True
+    adapter: str | None = None
 
     def __post_init__(self):
         tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
@@ -75,7 +81,7 @@ class EvalConfig:
         if not self.omissions:
             raise ConfigError("omissions must list at least one set; () is the dense model")
         # The upper bound needs the model's block count, so evaluate() checks it; here all the rest.
-        object.__setattr__(self, "omissions", tuple(validate_omission(o, None) for o in self.omissions))
+        object.__setattr__(self, "omissions", tuple(omission_key(o, None) for o in self.omissions))
 
 
 def omission_label(omitted: OmissionSet) -> str:
@@ -101,9 +107,14 @@ def _task_summary(task_name: str, scored: list[DocScores], seconds: float) -> di
     return summary
 
 
-def _evaluate_omission(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]], omitted: OmissionSet) -> dict:
+def _evaluate_omission(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]], omitted: OmissionSet,
+                       adapters=None) -> dict:
     run: dict[str, Any] = {"omitted": list(omitted), "label": omission_label(omitted), "tasks": {}, "samples": {}}
-    with omit_blocks(scorer.model, omitted):
+    healing = nullcontext() if adapters is None else adapters.activate(omitted)  # entered before omit_blocks
+    if adapters is not None:
+        run["adapter"] = adapters.adapter_for(omitted)
+        run["label"] += f" + lora {run['adapter']}" if run["adapter"] else ""
+    with healing, omit_blocks(scorer.model, omitted):
         for task_name, task_docs in docs.items():
             start = time.perf_counter()
             desc = f"{omission_label(omitted)} {task_name}" if config.progress else False
@@ -126,17 +137,18 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any
     else:
         total = model.config.num_hidden_layers
     for omitted in config.omissions:
-        validate_omission(omitted, total)  # fail before the slow part
+        omission_key(omitted, total)  # fail before the slow part
     docs = {name: load_docs(name, config.split, limit=config.limit) for name in config.tasks}
     if model is None:
         model, tokenizer = load_model(config.model)
+    adapters = _load_adapters(model, config.adapter)
     scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens)
     result = {
         "config": dataclasses.asdict(config),
         "model": {"spec": config.model, "name": model_name(config.model), "model_type": model.config.model_type,
                   "num_blocks": total},
         "provenance": provenance(),
-        "runs": [_evaluate_omission(config, scorer, docs, omitted) for omitted in config.omissions],
+        "runs": [_evaluate_omission(config, scorer, docs, omitted, adapters) for omitted in config.omissions],
     }
     if config.output_dir is not None:
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -144,6 +156,18 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any
         result["path"] = str(atomic_write_json(path, result))
         atomic_write_text(path.with_suffix(".md"), render_markdown(result))
     return result
+
+
+def _load_adapters(model, path: str | None):
+    """The healing adapters at ``path`` on ``model`` (None without a path); ConfigError if there are none."""
+    if path is None:
+        return None
+    from pudding.heal import AdapterBank
+
+    adapters = AdapterBank.load(model, path)
+    if adapters is None:
+        raise ConfigError(f"no healing adapters at {path} (pudding heal writes them to <artifact>/adapters/)")
+    return adapters
 
 
 def render_markdown(result: dict[str, Any]) -> str:

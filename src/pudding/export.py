@@ -20,7 +20,7 @@ import torch
 
 from pudding.errors import ConfigError
 from pudding.load import load_model, model_name
-from pudding.omit import OmissionSet, num_blocks, omit_blocks, validate_omission
+from pudding.omit import OmissionSet, num_blocks, omit_blocks, require_whole_blocks
 from pudding.provenance import atomic_folder, atomic_write_json, exclusive_output, provenance, read_json
 
 MANIFEST_FILE = "manifest.json"
@@ -85,13 +85,14 @@ def export_pruned(model, tokenizer, blocks, out: str | Path, *, source: str | No
         return _export_pruned(model, tokenizer, blocks, out, source)
 
 
-def _export_pruned(model, tokenizer, blocks, out: Path, source: str | None) -> Path:
-    omission = validate_omission(blocks, num_blocks(model))
+def _export_pruned(model, tokenizer, blocks, out: Path, source: str | None, adapter: str | None = None) -> Path:
+    omission = require_whole_blocks(blocks, num_blocks(model), "export")
     with omit_blocks(model, omission):
         # Inside the context the model *is* the pruned model (renumbered, config updated), so saving it
         # writes exactly the pruned checkpoint without copying any weights.
         model.config.pudding_export = {"omitted_blocks": list(omission), "source": source,
-                                       "original_num_blocks": num_blocks(model) + len(omission)}
+                                       "original_num_blocks": num_blocks(model) + len(omission),
+                                       **({"adapter": adapter} if adapter else {})}
         try:
             _save(model, tokenizer, out)
         finally:
@@ -130,8 +131,11 @@ def _export_set(pudding, out: Path, index: int, entry) -> dict:
     folder = out / f"set-{index}"
     finished = _exported_blocks(folder)
     if finished is None:  # the caller holds the lock on ``out``, which covers its set folders
-        _export_pruned(pudding.model, pudding.tokenizer, entry.blocks, _output_folder(folder),
-                       pudding.pool.model.get("name"))
+        model, adapter = pudding.model, None
+        if pudding.adapters is not None:  # a plain copy, this set's LoRA merged in: it loads with no PEFT
+            model, adapter = pudding.adapters.plain_copy(entry.blocks)
+        _export_pruned(model, pudding.tokenizer, entry.blocks, _output_folder(folder),
+                       pudding.pool.model.get("name"), adapter)
     elif finished != list(entry.blocks):
         raise ConfigError(f"{folder} holds a model without blocks {finished}, but set {index} ({entry.name}) "
                           f"omits {list(entry.blocks)}; remove it or choose another --out")
@@ -141,6 +145,7 @@ def _export_set(pudding, out: Path, index: int, entry) -> dict:
 def export_from_spec(spec: str, blocks: str, out: str | Path) -> tuple[Path, OmissionSet]:
     """Load ``spec`` and export it without ``blocks`` (the ``pudding export --omit`` path)."""
     _output_folder(out)  # before the model loads: a non-empty --out fails in a second, not after minutes
+    require_whole_blocks(blocks, None, "pudding export")  # likewise for a sub-layer set
     model, tokenizer = load_model(spec)
-    omission = validate_omission(blocks, num_blocks(model))
+    omission = require_whole_blocks(blocks, num_blocks(model), "pudding export")
     return export_pruned(model, tokenizer, omission, out, source=model_name(spec)), omission

@@ -94,6 +94,9 @@ def create_gateway(pudding: PuddingModel, backends: dict[int, str], settings: Se
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
+            if "tolerance" in body:  # its backends each serve one set: refused, not silently ignored
+                raise OpenAIError(400, "the gateway does not route by tolerance; serve the ladder artifact with "
+                                       "`pudding serve`", param="tolerance")
             index = choose(router_text(path, body))
         except ValueError:
             return fail(OpenAIError(400, "the request body is not a valid JSON object"))

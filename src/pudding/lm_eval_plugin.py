@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from pudding.errors import ConfigError
 from pudding.load import package_dir
-from pudding.omit import OmissionSet, omit_blocks, validate_omission
+from pudding.omit import OmissionSet, validate_omission
 from pudding.score import LikelihoodScorer, Request
 
 
@@ -50,7 +50,7 @@ class PuddingLM(LM):
 
     def __init__(self, pretrained: str = "default", omit: str | None = None, batch_tokens: int = 512,
                  max_length: int | None = None, model=None, tokenizer=None, batch_size=None, max_batch_size=None,
-                 device=None, **unknown):
+                 device=None, adapters: str = "auto", **unknown):
         super().__init__()
         from pudding.routed import PuddingModel
 
@@ -59,9 +59,11 @@ class PuddingLM(LM):
         # typo in --model_args, which would otherwise change nothing without a word.
         if unknown:
             raise ConfigError(f"unknown pudding model_args {sorted(unknown)}; known: pretrained, omit, batch_tokens, "
-                              "max_length (and lm-eval's batch_size, max_batch_size, device)")
+                              "max_length, adapters (and lm-eval's batch_size, max_batch_size, device)")
 
-        self.pudding = PuddingModel.from_pretrained(pretrained, model=model, tokenizer=tokenizer)
+        # adapters: auto, per-set, shared or none: the artifact's healing adapters (pudding heal)
+        self.pudding = PuddingModel.from_pretrained(pretrained, model=model, tokenizer=tokenizer,
+                                                    adapters=str(adapters))
         if device is not None:
             self.pudding.model.to(device)
         total = self.pudding.model.config.num_hidden_layers
@@ -99,7 +101,7 @@ class PuddingLM(LM):
         for i, blocks in enumerate(sets):
             groups.setdefault(blocks, []).append(i)
         for blocks, members in tqdm(groups.items(), desc="pudding sets", disable=disable_tqdm):
-            with omit_blocks(self.pudding.model, blocks):
+            with self.pudding.running(blocks):  # the set omitted, its healing adapter (if any) active
                 scores = self.scorer.score([Request(*requests[i].args) for i in members])
             for i, score in zip(members, scores):
                 results[i] = (score.logprob, score.is_greedy)

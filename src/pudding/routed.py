@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pudding.adaptive import check_adaptive, check_tolerance, choose_by_tolerance
 from pudding.candidates import POOL_FILE, CandidatePool
 from pudding.errors import ConfigError
 from pudding.load import context_length, load_config, load_model, model_fingerprint
@@ -50,6 +52,7 @@ class Route:
     blocks: OmissionSet
     name: str
     scores: list[float]  # the router's score of every set (the chosen one is the highest, or the default)
+    tolerance: float | None = None  # the predicted drop this prompt accepted (adaptive depth), if it gave one
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class PuddingModel:
         self.model, self.tokenizer, self.pool, self.router = model, tokenizer, pool, router
         self.training = training or {}
         self.block_store = None  # a pudding.lazy.BlockStore: only the kept blocks are resident
+        self.adapters = None  # a pudding.heal.AdapterBank: the LoRA adapter each set runs with (pudding heal)
 
     def use_block_store(self, store) -> None:
         """Keep only each generation's kept blocks resident (see :mod:`pudding.lazy`)."""
@@ -115,12 +119,14 @@ class PuddingModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path = "default", *, model=None, tokenizer=None,
-                        router_only: bool = False) -> PuddingModel:
+                        router_only: bool = False, adapters: str = "auto") -> PuddingModel:
         """Load an artifact folder (``default``: the shipped SmolLM2 one); the LLM by its recorded spec.
 
         Pass ``model`` and ``tokenizer`` to reuse an already loaded LLM; it must match the recorded
         fingerprint. ``router_only`` skips loading the LLM (only its config is read, to check the
         fingerprint) where the router does not need it: ``route`` works, ``generate`` does not.
+        ``adapters`` picks the healing adapters in ``adapters/`` (``auto``, ``per-set``, ``shared``, ``none``;
+        see :meth:`load_adapters`).
         """
         folder = DEFAULT_ARTIFACT if str(path) == "default" else Path(path)
         config = read_config(folder)
@@ -139,7 +145,28 @@ class PuddingModel:
                               f"has fingerprint {fingerprint}. Refusing to route a different model")
         router = build_router(router_config, llm=model, llm_tokenizer=tokenizer, for_loading=True)
         load_router_weights(router, folder / ROUTER_FILE)
-        return cls(model, tokenizer, pool, router.eval(), config.get("training"), config=model_config)
+        pudding = cls(model, tokenizer, pool, router.eval(), config.get("training"), config=model_config)
+        if model is not None and adapters != "none":
+            pudding.load_adapters(folder, adapters)
+        return pudding
+
+    def load_adapters(self, folder: str | Path, mode: str = "auto") -> None:
+        """Apply the LoRA adapters saved under ``folder/adapters`` by ``pudding heal``: ``per-set`` (each set
+        runs with its own adapter), ``shared`` (one adapter for every set), or ``auto`` (per-set if there are
+        any, else shared, else none). ConfigError for adapters trained for another base model or pool."""
+        from pudding.heal import AdapterBank
+
+        self.adapters = AdapterBank.load(self.model, folder, mode=mode, pool=self.pool)
+
+    @contextmanager
+    def running(self, blocks: OmissionSet) -> Iterator[Any]:
+        """The LLM with ``blocks`` omitted and, if adapters are loaded, the adapter for ``blocks`` active."""
+        if self.adapters is None:
+            with omit_blocks(self.model, blocks) as model:
+                yield model
+            return
+        with self.adapters.activate(blocks), omit_blocks(self.model, blocks) as model:  # adapter first: see activate
+            yield model
 
     def save_pretrained(self, directory: str | Path, training: dict | None = None) -> Path:
         """Write pudding.json, pool.json and router.safetensors (never the LLM) and return the folder."""
@@ -164,15 +191,29 @@ class PuddingModel:
 
     # --- routing ---
 
-    def route(self, texts: str | Sequence[str], batch_size: int = 64) -> list[Route]:
-        """Each prompt's chosen omission set and the router's score of every set."""
+    def route(self, texts: str | Sequence[str], batch_size: int = 64, tolerance: float | None = None) -> list[Route]:
+        """Each prompt's chosen omission set and the router's score of every set.
+
+        With ``tolerance`` (a depth-ladder artifact only), each prompt takes the deepest set whose predicted
+        drop from the reference is at most ``tolerance`` (:func:`pudding.adaptive.choose_by_tolerance`).
+        """
         texts = check_prompts(texts)
+        if tolerance is not None:
+            tolerance = self.check_tolerance(tolerance)
         scores = self.router.scores(texts, batch_size)
+        chosen = (self.router.choose(scores) if tolerance is None
+                  else choose_by_tolerance(scores, [e.k for e in self.pool.sets], tolerance))
         routes = []
-        for row, index in zip(scores, self.router.choose(scores).tolist()):
+        for row, index in zip(scores, chosen.tolist()):
             entry = self.pool.sets[index]
-            routes.append(Route(index, entry.blocks, entry.name, [round(float(s), 6) for s in row]))
+            routes.append(Route(index, entry.blocks, entry.name, [round(float(s), 6) for s in row], tolerance))
         return routes
+
+    def check_tolerance(self, tolerance) -> float:
+        """``tolerance`` as a float; ConfigError if it is not a finite number >= 0 or this artifact has no ladder."""
+        value = check_tolerance(tolerance)
+        check_adaptive([e.k for e in self.pool.sets], self.router.config.loss)
+        return value
 
     # --- generation ---
 
@@ -197,7 +238,7 @@ class PuddingModel:
             self.block_store.ensure(i for i in range(total) if i not in blocks)
         batch = {k: v.to(self.model.device) for k, v in self._encode(texts).items()}
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        with omit_blocks(self.model, blocks), torch.inference_mode():
+        with self.running(blocks), torch.inference_mode():
             output = self.model.generate(**batch, **kwargs)
         new = output[:, batch["input_ids"].shape[1]:]
         eos = self.model.generation_config.eos_token_id
@@ -208,13 +249,15 @@ class PuddingModel:
         return texts_out, lengths
 
     def generate(self, texts: str | Sequence[str], *, routes: Sequence[Route] | None = None,
-                 max_new_tokens: int = 64, do_sample: bool = False, **kwargs) -> list[Generation]:
-        """Route each prompt (unless ``routes`` are given), then generate each set's prompts together."""
+                 max_new_tokens: int = 64, do_sample: bool = False, tolerance: float | None = None,
+                 **kwargs) -> list[Generation]:
+        """Route each prompt (unless ``routes`` are given; with ``tolerance`` as :meth:`route` does), then
+        generate each set's prompts together."""
         texts = check_prompts(texts)
         if self.model is None:
             raise ConfigError("this PuddingModel was loaded router-only; load it with its LLM to generate")
         prompt_lengths = self.check_length(texts, max_new_tokens)
-        routes = list(routes) if routes is not None else self.route(texts)
+        routes = list(routes) if routes is not None else self.route(texts, tolerance=tolerance)
         groups: dict[OmissionSet, list[int]] = {}
         for i, route in enumerate(routes):
             groups.setdefault(route.blocks, []).append(i)

@@ -33,6 +33,7 @@ from fastapi import Request  # at module level: FastAPI resolves the (postponed)
 from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 
+from pudding.adaptive import TOLERANCE_HEADER
 from pudding.engine import Job, Sampling, SetBatchingEngine
 from pudding.errors import ConfigError
 from pudding.load import context_length
@@ -134,6 +135,8 @@ def _schemas():
         stream_options: StreamOptions | None = None
         stop: str | list[str] | None = None
         user: str | None = None
+        # adaptive depth: the largest predicted drop accepted (a depth-ladder artifact only; see pudding.adaptive)
+        tolerance: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
 
         @field_validator("temperature")
         @classmethod
@@ -351,7 +354,8 @@ def create_app(pudding: PuddingModel, settings: ServeSettings | None = None):
     async def lifespan(app):
         engine = SetBatchingEngine(pudding.model, pudding.tokenizer, batch_window=settings.batch_window_ms / 1000,
                                    max_batch_size=settings.max_batch_size,
-                                   on_batch=lambda blocks, size: metric["batch"].observe(size))
+                                   on_batch=lambda blocks, size: metric["batch"].observe(size),
+                                   runner=pudding.running)  # omits the set and applies its healing adapter
         engine.start()
         # One thread tokenizes and routes every request, off the event loop: the tokenizers are not
         # thread-safe, and the router is a torch model. The engine decodes on its own thread.
@@ -409,11 +413,11 @@ def create_app(pudding: PuddingModel, settings: ServeSettings | None = None):
     app.add_middleware(_RequestGuard, max_bytes=settings.max_body_bytes, too_large=too_large,
                        client_gone=client_gone)
 
-    def choose(router_texts: list[str]) -> list[Route]:
+    def choose(router_texts: list[str], tolerance: float | None = None) -> list[Route]:
         if settings.force_set is not None:
             entry = pudding.pool.sets[settings.force_set]
             return [Route(settings.force_set, entry.blocks, entry.name, []) for _ in router_texts]
-        return pudding.route(router_texts)
+        return pudding.route(router_texts, tolerance=tolerance)
 
     def max_tokens_of(body) -> int:
         value = body.max_completion_tokens or body.max_tokens or 16
@@ -437,6 +441,13 @@ def create_app(pudding: PuddingModel, settings: ServeSettings | None = None):
                                    "request", param="prompt")
         if body.stream and prompts != 1:
             raise OpenAIError(400, "streaming supports one prompt per request", param="prompt")
+        if body.tolerance is not None:
+            if settings.force_set is not None:
+                raise OpenAIError(400, "this server serves one fixed set; tolerance needs routing", param="tolerance")
+            try:
+                pudding.check_tolerance(body.tolerance)
+            except ConfigError as error:
+                raise OpenAIError(400, str(error), param="tolerance") from None
 
     def prepare(prompt: str, router_text: str, max_tokens: int) -> _Prepared:
         if not prompt.strip() or not router_text.strip():
@@ -451,12 +462,12 @@ def create_app(pudding: PuddingModel, settings: ServeSettings | None = None):
                                    f"context of {context}", param="max_tokens", code="context_length_exceeded")
         return _Prepared(prompt, router_text, n)
 
-    async def prepare_all(texts: Callable[[], list[tuple[str, str]]],
-                          max_tokens: int) -> tuple[list[_Prepared], list[Route]]:
+    async def prepare_all(texts: Callable[[], list[tuple[str, str]]], max_tokens: int,
+                          tolerance: float | None = None) -> tuple[list[_Prepared], list[Route]]:
         """On the prep thread: build the (prompt, router text) pairs, count and check their tokens, route."""
         def work():
             prepared = [prepare(prompt, router_text, max_tokens) for prompt, router_text in texts()]
-            return prepared, choose([p.router_text for p in prepared])
+            return prepared, choose([p.router_text for p in prepared], tolerance)
 
         return await asyncio.get_running_loop().run_in_executor(state["prep"], work)
 
@@ -465,10 +476,12 @@ def create_app(pudding: PuddingModel, settings: ServeSettings | None = None):
         return tuple(s for s in ([stop] if isinstance(stop, str) else stop or []) if s)
 
     def route_info(route: Route) -> dict:
-        return {"set": route.name, "set_index": route.set_index, "blocks": list(route.blocks)}
+        info = {"set": route.name, "set_index": route.set_index, "blocks": list(route.blocks)}
+        return info if route.tolerance is None else {**info, "k": len(route.blocks), "tolerance": route.tolerance}
 
     def headers(route: Route) -> dict:
-        return {SET_HEADER: route.name, BLOCKS_HEADER: ",".join(map(str, route.blocks))}
+        found = {SET_HEADER: route.name, BLOCKS_HEADER: ",".join(map(str, route.blocks))}
+        return found if route.tolerance is None else {**found, TOLERANCE_HEADER: repr(route.tolerance)}
 
     def job_of(prepared: _Prepared, route: Route, max_tokens: int, body) -> Job:
         return Job(prepared.prompt, route.blocks, max_tokens, Sampling(body.temperature, body.top_p), stops(body))
@@ -491,7 +504,7 @@ def create_app(pudding: PuddingModel, settings: ServeSettings | None = None):
         handed_on = False
         try:
             started = time.perf_counter()
-            prepared, routes = await prepare_all(texts, max_tokens)
+            prepared, routes = await prepare_all(texts, max_tokens, body.tolerance)
             for route in routes:
                 metric["sets"].labels(route.name).inc()
             metric["tokens"].labels("prompt").inc(sum(p.prompt_tokens for p in prepared))

@@ -1,0 +1,119 @@
+"""Adaptive depth's measurement: accuracy against the mean number of blocks skipped (docs/ADAPTIVE.md).
+
+Reads per-document scores that ``pudding label --split evaluation`` (or ``pudding reproduce``) already
+computed, so the LLM does not run: the ladder artifact's router predicts every set's score for each
+evaluation prompt, a sweep of tolerances gives the adaptive curve, and the static baselines (each at every
+depth of the ladder), PuDDing at a fixed k (the same router restricted to the k-block sets) and dense give
+the rest. Writes ``adaptive-curve.json`` (with provenance) and ``adaptive-curve.png`` in ``--out``.
+
+    .venv/bin/python benchmarks/adaptive_curve.py --artifact runs/adaptive/router \
+        --scores runs/adaptive/eval-scores --baselines runs/adaptive/baselines-k9 --out results/smollm2/adaptive
+
+``--scores`` may be repeated: each set's column is taken from the first folder that scored it (the k=3 and
+the k=6 scores of one reproduction, say), provided every folder holds the same documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pudding.adaptive import adaptive_curve, check_adaptive, combine_labels, plot_curve
+from pudding.candidates import DENSE_SOURCE, CandidatePool, PoolEntry, ladder_pool
+from pudding.errors import PuddingError
+from pudding.provenance import atomic_write_json, provenance
+from pudding.routed import PuddingModel
+from pudding.train import routing_data
+
+STATIC_METHODS = ("sleb", "shortened_ppl", "shortgpt")  # the issue's rows; taylor can be added with --methods
+
+
+def static_sets(baselines: CandidatePool, depths: list[int], methods: tuple[str, ...]) -> dict[str, dict[int, tuple]]:
+    """method -> {k: blocks}: each static baseline's set at every depth (exact, from its search or ranking)."""
+    found: dict[str, dict[int, tuple]] = {}
+    for entry in ladder_pool([baselines], depths).sets:
+        for source in entry.sources:
+            if source.method in methods:
+                found.setdefault(source.method, {})[entry.k] = entry.blocks
+    missing = [m for m in methods if m not in found]
+    if missing:
+        raise PuddingError(f"the baselines pool has no {missing}; it has {sorted(found)}")
+    return found
+
+
+def measure(artifact: str, scores: list[str], baselines: str, methods: tuple[str, ...], points: int) -> dict:
+    """The curve (see :func:`pudding.adaptive.adaptive_curve`) for one ladder artifact on scored documents."""
+    pudding = PuddingModel.from_pretrained(artifact, router_only=True)
+    depths = [e.k for e in pudding.pool.sets]
+    check_adaptive(depths, pudding.router.config.loss)
+    statics = static_sets(CandidatePool.from_pretrained(baselines), sorted({k for k in depths if k > 0}), methods)
+    wanted = [e.blocks for e in pudding.pool.sets] + [b for by_k in statics.values() for b in by_k.values()]
+    scored = {tuple(b) for folder in scores for b in _sets_of(folder)}
+    if () in scored:
+        wanted.append(())
+    unique = list(dict.fromkeys(wanted))
+    needed = CandidatePool(tuple(PoolEntry(b, (DENSE_SOURCE,)) for b in unique), pudding.pool.model)
+    data = routing_data(combine_labels(scores, needed))
+    column = {blocks: i for i, blocks in enumerate(unique)}
+    curve = adaptive_curve(pudding.router.scores(data.texts), depths, data.correct,
+                           [column[e.blocks] for e in pudding.pool.sets], data.tasks,
+                           {m: {k: column[b] for k, b in by_k.items()} for m, by_k in statics.items()},
+                           column.get(()), points)
+    return {"curve": curve, "artifact": artifact, "scores": scores, "baselines": baselines,
+            "router": {"kind": pudding.router.config.kind, "loss": pudding.router.config.loss,
+                       "target": pudding.router.config.target},
+            "ladder": {"pool": pudding.pool.fingerprint(), "sets": [e.name for e in pudding.pool.sets],
+                       "depths": depths}, "tasks": sorted(set(data.tasks))}
+
+
+def _sets_of(folder: str) -> list[list[int]]:
+    from pudding.labels import Labels
+
+    return Labels.load(folder).meta["sets"]
+
+
+def render(result: dict) -> str:
+    """A few lines: each matched comparison, adaptive minus the row at the same mean k."""
+    curve = result["curve"]
+    lines = [f"{curve['documents']} documents; ladder depths {curve['depths']}; router target "
+             f"{result['router']['target']} (tolerance units)"]
+    if "dense" in curve:
+        lines.append(f"dense: accuracy {curve['dense']['accuracy']:.3f}")
+    for m in curve["matched"]:
+        if m["tolerance"] is None:
+            lines.append(f"{m['row']} at k={m['k']}: {m['reason']}")
+            continue
+        lines.append(f"{m['row']} at k={m['k']}: {m['row_accuracy']:.3f}; adaptive at tolerance {m['tolerance']:.4g} "
+                     f"(mean k {m['adaptive_mean_k']:.2f}) {m['adaptive_accuracy']:.3f}; paired difference "
+                     f"{m['difference']:+.3f} [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}] (N={m['n']})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", required=True, help="PuDDing artifact trained on a depth-ladder pool")
+    parser.add_argument("--scores", action="append", required=True,
+                        help="label folder of the evaluation documents (pudding label --split evaluation); repeat")
+    parser.add_argument("--baselines", required=True, help="the static baselines' pool (pudding baselines --out)")
+    parser.add_argument("--methods", default=",".join(STATIC_METHODS), help="static methods to draw")
+    parser.add_argument("--points", type=int, default=41, help="tolerances on the adaptive curve")
+    parser.add_argument("--out", required=True, help="folder for adaptive-curve.json and adaptive-curve.png")
+    args = parser.parse_args(argv)
+    try:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        result = measure(args.artifact, args.scores, args.baselines, methods, args.points)
+    except PuddingError as error:
+        print(f"adaptive_curve: error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    atomic_write_json(out / "adaptive-curve.json", {**result, "provenance": provenance()})
+    plot_curve(result["curve"], out / "adaptive-curve.png",
+               f"Adaptive depth: {result['curve']['documents']} evaluation documents")
+    print(render(result))
+    print(f"wrote {out / 'adaptive-curve.json'} and {out / 'adaptive-curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Quantized against fp32, side by side in one run: fidelity of the scores, the search and accuracy, and speed.
+
+    .venv/bin/python benchmarks/bench_quantize.py --model default --limit 100 --output results/smollm2/quantize.json
+
+For each ``--quantize`` method (fp32 is always the reference) on the same documents:
+
+- fidelity: mean and maximum absolute difference of every choice's summed log-likelihood, the share of
+  documents whose predicted answer (the task's own metric) agrees with fp32, and accuracy with its standard
+  error per task;
+- the greedy search: the first ``--search-k`` removals on ``--search-docs`` calibration documents, whether
+  they pick the same blocks, and the rank correlation of the first step's candidate losses;
+- speed: scorer tokens/s, timed interleaved (each round runs every variant in a rotated order, so drift on a
+  shared machine hits them alike) and reported as the median of the per-round paired ratios with its range;
+  the greedy-search step time; resident weight bytes.
+
+``pudding bench --quantize`` gives pre-fill and decode latencies. Writes one JSON with provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from pudding.candidates import PAPER_TASKS, calibration_docs
+from pudding.evaluate import doc_requests
+from pudding.load import load_model
+from pudding.metrics import METRICS, aggregate, scores_by_doc
+from pudding.provenance import atomic_write_json, provenance
+from pudding.quantize import quantize_model, weight_bytes
+from pudding.score import LikelihoodScorer, encode_request
+from pudding.search import CandidateEvaluator, get_objective, greedy_search
+from pudding.tasks import get_task, load_docs
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        result = [0.0] * len(values)
+        for rank, index in enumerate(order):
+            result[index] = float(rank)
+        return result
+    return float(torch.corrcoef(torch.tensor([ranks(a), ranks(b)]))[0, 1])
+
+
+def fidelity(reference: dict, candidate: dict) -> dict:
+    """Score differences, answer agreement and accuracy of ``candidate`` against ``reference`` per task."""
+    report = {}
+    for task, (docs, ref_scores) in reference.items():
+        metric = get_task(task).metric
+        cand_scores = candidate[task][1]
+        diffs = [abs(a.logprob - b.logprob) for a, b in zip(ref_scores, cand_scores)]
+        ref_docs, cand_docs = scores_by_doc(docs, ref_scores), scores_by_doc(docs, cand_scores)
+        agree = [_answer(r, metric) == _answer(c, metric) for r, c in zip(ref_docs, cand_docs)]
+        report[task] = {"metric": metric, "mean_abs_ll_diff": statistics.fmean(diffs), "max_abs_ll_diff": max(diffs),
+                        "answer_agreement": sum(agree) / len(agree), "documents": len(agree),
+                        "accuracy": vars(aggregate(cand_docs, metric))}
+    return report
+
+
+def _answer(doc, metric: str) -> int:
+    # The chosen answer is the one the metric credits: try each choice as the gold and see which scores 1.
+    return next(i for i in range(len(doc.choices)) if METRICS[metric](type(doc)(doc.doc_id, i, doc.choices,
+                                                                              doc.choice_chars)) == 1.0)
+
+
+def search_comparison(models: dict, tokenizer, task: str, docs: int, k: int, batch_tokens: int) -> dict:
+    objective = get_objective("tl")
+    calibration = calibration_docs(task, docs)
+    requests = objective.requests(calibration)
+    results = {}
+    for name, model in models.items():
+        evaluator = CandidateEvaluator(LikelihoodScorer(model, tokenizer, max_batch_tokens=batch_tokens), requests)
+        results[name] = greedy_search(evaluator, lambda s: objective.loss(calibration, s), k)
+    reference = results["fp32"]
+    first = sorted(reference.steps[0].candidate_losses)
+    return {name: {"removal_order": r.removal_order, "same_blocks": r.removal_order == reference.removal_order,
+                   "step_seconds": [round(s.seconds, 2) for s in r.steps],
+                   "first_step_rank_correlation": _spearman([reference.steps[0].candidate_losses[b] for b in first],
+                                                            [r.steps[0].candidate_losses[b] for b in first])}
+            for name, r in results.items()}
+
+
+def interleaved_speed(scorers: dict, requests: list, tokens: int, rounds: int) -> dict:
+    names = list(scorers)
+    seconds = {n: [] for n in names}
+    for name in names:
+        scorers[name].score(requests[:8])  # warm-up
+    for round_index in range(rounds):
+        order = names[round_index % len(names):] + names[:round_index % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            scorers[name].score(requests)
+            seconds[name].append(time.perf_counter() - start)
+    report = {}
+    for name in names:
+        ratios = [f / q for f, q in zip(seconds["fp32"], seconds[name])]
+        report[name] = {"tokens_per_s": round(tokens / statistics.median(seconds[name]), 1),
+                        "seconds": [round(s, 3) for s in seconds[name]],
+                        "speedup_vs_fp32_median": round(statistics.median(ratios), 3),
+                        "speedup_vs_fp32_range": [round(min(ratios), 3), round(max(ratios), 3)]}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--methods", default="int8", help="comma-separated --quantize methods")
+    parser.add_argument("--head", action="store_true", help="quantize the LM head too")
+    parser.add_argument("--tasks", default=",".join(PAPER_TASKS))
+    parser.add_argument("--limit", type=int, default=100, help="evaluation documents per task")
+    parser.add_argument("--speed-docs", type=int, default=16, help="calibration documents per task timed")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--search-task", default="arc_easy")
+    parser.add_argument("--search-docs", type=int, default=16)
+    parser.add_argument("--search-k", type=int, default=2)
+    parser.add_argument("--batch-tokens", type=int, default=512)
+    parser.add_argument("--output", default="results/smollm2/quantize.json")
+    args = parser.parse_args()
+
+    fp32, tokenizer = load_model(args.model)
+    models = {"fp32": fp32}
+    for method in args.methods.split(","):
+        models[method] = quantize_model(copy.deepcopy(fp32), method, head=args.head)
+    scorers = {n: LikelihoodScorer(m, tokenizer, max_batch_tokens=args.batch_tokens) for n, m in models.items()}
+    tasks = args.tasks.split(",")
+
+    scored = {}
+    for name, scorer in scorers.items():
+        scored[name] = {}
+        for task in tasks:
+            docs = load_docs(task, "evaluation", limit=args.limit)
+            requests = [r for d in docs for r in doc_requests(d)]
+            scored[name][task] = (docs, scorer.score(requests, progress=f"{name} {task}"))
+    report = {"fidelity": {n: fidelity(scored["fp32"], scored[n]) for n in models if n != "fp32"},
+              "accuracy_fp32": {t: vars(aggregate(scores_by_doc(*scored["fp32"][t]), get_task(t).metric))
+                                for t in tasks},
+              "weight_bytes": {n: weight_bytes(m) for n, m in models.items()}}
+
+    speed_requests = [r for t in tasks for d in load_docs(t, "calibration", limit=args.speed_docs)
+                      for r in doc_requests(d)]
+    tokens = sum(len(e.context) + len(e.continuation)
+                 for e in (encode_request(tokenizer, r, scorers["fp32"].add_bos) for r in speed_requests))
+    report["speed"] = interleaved_speed(scorers, speed_requests, tokens, args.rounds)
+    report["search"] = search_comparison(models, tokenizer, args.search_task, args.search_docs, args.search_k,
+                                         args.batch_tokens)
+    report.update(config=vars(args), threads=torch.get_num_threads(), provenance=provenance())
+    atomic_write_json(args.output, report)
+    _print(report, tasks)
+
+
+def _print(report: dict, tasks: list[str]) -> None:
+    for name, per_task in report["fidelity"].items():
+        print(f"\n{name} against fp32 (weights {report['weight_bytes'][name] / 2**20:.0f} MiB, "
+              f"fp32 {report['weight_bytes']['fp32'] / 2**20:.0f} MiB)")
+        print(f"{'task':14s} {'mean|dLL|':>9s} {'max|dLL|':>9s} {'agree':>6s} {'acc fp32':>9s} {'acc q':>9s}")
+        for task in tasks:
+            row, ref = per_task[task], report["accuracy_fp32"][task]
+            ours = row["accuracy"]
+            print(f"{task:14s} {row['mean_abs_ll_diff']:9.3f} {row['max_abs_ll_diff']:9.3f} "
+                  f"{row['answer_agreement']:6.3f} {ref['value']:.3f}±{ref['stderr']:.3f} "
+                  f"{ours['value']:.3f}±{ours['stderr']:.3f}")
+    print("\nscorer speed (interleaved rounds; paired ratio median [range])")
+    for name, row in report["speed"].items():
+        print(f"{name:12s} {row['tokens_per_s']:8.1f} tok/s  x{row['speedup_vs_fp32_median']} "
+              f"{row['speedup_vs_fp32_range']}")
+    print("\ngreedy search")
+    for name, row in report["search"].items():
+        print(f"{name:12s} removes {row['removal_order']} same={row['same_blocks']} "
+              f"rank corr {row['first_step_rank_correlation']:.3f} step s {row['step_seconds']}")
+
+
+if __name__ == "__main__":
+    main()
