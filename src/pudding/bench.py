@@ -15,6 +15,11 @@ Measured per variant, after a warm-up, ``repeats`` times (median and interquarti
 - for ``routed``: the router time and the set-switch time, also separately.
 
 Torch threads are pinned to ``threads``; the machine's load average is recorded before and after.
+
+With ``quantize`` (``int8``, :mod:`pudding.quantize`) every variant, in every process, runs the quantized model.
+The block cache holds fp32 tensors, so the quantized ``routed`` variant keeps its whole quantized model
+resident (it still routes, switches sets by omission and pays the router); its weight bytes are then counted
+with :func:`pudding.quantize.weight_bytes`, which sees the int8 matrices that no parameter holds.
 """
 
 from __future__ import annotations
@@ -48,8 +53,13 @@ class BenchConfig:
     threads: int = 2
     cache_dir: str = "runs/block-cache"
     out: str | None = "results/bench"
+    quantize: str = "none"  # every variant runs the model quantized this way (pudding.quantize)
+    quantize_head: bool = False
 
     def __post_init__(self):
+        from pudding.quantize import check_quantization
+
+        check_quantization(self.quantize, self.quantize_head)
         if isinstance(self.lengths, str):
             object.__setattr__(self, "lengths", parse_lengths(self.lengths))
         if self.repeats < 1:
@@ -155,7 +165,8 @@ def _load_variant(variant: str, config: BenchConfig) -> _Variant:
     spec = read_config(folder)["base_model"]["spec"]
     load_start = time.perf_counter()
     store = None
-    if variant == "routed":
+    quantized = config.quantize != "none"
+    if variant == "routed" and not quantized:
         cache = Path(config.cache_dir)
         if not (cache / "blocks.safetensors").exists():
             raise ConfigError(f"no block cache at {cache}; the bench writes it in its dense run first")
@@ -165,15 +176,16 @@ def _load_variant(variant: str, config: BenchConfig) -> _Variant:
         # cost), and the lazy block store loads plain blocks, not PEFT-wrapped ones.
         pudding = PuddingModel.from_pretrained(folder, model=model, tokenizer=load_tokenizer(spec), adapters="none")
     else:
-        pudding = PuddingModel.from_pretrained(folder, adapters="none")
+        pudding = PuddingModel.from_pretrained(folder, adapters="none", quantize=config.quantize,
+                                               quantize_head=config.quantize_head)
     model, tokenizer = pudding.model, pudding.tokenizer
     load_seconds = time.perf_counter() - load_start
     check_lengths(config, context_length(model))
     prompts = {n: _prompt_ids(tokenizer, n) for n in sorted(set(config.lengths) | {128})}
     texts = {n: tokenizer.decode(ids[0]) for n, ids in prompts.items()}
     [route] = pudding.route([texts[128]])
-    if variant == "dense":
-        write_cache(model, config.cache_dir)  # for the routed run; idempotent
+    if variant == "dense" and not quantized:
+        write_cache(model, config.cache_dir)  # for the routed run; idempotent (fp32 only: int8 layers hold no tensors)
     if variant == "static":
         prune_blocks(model, route.blocks, inplace=True)
     if store is not None:
@@ -186,6 +198,7 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
     import torch
 
     from pudding.lazy import resident_bytes
+    from pudding.quantize import weight_bytes
 
     torch.set_num_threads(config.threads)
     loaded = _load_variant(variant, config)
@@ -224,7 +237,7 @@ def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
         "set_switch": {"seconds": _summary([w["seconds"] for w in switches[1:]]),
                        "blocks_loaded": switches[-1]["loaded"], "blocks_dropped": switches[-1]["dropped"],
                        "block_bytes": max(store.block_size.values())} if len(switches) > 1 else None,
-        "resident_weight_bytes": resident_bytes(model),
+        "resident_weight_bytes": weight_bytes(model) if config.quantize != "none" else resident_bytes(model),
         "peak_rss_bytes": _peak_rss_bytes(),
         "threads": torch.get_num_threads(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
@@ -376,7 +389,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ms = lambda s: f"{1000 * s:.1f}"  # noqa: E731
     variants = report["variants"]
     lengths = list(variants["dense"]["prefill_seconds"])
-    lines = [f"# pudding bench ({report['provenance']['date']}, "
+    quantize = report["config"].get("quantize", "none")
+    lines = [f"# pudding bench{'' if quantize == 'none' else f', {quantize} model'} ({report['provenance']['date']}, "
              f"commit {report['provenance']['git'].get('commit', '?')[:10]})",
              "", f"Command: `{' '.join(report['provenance']['command'])}`", "",
              "| variant | " + " | ".join(f"pre-fill {n} tok (ms)" for n in lengths)

@@ -23,6 +23,7 @@ from pudding.errors import ConfigError
 from pudding.load import DEFAULT_MODEL, load_config, load_model, model_fingerprint, model_name
 from pudding.omit import OmissionSet, validate_omission
 from pudding.provenance import atomic_write_json, locks_output, provenance
+from pudding.quantize import check_quantization, quantize_identity
 from pudding.score import LikelihoodScorer
 from pudding.search import CandidateEvaluator, check_k, get_objective, greedy_search, removable_blocks
 from pudding.tasks import MCDoc, get_task, load_docs
@@ -265,6 +266,9 @@ class PoolConfig:
         out: folder the pool artifact is written to.
         executor: ``local``, or ``ray`` to spread each step's candidates over Ray actors (identical results).
         ray_address, ray_actors: the Ray cluster (``None`` starts a local one) and the number of replicas.
+        quantize: ``none`` or ``int8`` (:mod:`pudding.quantize`): the model every search scores with; part of
+            each checkpoint's identity when it is not ``none``.
+        quantize_head: quantize the LM head too.
     """
 
     model: str = DEFAULT_MODEL
@@ -283,10 +287,13 @@ class PoolConfig:
     ray_address: str | None = None
     ray_actors: int = 2
     ray_gpus_per_actor: float = 0.0
+    quantize: str = "none"
+    quantize_head: bool = False
 
     def __post_init__(self):
         if self.executor not in ("local", "ray"):
             raise ConfigError(f"executor must be 'local' or 'ray', got {self.executor!r}")
+        check_quantization(self.quantize, self.quantize_head)
         for name, value in (("tasks", self.tasks), ("objectives", self.objectives)):
             items = value.split(",") if isinstance(value, str) else list(value)
             items = tuple(dict.fromkeys(i.strip() for i in items if i and i.strip()))
@@ -315,9 +322,11 @@ def calibration_docs(task: str, samples: int) -> list[MCDoc]:
 def _search_identity(config: PoolConfig, fingerprint: dict, task: str, objective: str, docs: list[MCDoc]) -> dict:
     ids = [d.doc_id for d in docs]
     # No k: a search's first j steps do not depend on k, so a k=6 checkpoint resumes into a k=9 search.
+    # The quantization adds keys only when there is one: fp32 checkpoints written before it existed resume.
     return {"model": fingerprint, "task": task, "objective": objective,
             "barriers": list(config.barriers), "max_length": config.max_length,
-            "samples_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+            "samples_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16],
+            **quantize_identity(config.quantize, config.quantize_head)}
 
 
 def _run_search(config: PoolConfig, scorer, fingerprint, task: str, objective_name: str, docs) -> SetSource:
@@ -353,8 +362,9 @@ def _make_scorer(config: PoolConfig):
         from pudding.distributed import RaySettings, start_workers
 
         return start_workers(RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor),
-                             config.model, config.max_batch_tokens, config.max_length)
-    model, tokenizer = load_model(config.model)
+                             config.model, config.max_batch_tokens, config.max_length, quantize=config.quantize,
+                             quantize_head=config.quantize_head)
+    model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head)
     return LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
 
 
@@ -393,10 +403,13 @@ def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "sho
     if unknown or not methods:
         raise ConfigError(f"unknown baseline methods {unknown}; known: sleb, {', '.join(ONE_SHOT_METHODS)}, "
                           f"{', '.join(SUBBLOCK_METHODS)}")
+    if "taylor" in methods and config.quantize != "none":
+        raise ConfigError("the taylor baseline needs the gradients of the blocks' weights, which int8 layers do not "
+                          "have; drop it from --methods or run the baselines with --quantize none")
     ppl = get_objective("ppl")
     fingerprint, _ = _prepare(PoolConfig(**{**asdict(config), "tasks": ("boolq",), "objectives": ("ppl",)}))
     docs = calibration_docs(ppl.text_task, config.samples)
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head)
     scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
     found, subblock = [], []
     for method in methods:

@@ -81,6 +81,7 @@ def _add_eval(sub) -> None:
     parser.add_argument("--adapter", default=None, metavar="PATH",
                         help="LoRA adapters from `pudding heal` (artifact, its adapters/ or one adapter folder): each "
                              "row runs with its set's adapter, or the shared one (docs/HEALING.md)")
+    _add_quantize_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(handler=_run_eval)
 
@@ -90,7 +91,7 @@ def _run_eval(args) -> int:
 
     config = EvalConfig(model=args.model, tasks=args.tasks, omissions=tuple(args.omit or [""]), limit=args.limit,
                         split=args.split, max_batch_tokens=args.batch_tokens, output_dir=args.output_dir,
-                        progress=not args.no_progress, adapter=args.adapter)
+                        progress=not args.no_progress, adapter=args.adapter, **_quantize(args))
     result = evaluate(config)
     print(format_table(result))
     print(f"\nwrote {result['path']}")
@@ -128,7 +129,22 @@ def _add_search_options(parser, *, tasks: bool) -> None:
                              "(exact: a greedy search's first k removals are the k-block search)")
     parser.add_argument("--out", required=True, help="folder the pool artifact (pool.json) is written to")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_quantize_options(parser)
     _add_executor_options(parser)
+
+
+QUANTIZE_CHOICES = ("none", "int8")  # pudding.quantize.QUANTIZATIONS, named here to keep torch out of --help
+
+
+def _add_quantize_options(parser) -> None:
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                        help="int8: int8 weights and per-token int8 activations in the blocks' linear layers, on CPU "
+                             "(docs/QUANTIZATION.md); default none")
+    parser.add_argument("--quantize-head", action="store_true", help="with --quantize: the LM head too (else fp32)")
+
+
+def _quantize(args) -> dict:
+    return {"quantize": args.quantize, "quantize_head": args.quantize_head}
 
 
 def _add_executor_options(parser) -> None:
@@ -154,7 +170,7 @@ def _pool_config(args, **extra):
                       barriers=barriers, max_batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse,
                       run_dir=args.run_dir, out=args.out, progress=not args.no_progress, executor=args.executor,
                       ray_address=args.ray_address, ray_actors=args.ray_actors,
-                      ray_gpus_per_actor=args.ray_gpus_per_actor, **extra)
+                      ray_gpus_per_actor=args.ray_gpus_per_actor, **_quantize(args), **extra)
 
 
 def _add_candidates(sub) -> None:
@@ -347,6 +363,7 @@ def _add_importance(sub) -> None:
     parser.add_argument("--max-length", type=_positive_int, default=256, help="tokens kept per request")
     parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
     parser.add_argument("--out", required=True, help="folder for importance.json and importance.png")
+    _add_quantize_options(parser)
     parser.set_defaults(handler=_run_importance)
 
 
@@ -355,7 +372,7 @@ def _run_importance(args) -> int:
 
     result = block_importance(ImportanceConfig(model=args.model, tasks=args.tasks, samples=args.samples,
                                                max_length=args.max_length, max_batch_tokens=args.batch_tokens,
-                                               out=args.out))
+                                               out=args.out, **_quantize(args)))
     for task, row in result["tasks"].items():
         worst = sorted(range(len(row["delta_metric"])), key=lambda b: row["delta_task_likelihood"][b])[:3]
         print(f"{task:<16} dense {row['metric']} {row['dense_metric']:.3f}; most needed blocks {worst}")
@@ -378,6 +395,7 @@ def _add_label(sub) -> None:
     parser.add_argument("--run-dir", default="runs/labels", help="shard checkpoints; reruns resume")
     parser.add_argument("--out", required=True, help="folder for labels.parquet and labels.json")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_quantize_options(parser)
     _add_executor_options(parser)
     parser.set_defaults(handler=_run_label)
 
@@ -390,7 +408,7 @@ def _run_label(args) -> int:
                                    max_batch_tokens=args.batch_tokens, shard_size=args.shard_size,
                                    run_dir=args.run_dir, progress=not args.no_progress, executor=args.executor,
                                    ray_address=args.ray_address, ray_actors=args.ray_actors,
-                                   ray_gpus_per_actor=args.ray_gpus_per_actor))
+                                   ray_gpus_per_actor=args.ray_gpus_per_actor, **_quantize(args)))
     print(f"wrote {out}")
     return 0
 
@@ -567,6 +585,7 @@ def _add_generate(sub) -> None:
     parser.add_argument("--tolerance", type=_tolerance, default=None,
                         help="adaptive depth (ladder artifacts): the deepest set whose predicted drop is at most this")
     _add_adapter_options(parser)
+    _add_quantize_options(parser)
     parser.set_defaults(handler=_run_generate)
 
 
@@ -576,7 +595,7 @@ def _run_generate(args) -> int:
     from pudding.routed import PuddingModel, check_prompts
 
     check_prompts(args.prompts)  # before the model loads: an undecodable argv byte is a one-line error
-    pudding = PuddingModel.from_pretrained(args.model, adapters=args.adapters)
+    pudding = PuddingModel.from_pretrained(args.model, adapters=args.adapters, **_quantize(args))
     if pudding.adapters is not None:
         print(f"healed with {pudding.adapters.mode} LoRA adapters: {', '.join(pudding.adapters.folders)}")
     if args.tolerance is not None:
@@ -624,6 +643,7 @@ def _add_serve(sub) -> None:
     parser.add_argument("--backend", action="append", default=[], metavar="SET=URL",
                         help="gateway backend serving one set (index or name), e.g. 3=http://10.0.0.5:8000")
     _add_adapter_options(parser)
+    _add_quantize_options(parser)
     parser.set_defaults(handler=_run_serve)
 
 
@@ -639,12 +659,15 @@ def _run_serve(args) -> int:
     if args.gateway:
         from pudding.gateway import create_gateway, parse_backends
 
+        if args.quantize != "none":
+            raise ConfigError("--quantize applies to the servers that run the model, not to --gateway (it routes)")
+
         pudding = PuddingModel.from_pretrained(args.model, router_only=True)
         app = create_gateway(pudding, parse_backends(args.backend, pudding), settings)
     else:
         if args.backend:
             raise ConfigError("--backend needs --gateway")
-        pudding = PuddingModel.from_pretrained(args.model, adapters=args.adapters)
+        pudding = PuddingModel.from_pretrained(args.model, adapters=args.adapters, **_quantize(args))
         if args.force_set is not None and not 0 <= args.force_set < len(pudding.pool.sets):
             raise ConfigError(f"--force-set {args.force_set} is out of range: "
                               f"the pool has {len(pudding.pool.sets)} sets")
@@ -656,7 +679,10 @@ def _run_serve(args) -> int:
 def _add_export(sub) -> None:
     parser = sub.add_parser("export", help="write a statically pruned model as a standard HF checkpoint",
                             description="Remove blocks for good and save a checkpoint that vanilla "
-                                        "AutoModelForCausalLM.from_pretrained loads (safetensors, renumbered).")
+                                        "AutoModelForCausalLM.from_pretrained loads (safetensors, renumbered). The "
+                                        "checkpoint is the model's own precision: export has no --quantize (int8 "
+                                        "layers are packed fbgemm kernels, not tensors a checkpoint holds); "
+                                        "quantize when loading it, e.g. pudding eval --quantize int8.")
     parser.add_argument("--model", default="default",
                         help="with --omit: a base model spec; with --all-sets: a PuDDing artifact or 'default'")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -712,6 +738,7 @@ def _add_bench(sub) -> None:
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned)")
     parser.add_argument("--cache-dir", default="runs/block-cache", help="block cache for the routed model")
     parser.add_argument("--out", default="results/bench", help="folder for bench.json and bench.md")
+    _add_quantize_options(parser)
     parser.set_defaults(handler=_run_bench)
 
 
@@ -720,7 +747,7 @@ def _run_bench(args) -> int:
 
     report = run_bench(BenchConfig(model=args.model, lengths=args.lengths, new_tokens=args.new_tokens,
                                    repeats=args.repeats, threads=args.threads, cache_dir=args.cache_dir,
-                                   out=args.out))
+                                   out=args.out, **_quantize(args)))
     print(render_markdown(report))
     return 0
 
@@ -744,6 +771,7 @@ def _add_reproduce(sub) -> None:
     parser.add_argument("--no-variants", action="store_true",
                         help="skip the routing variants (label target x pool x safe routing, pool size)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_quantize_options(parser)
     parser.set_defaults(handler=_run_reproduce)
 
 
@@ -754,7 +782,7 @@ def _run_reproduce(args) -> int:
                                        run_dir=args.run_dir, router_seeds=args.router_seeds,
                                        variants=not args.no_variants, pool=args.pool,
                                        reuse=None if args.reuse == "none" else args.reuse,
-                                       progress=not args.no_progress))
+                                       progress=not args.no_progress, **_quantize(args)))
     main_rows = result["tables"]["main"]["rows"]
     for row, data in main_rows.items():
         print(f"{row:<32} average {data['average']:.3f}")

@@ -81,7 +81,8 @@ def init_ray(settings: RaySettings):
 class _Worker:
     """One model replica; methods run inside a Ray actor."""
 
-    def __init__(self, spec: str, max_batch_tokens: int, max_length: int | None, threads: int | None = None):
+    def __init__(self, spec: str, max_batch_tokens: int, max_length: int | None, threads: int | None = None,
+                 quantize: str = "none", quantize_head: bool = False):
         import torch
 
         from pudding.load import load_model
@@ -89,7 +90,7 @@ class _Worker:
 
         if threads:
             torch.set_num_threads(threads)
-        model, tokenizer = load_model(spec)
+        model, tokenizer = load_model(spec, quantize=quantize, quantize_head=quantize_head)
         self.scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=max_batch_tokens, max_length=max_length)
         self.evaluator = None
 
@@ -111,14 +112,16 @@ class _Worker:
         return label_rows(docs, score_sets(self.scorer, docs, sets, reuse_prefix))
 
 
-def start_workers(settings: RaySettings, spec: str, max_batch_tokens: int, max_length: int | None) -> list:
-    """``settings.actors`` Ray actors, each holding a replica of ``spec``."""
+def start_workers(settings: RaySettings, spec: str, max_batch_tokens: int, max_length: int | None, *,
+                  quantize: str = "none", quantize_head: bool = False) -> list:
+    """``settings.actors`` Ray actors, each holding a replica of ``spec`` (quantized as ``quantize`` says)."""
     if settings.actors < 1:
         raise ConfigError(f"need at least one Ray actor, got {settings.actors}")
     ray = init_ray(settings)
     actor = ray.remote(num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor)(_Worker)
     threads = max(1, int(settings.cpus_per_actor))
-    return [actor.remote(spec, max_batch_tokens, max_length, threads) for _ in range(settings.actors)]
+    return [actor.remote(spec, max_batch_tokens, max_length, threads, quantize, quantize_head)
+            for _ in range(settings.actors)]
 
 
 class RayCandidateEvaluator:

@@ -26,6 +26,7 @@ from pudding.load import DEFAULT_MODEL, load_config, load_model, model_name
 from pudding.metrics import DocScores, aggregate, scores_by_doc
 from pudding.omit import OmissionSet, omission_key, omit_blocks
 from pudding.provenance import atomic_write_json, atomic_write_text, provenance
+from pudding.quantize import check_quantization, check_quantized
 from pudding.score import LikelihoodScorer, Request
 from pudding.tasks import SPLITS, MCDoc, get_task, load_docs
 
@@ -50,6 +51,8 @@ class EvalConfig:
         progress: show progress bars.
         adapter: LoRA adapters from ``pudding heal`` (an artifact, its ``adapters/`` folder or one adapter's
             folder): each row runs with the adapter for its set (per-set), or the shared one; None for none.
+        quantize: ``none`` (the model as loaded) or ``int8`` (:mod:`pudding.quantize`, CPU only).
+        quantize_head: quantize the LM head too (it stays fp32 by default).
     """
 
     model: str = DEFAULT_MODEL
@@ -62,8 +65,14 @@ class EvalConfig:
     save_samples: bool = True
     progress: bool = True
     adapter: str | None = None
+    quantize: str = "none"
+    quantize_head: bool = False
 
     def __post_init__(self):
+        check_quantization(self.quantize, self.quantize_head)
+        if self.adapter is not None and self.quantize != "none":
+            raise ConfigError("healing adapters (--adapter) do not run on a quantized model; drop one of --adapter "
+                              "and --quantize")
         tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
         tasks = [t.strip() for t in tasks if t and t.strip()]
         if not tasks:
@@ -140,7 +149,9 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any
         omission_key(omitted, total)  # fail before the slow part
     docs = {name: load_docs(name, config.split, limit=config.limit) for name in config.tasks}
     if model is None:
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head)
+    else:
+        check_quantized(model, config.quantize, config.quantize_head)  # the result records config.quantize
     adapters = _load_adapters(model, config.adapter)
     scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens)
     result = {

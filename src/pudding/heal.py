@@ -730,6 +730,11 @@ class AdapterBank:
             if mode != "auto":
                 raise ConfigError(f"no {mode} adapters at {path}")
             return None
+        from pudding.quantize import quantization_of
+
+        if quantization_of(model)[0] != "none":  # PEFT finds no nn.Linear to wrap in an int8 block
+            raise ConfigError(f"the healing adapters at {path} do not run on a quantized model; use --no-adapters "
+                              "(or --adapters none) with --quantize, or drop --quantize")
         fingerprint = model_fingerprint(model.config)
         for folder, record in records.items():
             check_adapter(record, folder, fingerprint, pool)

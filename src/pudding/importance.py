@@ -22,6 +22,7 @@ from pudding.errors import ConfigError
 from pudding.load import DEFAULT_MODEL, load_config, load_model, model_fingerprint, model_name
 from pudding.metrics import aggregate, scores_by_doc
 from pudding.provenance import atomic_write_figure, atomic_write_json, provenance
+from pudding.quantize import check_quantization
 from pudding.score import LikelihoodScorer
 from pudding.search import OBJECTIVES, CandidateEvaluator
 from pudding.tasks import get_task
@@ -32,7 +33,8 @@ HEATMAP_FILE = "importance.png"
 
 @dataclass(frozen=True)
 class ImportanceConfig:
-    """Settings of ``pudding importance`` (see :class:`pudding.candidates.PoolConfig` for shared fields)."""
+    """Settings of ``pudding importance`` (see :class:`pudding.candidates.PoolConfig` for shared fields,
+    ``quantize`` and ``quantize_head`` included)."""
 
     model: str = DEFAULT_MODEL
     tasks: tuple[str, ...] = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "boolq")
@@ -41,8 +43,11 @@ class ImportanceConfig:
     max_batch_tokens: int = 512
     out: str = "runs/importance"
     progress: bool = True
+    quantize: str = "none"
+    quantize_head: bool = False
 
     def __post_init__(self):
+        check_quantization(self.quantize, self.quantize_head)
         tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
         tasks = tuple(dict.fromkeys(t.strip() for t in tasks if t and t.strip()))
         if not tasks:
@@ -70,7 +75,7 @@ def block_importance(config: ImportanceConfig) -> dict[str, Any]:
     """Measure the map, write ``importance.json`` and ``importance.png`` to ``config.out``, return the data."""
     n_blocks = load_config(config.model).num_hidden_layers
     docs = {task: calibration_docs(task, config.samples) for task in config.tasks}
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head)
     scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
     rows = {}
     for task in config.tasks:

@@ -35,6 +35,7 @@ from pudding.load import load_config, load_model
 from pudding.metrics import DocScores, scores_by_doc
 from pudding.omit import OmissionSet
 from pudding.provenance import atomic_output, atomic_write_json, differing_keys, locks_output, provenance, read_json
+from pudding.quantize import check_quantization, check_quantized, quantize_identity
 from pudding.score import LikelihoodScorer
 from pudding.search import CandidateEvaluator
 from pudding.tasks import SPLITS, TARGET_DELIMITER, MCDoc, load_docs
@@ -77,6 +78,8 @@ class LabelConfig:
         shard_size: documents per checkpointed shard.
         run_dir: where shards are kept; a rerun resumes from them.
         out: folder for labels.parquet and labels.json.
+        quantize, quantize_head: the quantization of the model that scores (:mod:`pudding.quantize`); part
+            of the run's identity when it is not ``none``.
     """
 
     pool: str
@@ -95,8 +98,11 @@ class LabelConfig:
     ray_address: str | None = None
     ray_actors: int = 2
     ray_gpus_per_actor: float = 0.0
+    quantize: str = "none"
+    quantize_head: bool = False
 
     def __post_init__(self):
+        check_quantization(self.quantize, self.quantize_head)
         if isinstance(self.tasks, str):
             object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
         if not self.tasks:
@@ -202,8 +208,10 @@ def run_identity(config: LabelConfig, fingerprint: dict, docs: list[MCDoc]) -> d
     The sets are not in it: each set's scores are a file of their own, so a later pool that shares sets
     with this one scores only the sets that are new.
     """
+    # The quantization adds keys only when there is one: fp32 shards written before it existed still match.
     return {"format": LABELS_FORMAT, "model": fingerprint, "docs": [d.doc_id for d in docs],
-            **{k: v for k, v in asdict(config).items() if k in ("split", "max_length", "shard_size")}}
+            **{k: v for k, v in asdict(config).items() if k in ("split", "max_length", "shard_size")},
+            **quantize_identity(config.quantize, config.quantize_head)}
 
 
 @locks_output("run_dir", "out")
@@ -220,7 +228,9 @@ def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
         pool.check_model(load_config(spec))  # the actors load the model; the driver only checks it
     else:
         if model is None:
-            model, tokenizer = load_model(spec)
+            model, tokenizer = load_model(spec, quantize=config.quantize, quantize_head=config.quantize_head)
+        else:
+            check_quantized(model, config.quantize, config.quantize_head)  # the identity records config.quantize
         pool.check_model(model.config)
     run_dir = Path(config.run_dir)
     identity = run_identity(config, pool.model["fingerprint"], docs)
@@ -283,7 +293,8 @@ def _scored_shards(config: LabelConfig, spec: str, model, tokenizer, shards, mis
         from pudding.distributed import RaySettings, ray_label_shards, start_workers
 
         workers = start_workers(RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor), spec,
-                                config.max_batch_tokens, config.max_length)
+                                config.max_batch_tokens, config.max_length, quantize=config.quantize,
+                                quantize_head=config.quantize_head)
         order = list(missing)
         for j, columns in ray_label_shards(workers, [(shards[i], missing[i]) for i in order], config.reuse_prefix):
             yield order[j], missing[order[j]], columns

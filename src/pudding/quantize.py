@@ -117,11 +117,60 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _cpu_only(devices: set[str]) -> ConfigError:
+    return ConfigError(f"--quantize int8 runs on CPU (fbgemm) only; the model is on {', '.join(sorted(devices))}. "
+                       "On GPU load a quantized checkpoint through transformers (bitsandbytes, AWQ, GPTQ) instead")
+
+
 def _check_device(model: nn.Module, method: Quantization) -> None:
     devices = {p.device.type for p in model.parameters()}
     if method.name == "int8" and devices != {"cpu"}:
-        raise ConfigError(f"--quantize int8 runs on CPU (fbgemm) only; the model is on {', '.join(sorted(devices))}. "
-                          "On GPU load a quantized checkpoint through transformers (bitsandbytes, AWQ, GPTQ) instead")
+        raise _cpu_only(devices)
+
+
+def check_quantization(method: str, head: bool = False, device: str | torch.device | None = None) -> Quantization:
+    """Validate a ``--quantize`` setting before any weight is read: the method, ``head`` (which needs a method)
+    and, if given, the device the model will be on. One-line ConfigError (UnknownNameError) otherwise."""
+    quantization = get_quantization(method)
+    if not isinstance(head, bool):
+        raise ConfigError(f"quantize_head must be true or false, got {head!r}")
+    if head and quantization.replace is None:
+        raise ConfigError("--quantize-head quantizes the LM head too, so it needs a --quantize method (e.g. int8)")
+    if device is not None and quantization.name == "int8" and torch.device(device).type != "cpu":
+        raise _cpu_only({torch.device(device).type})
+    return quantization
+
+
+def quantize_identity(method: str, head: bool = False) -> dict:
+    """What a quantization adds to a resumable stage's identity (search checkpoints, label shards, reuse).
+
+    Empty for ``none``, so every identity written before quantization existed still matches an fp32 run;
+    otherwise the method, and ``quantize_head`` when the head is quantized too.
+    """
+    if get_quantization(method).replace is None:
+        return {}
+    return {"quantize": method, **({"quantize_head": True} if head else {})}
+
+
+def quantization_of(model: nn.Module) -> tuple[str, bool]:
+    """``(method, head)`` of a model as it is now: ``("int8", False)`` after ``quantize_model(m, "int8")``."""
+    quantized = any(isinstance(m, PerTokenInt8Linear) for m in model.modules())
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return ("int8" if quantized else "none"), isinstance(head, PerTokenInt8Linear)
+
+
+def check_quantized(model: nn.Module, method: str, head: bool = False) -> None:
+    """ConfigError unless ``model`` (one a caller passed in, not loaded by the stage) is quantized as declared:
+    a stage records its ``quantize`` setting next to its results, so the two must agree."""
+    found, wanted = quantization_of(model), (method, head and method != "none")
+    if found != wanted:
+        raise ConfigError(f"the model passed in is quantized as {_describe(*found)}, but the configuration says "
+                          f"{_describe(*wanted)}; quantize it with pudding.quantize.quantize_model first, or "
+                          "let the stage load the model")
+
+
+def _describe(method: str, head: bool) -> str:
+    return method + (" with the LM head" if head else "")
 
 
 def quantize_model(model: nn.Module, method: str, *, head: bool = False) -> nn.Module:
@@ -154,8 +203,8 @@ def _replace_head(model: nn.Module, replace: Callable[[nn.Module], nn.Module]) -
     if head is None or not _is_linear(head):
         raise ConfigError(f"{type(model).__name__} has no linear LM head to quantize")
     # A tied head shares its weight with the input embedding; the quantized copy unties them, and the
-    # embedding keeps the fp32 matrix.
-    model.config.tie_word_embeddings = False
+    # embedding keeps the fp32 matrix. The config is left as loaded: it describes the network every artifact
+    # is fingerprinted by (pudding.load.model_fingerprint), and only loading or resizing re-ties weights.
     model.set_output_embeddings(replace(head))
 
 
@@ -163,8 +212,8 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes held by the model's weights as they are now (quantized layers counted at their int8 size)."""
     seen, total = set(), 0
     for module in model.modules():
-        if isinstance(module, PerTokenInt8Linear):
-            total += module.weight_bytes
+        if isinstance(module, PerTokenInt8Linear):  # its bias is an fp32 buffer beside the packed int8 matrix
+            total += module.weight_bytes + (0 if module.bias is None else _tensor_bytes(module.bias))
             continue
         for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
             if tensor is None or id(tensor) in seen:

@@ -56,6 +56,7 @@ from pudding.provenance import (
     provenance,
     read_json,
 )
+from pudding.quantize import check_quantization, quantize_identity
 from pudding.routed import DEFAULT_ARTIFACT, PuddingModel
 from pudding.tasks import get_task
 from pudding.train import TARGETS, VAL_FRACTION, RoutingData, TrainConfig, routing_data, split_rows, train_router
@@ -85,6 +86,7 @@ BUDGETS = {
 }
 COMMITTED = {"default": Path("results/smollm2")}  # where --reuse looks by default, per model
 ROUTER_ABLATIONS = (("embed-mlp", "mse"), ("embed-mlp", "ce"), ("llm-embed", "mse"), ("encoder", "mse"))
+BASELINE_METHODS = ("sleb", "shortened_ppl", "taylor", "shortgpt")
 POOL_VARIANTS = ("pool", "pool+baselines")  # the paper's pool; the same plus the static baselines' sets
 POOL_SIZES = (1, 2, 3, 5, 8)  # sizes tried for the pool chosen on calibration data (plus the whole pool)
 
@@ -96,6 +98,9 @@ class ReproduceConfig:
     ``pool`` replaces the budget's search by a given pool folder (its identity is recorded instead);
     ``reuse`` is where earlier artifacts are looked for (``auto``: the committed results of the embedded
     model; ``None``: nowhere). An artifact there is reused only if its recorded identity matches.
+    ``quantize`` (and ``quantize_head``) quantize the LLM of every stage that runs it: the searches, the
+    baselines (without ``taylor``, which needs weight gradients), the labels, the scores and the importance
+    map; such a run gets folders of its own (``<budget>-int8``), and nothing fp32 is reused for it.
     """
 
     model: str = "default"
@@ -110,8 +115,11 @@ class ReproduceConfig:
     pool: str | None = None
     reuse: str | None = "auto"
     progress: bool = True
+    quantize: str = "none"
+    quantize_head: bool = False
 
     def __post_init__(self):
+        check_quantization(self.quantize, self.quantize_head)
         if self.budget not in BUDGETS:
             raise ConfigError(f"unknown budget {self.budget!r}; known: {', '.join(BUDGETS)}")
         if self.router_seeds < 1:
@@ -139,12 +147,25 @@ class ReproduceConfig:
 
     @property
     def folder(self) -> Path:
-        return Path(self.out) if self.out else Path("results") / _slug(self.model) / self.budget / f"k{self.k}"
+        return Path(self.out) if self.out else Path("results") / _slug(self.model) / self.precision / f"k{self.k}"
 
     @property
     def work_dir(self) -> Path:
-        """Checkpoints of this model, budget and k: other runs never collide in one ``run_dir``."""
-        return Path(self.run_dir) / _slug(self.model) / self.budget / f"k{self.k}"
+        """Checkpoints of this model, budget, precision and k: other runs never collide in one ``run_dir``."""
+        return Path(self.run_dir) / _slug(self.model) / self.precision / f"k{self.k}"
+
+    @property
+    def precision(self) -> str:
+        """The budget, suffixed by the quantization if there is one (``small``, ``small-int8``): a quantized
+        run's folders, and its accuracy-against-k plot, stay apart from the fp32 ones."""
+        if self.quantize == "none":
+            return self.budget
+        return f"{self.budget}-{self.quantize}" + ("-head" if self.quantize_head else "")
+
+    @property
+    def baseline_methods(self) -> tuple[str, ...]:
+        """The static baselines this run computes: Taylor+ needs weight gradients, which int8 layers lack."""
+        return BASELINE_METHODS if self.quantize == "none" else tuple(m for m in BASELINE_METHODS if m != "taylor")
 
     @property
     def reuse_root(self) -> Path | None:
@@ -195,7 +216,10 @@ def pool_identity(pool: CandidatePool) -> dict[str, Any]:
     """What decided a pool's (or the baselines') sets, except k: a pool searched at a larger k gives every
     smaller one exactly."""
     keys = ("tasks", "objectives", "samples", "max_length", "barriers", "methods")
-    return {"model": pool.model.get("fingerprint"), **{key: _listed(pool.config.get(key)) for key in keys}}
+    # A quantized search adds its method; an fp32 one adds nothing, so pools made before quantization match.
+    quantized = quantize_identity(pool.config.get("quantize", "none"), pool.config.get("quantize_head", False))
+    return {"model": pool.model.get("fingerprint"), **{key: _listed(pool.config.get(key)) for key in keys},
+            **quantized}
 
 
 def _listed(value):
@@ -243,7 +267,8 @@ def router_identity(folder: Path) -> dict[str, Any]:
 def _search_config(config: ReproduceConfig, name: str) -> PoolConfig:
     objectives = ("ppl",) if name == "baselines" else config.sizes.objectives
     return PoolConfig(model=config.model, k=config.k, samples=config.sizes.search_docs, objectives=objectives,
-                      run_dir=str(config.work_dir / name), out=str(config.folder / name), progress=config.progress)
+                      run_dir=str(config.work_dir / name), out=str(config.folder / name), progress=config.progress,
+                      quantize=config.quantize, quantize_head=config.quantize_head)
 
 
 def _pool(config: ReproduceConfig, name: str, fingerprint: dict, log: dict) -> CandidatePool:
@@ -254,13 +279,13 @@ def _pool(config: ReproduceConfig, name: str, fingerprint: dict, log: dict) -> C
         log[name] = {"given": config.pool}
     else:
         search = _search_config(config, name)
-        methods = ("sleb", "shortened_ppl", "taylor", "shortgpt") if name == "baselines" else None
+        methods = config.baseline_methods if name == "baselines" else None
         wanted = _wanted_pool(search, fingerprint, methods)
         found = find_reusable(config.folder / name, _found(config.reuse_root, "pool.json"),
                               _pool_differences(wanted, config.k), name)
         if found is None:
             log[name] = {"built": str(config.folder / name)}
-            return build_baselines(search) if name == "baselines" else build_pool(search)
+            return build_baselines(search, methods) if name == "baselines" else build_pool(search)
         pool = CandidatePool.from_pretrained(found)
         log[name] = {"reused": str(found)}
     if pool.config.get("k") != config.k:
@@ -299,7 +324,8 @@ def _scores(config: ReproduceConfig, scoring_pool: CandidatePool, split: str, ta
     scoring_pool.save_pretrained(pool_dir)
     label_config = LabelConfig(pool=str(pool_dir), out=str(config.folder / name), tasks=tasks, samples=samples,
                                split=split, run_dir=str(config.work_dir / name.replace("/", "-")),
-                               progress=config.progress)
+                               progress=config.progress, quantize=config.quantize,
+                               quantize_head=config.quantize_head)
     wanted = {k: v for k, v in run_identity(label_config, scoring_pool.model["fingerprint"],
                                             collect_docs(label_config)).items() if k != "shard_size"}
     found = find_reusable(config.folder / name, _found(config.reuse_root, "labels.json"),
@@ -354,7 +380,8 @@ def _router(config: ReproduceConfig, spec: RouterSpec, pools: dict[str, tuple[Ca
                           lambda folder: differing_keys(router_identity(folder), wanted), f"router {spec.name}")
     if found is not None:
         log[f"router {spec.name}"] = {"reused": str(found)}
-        return PuddingModel.from_pretrained(found, model=model, tokenizer=tokenizer), found
+        return PuddingModel.from_pretrained(found, model=model, tokenizer=tokenizer, quantize=config.quantize,
+                                            quantize_head=config.quantize_head), found
     log[f"router {spec.name}"] = {"built": train_config.out}
     return train_router(train_config, model=model, tokenizer=tokenizer), Path(train_config.out)
 
@@ -586,11 +613,15 @@ def _importance_map(config: ReproduceConfig, model) -> dict[str, Any]:
     for folder in ([root / "importance"] if root else []) + [config.folder.parent / "importance"]:
         if (folder / IMPORTANCE_FILE).exists():
             result = load_importance(folder)
-            if result["model"]["fingerprint"] == model_fingerprint(model.config):
+            recorded = result.get("config", {})  # maps made before quantization existed are fp32
+            if (result["model"]["fingerprint"] == model_fingerprint(model.config)
+                    and (recorded.get("quantize", "none"), recorded.get("quantize_head", False))
+                    == (config.quantize, config.quantize_head)):
                 return result
     return block_importance(ImportanceConfig(model=config.model, samples=16,
                                              out=str(config.folder.parent / "importance"),
-                                             progress=config.progress))
+                                             progress=config.progress, quantize=config.quantize,
+                                             quantize_head=config.quantize_head))
 
 
 def _average_with_stderr(row: dict[str, Any]) -> tuple[float, float]:
@@ -742,7 +773,7 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     stages, log = Stages(), {}
     sizes = config.sizes
     with stages("load model"):
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head)
     fingerprint = model_fingerprint(model.config)
     with stages("pool and baselines"):
         pool = _pool(config, "pool", fingerprint, log)
@@ -797,7 +828,10 @@ def _write_tables(config: ReproduceConfig, pool: CandidatePool, pools: dict, row
                                                   "calibration_labels": sizes.label_docs,
                                                   "search": sizes.search_docs},
              "pool": pool.fingerprint(), "artifacts": log, "provenance": provenance()}
-    tables, markdown = {}, [f"# PuDDing reproduction on {_slug(config.model)}, k={config.k} (budget {config.budget}: "
+    precision = "" if config.quantize == "none" else (f", {config.quantize} model in every stage"
+                                                      + (" (LM head too)" if config.quantize_head else ""))
+    tables, markdown = {}, [f"# PuDDing reproduction on {_slug(config.model)}, k={config.k}{precision} "
+                            f"(budget {config.budget}: "
                             f"{sizes.paper_docs} documents per paper task, {sizes.unseen_docs} per unseen task; "
                             f"{sizes.label_docs} calibration prompts per task for the routers, "
                             f"{sizes.search_docs} for the searches)", ""]

@@ -34,6 +34,7 @@ from pudding.errors import ConfigError
 from pudding.load import context_length, load_config, load_model, model_fingerprint
 from pudding.omit import OmissionSet, omit_blocks
 from pudding.provenance import atomic_write_json, provenance, read_json
+from pudding.quantize import check_quantization, check_quantized
 from pudding.router import Router, RouterConfig, build_router, load_router_weights, save_router
 
 CONFIG_FILE = "pudding.json"
@@ -119,15 +120,21 @@ class PuddingModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path = "default", *, model=None, tokenizer=None,
-                        router_only: bool = False, adapters: str = "auto") -> PuddingModel:
+                        router_only: bool = False, adapters: str = "auto", quantize: str = "none",
+                        quantize_head: bool = False) -> PuddingModel:
         """Load an artifact folder (``default``: the shipped SmolLM2 one); the LLM by its recorded spec.
 
         Pass ``model`` and ``tokenizer`` to reuse an already loaded LLM; it must match the recorded
         fingerprint. ``router_only`` skips loading the LLM (only its config is read, to check the
         fingerprint) where the router does not need it: ``route`` works, ``generate`` does not.
         ``adapters`` picks the healing adapters in ``adapters/`` (``auto``, ``per-set``, ``shared``, ``none``;
-        see :meth:`load_adapters`).
+        see :meth:`load_adapters`). ``quantize`` (and ``quantize_head``) quantize the LLM this loads (see
+        :mod:`pudding.quantize`); a ``model`` passed in is never modified, so with ``quantize`` other than
+        ``none`` it must already be quantized that way (``quantize_model(model, "int8")``), else ConfigError.
         """
+        check_quantization(quantize, quantize_head)
+        if model is not None and quantize != "none":
+            check_quantized(model, quantize, quantize_head)
         folder = DEFAULT_ARTIFACT if str(path) == "default" else Path(path)
         config = read_config(folder)
         pool = CandidatePool.from_pretrained(folder)
@@ -138,7 +145,7 @@ class PuddingModel:
         if model is None and router_only and router_config.kind != "llm-embed":
             model_config = load_config(base["spec"])
         elif model is None:
-            model, tokenizer = load_model(base["spec"])
+            model, tokenizer = load_model(base["spec"], quantize=quantize, quantize_head=quantize_head)
         fingerprint = model_fingerprint(model_config if model is None else model.config)
         if fingerprint != base.get("fingerprint"):
             raise ConfigError(f"{folder} was built for {base.get('name')} {base.get('fingerprint')}; the given model "
