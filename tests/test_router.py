@@ -454,8 +454,8 @@ def test_cli_label_and_train_router(labelled, tmp_path, monkeypatch, llm, encode
     import pudding.load
 
     root, _ = labelled
-    monkeypatch.setattr(pudding.labels, "load_model", lambda spec: llm)
-    monkeypatch.setattr(pudding.load, "load_model", lambda spec: llm)
+    monkeypatch.setattr(pudding.labels, "load_model", lambda spec, **options: llm)
+    monkeypatch.setattr(pudding.load, "load_model", lambda spec, **options: llm)
     assert main(["label", "--pool", str(root / "pool"), "--tasks", "piqa", "--samples", "6",
                  "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "labels"), "--no-progress"]) == 0
     assert len(Labels.load(tmp_path / "labels").table) == 6
