@@ -19,12 +19,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from pudding.adaptive import adaptive_curve, check_adaptive, combine_labels, plot_curve
-from pudding.candidates import DENSE_SOURCE, CandidatePool, PoolEntry, ladder_pool
-from pudding.errors import PuddingError
-from pudding.provenance import atomic_write_json, provenance
-from pudding.routed import PuddingModel
-from pudding.train import routing_data
+from pudding.core.errors import PuddingError
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.pool.artifact import DENSE_SOURCE, CandidatePool, PoolEntry, ladder_pool
+from pudding.routing.adaptive import adaptive_curve, check_adaptive, combine_labels, plot_curve
+from pudding.routing.model import PuddingModel
+from pudding.routing.train import routing_data
 
 STATIC_METHODS = ("sleb", "shortened_ppl", "shortgpt")  # the issue's rows; taylor can be added with --methods
 
@@ -43,7 +43,7 @@ def static_sets(baselines: CandidatePool, depths: list[int], methods: tuple[str,
 
 
 def measure(artifact: str, scores: list[str], baselines: str, methods: tuple[str, ...], points: int) -> dict:
-    """The curve (see :func:`pudding.adaptive.adaptive_curve`) for one ladder artifact on scored documents."""
+    """The curve (see :func:`pudding.routing.adaptive.adaptive_curve`) for one ladder artifact on scored documents."""
     pudding = PuddingModel.from_pretrained(artifact, router_only=True)
     depths = [e.k for e in pudding.pool.sets]
     check_adaptive(depths, pudding.router.config.loss)
@@ -68,7 +68,7 @@ def measure(artifact: str, scores: list[str], baselines: str, methods: tuple[str
 
 
 def _sets_of(folder: str) -> list[list[int]]:
-    from pudding.labels import Labels
+    from pudding.routing.labels import Labels
 
     return Labels.load(folder).meta["sets"]
 

@@ -13,11 +13,12 @@ import time
 
 import torch
 
-from pudding.candidates import calibration_docs
-from pudding.load import load_model
-from pudding.provenance import atomic_write_json, provenance
-from pudding.score import LikelihoodScorer
-from pudding.search import CandidateEvaluator, get_objective, greedy_search
+from pudding.core.load import load_model
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.core.score import LikelihoodScorer
+from pudding.pool.evaluator import CandidateEvaluator
+from pudding.pruning.candidates import calibration_docs
+from pudding.pruning.search import get_objective, greedy_search
 
 
 def run(scorer, objective, docs, k, reuse):

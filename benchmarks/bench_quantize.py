@@ -25,15 +25,15 @@ import time
 
 import torch
 
-from pudding.candidates import PAPER_TASKS, calibration_docs
-from pudding.evaluate import doc_requests
-from pudding.load import load_model
-from pudding.metrics import METRICS, aggregate, scores_by_doc
-from pudding.provenance import atomic_write_json, provenance
-from pudding.quantize import quantize_model, weight_bytes
-from pudding.score import LikelihoodScorer, encode_request
-from pudding.search import CandidateEvaluator, get_objective, greedy_search
-from pudding.tasks import get_task, load_docs
+from pudding.core.load import load_model
+from pudding.core.metrics import METRICS, aggregate, scores_by_doc
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.core.quantize import quantize_model, weight_bytes
+from pudding.core.score import LikelihoodScorer, doc_requests, encode_request
+from pudding.core.tasks import PAPER_TASKS, get_task, load_docs
+from pudding.pool.evaluator import CandidateEvaluator
+from pudding.pruning.candidates import calibration_docs
+from pudding.pruning.search import get_objective, greedy_search
 
 
 def _spearman(a: list[float], b: list[float]) -> float:

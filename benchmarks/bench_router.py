@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from pudding.load import load_model
-from pudding.provenance import atomic_write_json, provenance
-from pudding.routed import PuddingModel
-from pudding.tasks import load_docs
+from pudding.core.load import load_model
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.core.tasks import load_docs
+from pudding.routing.model import PuddingModel
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq")
 

@@ -4,7 +4,7 @@
 
 Prints tokens/s of each path, the speed-up, and the largest score difference (they must agree), then writes
 the numbers with provenance to results/bench_scorer.json. The naive path is
-:func:`pudding.score.score_one_by_one`: one forward per request, full-vocabulary logits at every position.
+:func:`pudding.core.score.score_one_by_one`: one forward per request, full-vocabulary logits at every position.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import time
 
 import torch
 
-from pudding.evaluate import doc_requests
-from pudding.load import load_model
-from pudding.provenance import atomic_write_json, provenance
-from pudding.score import LikelihoodScorer, encode_request, score_one_by_one
-from pudding.tasks import load_docs
+from pudding.core.load import load_model
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.core.score import LikelihoodScorer, doc_requests, encode_request, score_one_by_one
+from pudding.core.tasks import load_docs
 
 
 def _timed(fn):

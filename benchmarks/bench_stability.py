@@ -1,6 +1,6 @@
 """Do `pudding bench`'s speed ratios hold still? The same bench, run several times, side by side.
 
-Each run times dense, static and routed interleaved in one process (see ``pudding.bench``), so drift on a
+Each run times dense, static and routed interleaved in one process (see ``pudding.evaluation.bench``), so drift on a
 shared machine hits the three alike. This runs the whole bench ``--runs`` times with one configuration and
 prints every speed ratio of every run next to each other, with the largest deviation of a run from the
 runs' mean; the aim is within +-5%. Any ratio beyond its compute limit is reported as a measurement error.
@@ -14,8 +14,8 @@ import argparse
 import statistics
 import sys
 
-from pudding.bench import BenchConfig, run_bench
-from pudding.provenance import atomic_write_json, provenance
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.evaluation.bench import BenchConfig, run_bench
 
 SPEED_RATIOS = ("dense_over_routed_prefill", "dense_over_static_prefill", "routed_over_static_prefill",
                 "routed_model_only_over_static_prefill")

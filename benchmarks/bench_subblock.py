@@ -5,7 +5,7 @@
 
 ``pudding bench`` times a PuDDing artifact's routed set against the same blocks pruned; it has no way to
 take a set with sub-layers. This script times any ``--omit`` sets (the FinerCut sets of
-``subblock_sets.json`` included) with :func:`pudding.omit.omit_blocks` on one loaded model. The sets are
+``subblock_sets.json`` included) with :func:`pudding.core.omit.omit_blocks` on one loaded model. The sets are
 interleaved within each repeat (after one warm-up each), so a change in machine load hits every set alike;
 it reports the median and the interquartile range, and writes them with provenance to ``--output``.
 """
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from pudding.bench import _prompt_ids
-from pudding.load import load_model
-from pudding.omit import omission_key, omit_blocks
-from pudding.provenance import atomic_write_json, provenance
+from pudding.core.load import load_model
+from pudding.core.omit import omission_key, omit_blocks
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.evaluation.bench import _prompt_ids
 
 
 def _timings(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:

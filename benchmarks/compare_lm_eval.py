@@ -19,11 +19,11 @@ from pathlib import Path
 import lm_eval
 from lm_eval.tasks import TaskManager
 
-from pudding.evaluate import EvalConfig, evaluate
-from pudding.lm_eval_plugin import PuddingLM, write_local_tasks
-from pudding.load import load_model
-from pudding.provenance import atomic_write_json, provenance
-from pudding.tasks import get_task
+from pudding.core.load import load_model
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.core.tasks import get_task
+from pudding.evaluation.lm_eval_plugin import PuddingLM, write_local_tasks
+from pudding.evaluation.zero_shot import EvalConfig, evaluate
 
 TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande")
 

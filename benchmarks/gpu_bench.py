@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from pudding.bench import _prompt_ids
-from pudding.omit import omit_blocks
-from pudding.provenance import atomic_write_json, provenance
-from pudding.routed import PuddingModel
+from pudding.core.omit import omit_blocks
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.evaluation.bench import _prompt_ids
+from pudding.routing.model import PuddingModel
 
 
 class Timer:

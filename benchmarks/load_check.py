@@ -24,10 +24,10 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from pudding.provenance import atomic_write_json, provenance
-from pudding.routed import PuddingModel
-from pudding.serve import ServeSettings, create_app
-from pudding.tasks import load_docs
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.core.tasks import load_docs
+from pudding.routing.model import PuddingModel
+from pudding.serving.server import ServeSettings, create_app
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "sciq", "openbookqa")
 

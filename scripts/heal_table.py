@@ -21,11 +21,11 @@ import argparse
 import json
 from pathlib import Path
 
-from pudding.metrics import first_argmax
-from pudding.provenance import atomic_write_json, atomic_write_text, provenance
-from pudding.reproduce import mean_stderr, paired_differences
-from pudding.routed import PuddingModel
-from pudding.tasks import get_task, load_docs
+from pudding.core.metrics import first_argmax
+from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
+from pudding.core.tasks import get_task, load_docs
+from pudding.evaluation.reproduce import mean_stderr, paired_differences
+from pudding.routing.model import PuddingModel
 
 
 def correct(sample: dict, metric: str) -> float:

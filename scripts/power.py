@@ -16,9 +16,9 @@ import math
 import statistics
 from pathlib import Path
 
-from pudding.candidates import PAPER_TASKS
-from pudding.provenance import atomic_write_json, provenance
-from pudding.reproduce import BUDGETS
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.core.tasks import PAPER_TASKS
+from pudding.evaluation.reproduce import BUDGETS
 
 
 def paired_spreads(main: dict) -> dict[str, float]:

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from pudding.provenance import atomic_write_text
+from pudding.core.provenance import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"

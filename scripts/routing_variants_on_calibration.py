@@ -15,10 +15,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from pudding.candidates import CandidatePool
-from pudding.load import load_model
-from pudding.provenance import atomic_write_json, provenance
-from pudding.train import TARGETS, TrainConfig, train_router
+from pudding.core.load import load_model
+from pudding.core.provenance import atomic_write_json, provenance
+from pudding.pool.artifact import CandidatePool
+from pudding.routing.train import TARGETS, TrainConfig, train_router
 
 
 def main() -> None:

@@ -10,7 +10,13 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pudding.adaptive import (
+from pudding.cli import main
+from pudding.core.errors import ConfigError
+from pudding.core.load import model_fingerprint
+from pudding.pool.artifact import DENSE_SOURCE, CandidatePool, PoolEntry, SetSource, ladder_pool
+from pudding.pool.evaluator import CandidateEvaluator
+from pudding.pruning.candidates import PoolConfig, build_pool
+from pudding.routing.adaptive import (
     TOLERANCE_HEADER,
     adaptive_curve,
     check_adaptive,
@@ -19,22 +25,9 @@ from pudding.adaptive import (
     combine_labels,
     save_labels,
 )
-from pudding.candidates import (
-    DENSE_SOURCE,
-    CandidatePool,
-    PoolConfig,
-    PoolEntry,
-    SetSource,
-    build_pool,
-    ladder_pool,
-)
-from pudding.cli import main
-from pudding.errors import ConfigError
-from pudding.load import model_fingerprint
-from pudding.routed import PuddingModel
-from pudding.router import RouterConfig, build_router
-from pudding.search import CandidateEvaluator
-from pudding.serve import ServeSettings, create_app
+from pudding.routing.model import PuddingModel
+from pudding.routing.router import RouterConfig, build_router
+from pudding.serving.server import ServeSettings, create_app
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -401,7 +394,7 @@ def test_curve_reports_a_k_no_tolerance_reaches():
 def _label_artifact(folder, sets, doc_ids, offset):
     import datasets
 
-    from pudding.labels import Labels, _features
+    from pudding.routing.labels import Labels, _features
 
     n = len(doc_ids)
     table = datasets.Dataset.from_dict({
@@ -432,7 +425,7 @@ def test_curve_script_end_to_end_on_a_tiny_model(ladder, tiny_dir, tmp_path, cap
     import sys
     from pathlib import Path
 
-    from pudding.labels import LabelConfig, build_labels
+    from pudding.routing.labels import LabelConfig, build_labels
 
     sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
     import adaptive_curve

@@ -4,13 +4,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pudding.bench import BenchConfig, run_bench
-from pudding.candidates import CandidatePool, PoolEntry, SetSource
 from pudding.cli import main
-from pudding.errors import ConfigError
-from pudding.load import model_fingerprint
-from pudding.routed import PuddingModel
-from pudding.router import RouterConfig, build_router
+from pudding.core.errors import ConfigError
+from pudding.core.load import model_fingerprint
+from pudding.evaluation.bench import BenchConfig, run_bench
+from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
+from pudding.routing.model import PuddingModel
+from pudding.routing.router import RouterConfig, build_router
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_bench_runs_every_variant_and_reports_ratios(artifact):
 
 
 def test_ratios_beyond_their_compute_limit_are_flagged():
-    from pudding.bench import compute_limit, measurement_errors
+    from pudding.evaluation.bench import compute_limit, measurement_errors
 
     def summary(median):
         return {"median": median, "q1": median, "q3": median, "min": median, "max": median, "n": 1}

@@ -6,18 +6,11 @@ import json
 
 import pytest
 
-from pudding.candidates import (
-    CandidatePool,
-    PoolConfig,
-    SetSource,
-    build_baselines,
-    build_pool,
-    deduplicate,
-    shrink_pool,
-)
 from pudding.cli import main
-from pudding.errors import ConfigError, UnknownNameError
-from pudding.load import load_config
+from pudding.core.errors import ConfigError, UnknownNameError
+from pudding.core.load import load_config
+from pudding.pool.artifact import CandidatePool, SetSource, deduplicate, shrink_pool
+from pudding.pruning.candidates import PoolConfig, build_baselines, build_pool
 
 from tiny import NUM_LAYERS, tiny_model
 
@@ -134,8 +127,7 @@ def test_candidates_cli(tiny_dir, tmp_path, capsys):
 
 
 def test_importance_map_measures_every_block_per_task_and_draws_it(tiny_dir, tmp_path):
-    from pudding.importance import ImportanceConfig, block_importance
-    from pudding.search import CandidateEvaluator  # noqa: F401  (the map is built on the same evaluator)
+    from pudding.pruning.importance import ImportanceConfig, block_importance
 
     result = block_importance(ImportanceConfig(model=tiny_dir, tasks=("piqa", "arc_challenge"), samples=3,
                                                out=str(tmp_path / "imp"), progress=False))

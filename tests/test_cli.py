@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pudding import load as load_module
 from pudding.cli import SUBCOMMANDS, build_parser, main
+from pudding.core import load as load_module
 
 from tiny import NUM_LAYERS
 
@@ -201,8 +201,8 @@ def test_an_artifact_config_with_a_malformed_router_is_one_line(tmp_path, capsys
 
 @pytest.mark.parametrize("lr", ["nan", "inf", "-1", "0"])
 def test_train_router_refuses_a_learning_rate_that_is_not_positive_and_finite(lr, tmp_path, capsys):
-    from pudding.errors import ConfigError
-    from pudding.train import TrainConfig
+    from pudding.core.errors import ConfigError
+    from pudding.routing.train import TrainConfig
 
     with pytest.raises(ConfigError, match="lr"):
         TrainConfig(labels="l", pool="p", out="o", lr=float(lr))
@@ -219,7 +219,7 @@ def test_bench_refuses_lengths_that_are_not_integers(lengths, tmp_path, capsys):
 
 @pytest.mark.parametrize("port", ["99999", "0", "-5", "http"])
 def test_serve_checks_the_port_before_loading_the_model(port, capsys, monkeypatch):
-    from pudding.routed import PuddingModel
+    from pudding.routing.model import PuddingModel
 
     monkeypatch.setattr(PuddingModel, "from_pretrained", classmethod(_must_not_load))
     with pytest.raises(SystemExit) as info:
@@ -229,7 +229,7 @@ def test_serve_checks_the_port_before_loading_the_model(port, capsys, monkeypatc
 
 
 def test_an_undecodable_prompt_argument_is_one_line(capsys, monkeypatch):
-    from pudding.routed import PuddingModel
+    from pudding.routing.model import PuddingModel
 
     monkeypatch.setattr(PuddingModel, "from_pretrained", classmethod(_must_not_load))
     # What Python makes of the argv byte 0xff (`pudding generate $'\xff'`): a surrogate escape.
@@ -287,7 +287,7 @@ def test_serve_binds_to_loopback_unless_told_otherwise():
     import inspect
 
     from pudding.cli import build_parser
-    from pudding.serve import run_server
+    from pudding.serving.server import run_server
 
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
     assert build_parser().parse_args(["serve", "--host", "0.0.0.0"]).host == "0.0.0.0"

@@ -6,10 +6,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from pudding.candidates import CandidatePool, PoolConfig, build_pool  # noqa: E402
-from pudding.distributed import RaySettings, check_local_cluster_is_guarded, ray_init_kwargs  # noqa: E402
-from pudding.errors import ConfigError  # noqa: E402
-from pudding.labels import LABELS_FILE, LabelConfig, build_labels  # noqa: E402
+from pudding.core.errors import ConfigError  # noqa: E402
+from pudding.pool.artifact import CandidatePool  # noqa: E402
+from pudding.pool.executor import RaySettings, check_local_cluster_is_guarded, ray_init_kwargs  # noqa: E402
+from pudding.pruning.candidates import PoolConfig, build_pool  # noqa: E402
+from pudding.routing.labels import LABELS_FILE, LabelConfig, build_labels  # noqa: E402
 
 
 @pytest.fixture(scope="module")

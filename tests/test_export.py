@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pudding.cli import main
-from pudding.errors import ConfigError
-from pudding.export import MANIFEST_FILE, export_all_sets, export_pruned
-from pudding.omit import omit_blocks
+from pudding.core.errors import ConfigError
+from pudding.core.omit import omit_blocks
+from pudding.pruning.export import MANIFEST_FILE, export_all_sets, export_pruned
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -51,10 +51,10 @@ def test_export_refuses_bad_sets_and_non_empty_folders(tmp_path):
 
 
 def test_export_all_sets_writes_a_manifest(tmp_path, tiny_dir):
-    from pudding.candidates import CandidatePool, PoolEntry, SetSource
-    from pudding.load import model_fingerprint
-    from pudding.routed import PuddingModel
-    from pudding.router import RouterConfig, build_router
+    from pudding.core.load import model_fingerprint
+    from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
+    from pudding.routing.model import PuddingModel
+    from pudding.routing.router import RouterConfig, build_router
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     entries = tuple(PoolEntry(s, (SetSource("greedy", "t", "tl", list(s), [], [], 0.0),)) for s in SETS[:2])
@@ -70,7 +70,7 @@ def test_export_all_sets_writes_a_manifest(tmp_path, tiny_dir):
 
 def test_two_writers_never_mix_their_files(tmp_path):
     """A second export to a busy --out is refused; two temp folders are never shared; a late one is discarded."""
-    from pudding.provenance import atomic_folder, exclusive_output
+    from pudding.core.provenance import atomic_folder, exclusive_output
 
     model = tiny_model("llama")
     out = tmp_path / "pruned"
@@ -101,10 +101,10 @@ def test_export_files_are_readable_and_symlinked_out_is_followed(tmp_path):
 
 
 def test_export_all_sets_refuses_a_folder_holding_another_set(tmp_path, tiny_dir):
-    from pudding.candidates import CandidatePool, PoolEntry, SetSource
-    from pudding.load import model_fingerprint
-    from pudding.routed import PuddingModel
-    from pudding.router import RouterConfig, build_router
+    from pudding.core.load import model_fingerprint
+    from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
+    from pudding.routing.model import PuddingModel
+    from pudding.routing.router import RouterConfig, build_router
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     entries = tuple(PoolEntry(s, (SetSource("greedy", "t", "tl", list(s), [], [], 0.0),)) for s in SETS)

@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 
-from pudding.candidates import CandidatePool, PoolConfig, build_baselines
 from pudding.cli import main
-from pudding.errors import ConfigError
-from pudding.evaluate import EvalConfig, evaluate
-from pudding.finercut import (
+from pudding.core.errors import ConfigError
+from pudding.core.omit import omit_blocks
+from pudding.core.score import LikelihoodScorer, Request
+from pudding.evaluation.zero_shot import EvalConfig, evaluate
+from pudding.pool.artifact import CandidatePool
+from pudding.pruning.candidates import PoolConfig, build_baselines
+from pudding.pruning.finercut import (
     SUBBLOCK_FILE,
     DivergenceEvaluator,
     finercut_search,
@@ -21,8 +24,6 @@ from pudding.finercut import (
     sublayer_budget,
     sublayer_candidates,
 )
-from pudding.omit import omit_blocks
-from pudding.score import LikelihoodScorer, Request
 
 from tiny import NUM_LAYERS, tiny_model, tiny_tokenizer, zeroed_reference
 

@@ -6,12 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pudding.candidates import CandidatePool, PoolEntry, SetSource
-from pudding.errors import ConfigError
-from pudding.heal import (
-    ADAPTER_FILE,
-    ADAPTERS_DIR,
-    AdapterBank,
+from pudding.core.errors import ConfigError
+from pudding.core.load import model_fingerprint
+from pudding.core.omit import omit_blocks
+from pudding.healing.adapters import ADAPTER_FILE, ADAPTERS_DIR, AdapterBank
+from pudding.healing.lora import (
     HealConfig,
     alpaca_text,
     batch_schedule,
@@ -21,10 +20,9 @@ from pudding.heal import (
     pack,
     shared_schedule,
 )
-from pudding.load import model_fingerprint
-from pudding.omit import omit_blocks
-from pudding.routed import PuddingModel, Route
-from pudding.router import RouterConfig, build_router
+from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
+from pudding.routing.model import PuddingModel, Route
+from pudding.routing.router import RouterConfig, build_router
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -115,7 +113,7 @@ def test_per_set_adapter_trains_saves_reloads_and_generates_the_same(healed, tin
 
 
 def test_merged_export_equals_the_unmerged_adapter(healed, tiny_dir, tmp_path):
-    from pudding.export import export_all_sets
+    from pudding.pruning.export import export_all_sets
 
     art = healed[0]
     pudding = PuddingModel.from_pretrained(art, model=_load_tiny(tiny_dir), tokenizer=tiny_tokenizer())
@@ -157,7 +155,7 @@ def test_shared_adapter_draws_sets_reproducibly_and_serves_every_route(tmp_path,
 def test_training_resumes_from_its_checkpoint_exactly(tmp_path, corpus, monkeypatch):
     from safetensors.torch import load_file
 
-    from pudding import heal as heal_module
+    from pudding.heal import lora as heal_module
 
     def run(name):
         art = _artifact(tmp_path / name, tiny_model("llama"))
@@ -233,7 +231,7 @@ def test_config_and_data_checks(tmp_path):
 
 
 def test_boolq_passages_exclude_evaluation_text():
-    from pudding.tasks import load_docs
+    from pudding.core.tasks import load_docs
 
     data = healing_data("boolq-passages")
     assert data.favours == ("boolq",) and len(data.texts) > 500
@@ -243,7 +241,7 @@ def test_boolq_passages_exclude_evaluation_text():
 
 
 def test_eval_applies_each_rows_adapter(healed, tiny_dir):
-    from pudding.evaluate import EvalConfig, evaluate
+    from pudding.evaluation.zero_shot import EvalConfig, evaluate
 
     config = EvalConfig(model=tiny_dir, tasks=("piqa",), omissions=((), SETS[0]), limit=3, output_dir=None,
                         progress=False)
@@ -286,7 +284,7 @@ def test_heal_table_script_routes_documents_to_their_sets_scores(healed, tiny_di
     import sys
     from pathlib import Path
 
-    from pudding.evaluate import EvalConfig, evaluate
+    from pudding.evaluation.zero_shot import EvalConfig, evaluate
 
     art = healed[0]
     base = dict(model=tiny_dir, tasks=("piqa",), omissions=((), *SETS), limit=4, progress=False)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pudding.errors import ConfigError
-from pudding.lazy import BlockStore, build_lazy_model, resident_bytes, write_cache
-from pudding.omit import get_blocks, omit_blocks
+from pudding.core.errors import ConfigError
+from pudding.core.lazy import BlockStore, build_lazy_model, resident_bytes, write_cache
+from pudding.core.omit import get_blocks, omit_blocks
 
 from tiny import tiny_model
 
@@ -52,10 +52,10 @@ def test_budget_keeps_recent_blocks_and_refuses_less_than_one_block(tmp_path):
 def test_pudding_model_with_a_block_store_generates_the_same(tmp_path, tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pudding.candidates import CandidatePool, PoolEntry, SetSource
-    from pudding.load import model_fingerprint
-    from pudding.routed import PuddingModel, Route
-    from pudding.router import RouterConfig, build_router
+    from pudding.core.load import model_fingerprint
+    from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
+    from pudding.routing.model import PuddingModel, Route
+    from pudding.routing.router import RouterConfig, build_router
 
     dense = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)

@@ -8,16 +8,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from pudding.candidates import CandidatePool, PoolEntry, SetSource  # noqa: E402
-from pudding.evaluate import EvalConfig, evaluate, score_docs  # noqa: E402
-from pudding.lm_eval_plugin import LOCAL_TASKS, PuddingLM, write_local_tasks  # noqa: E402
-from pudding.load import model_fingerprint  # noqa: E402
-from pudding.metrics import acc, acc_norm  # noqa: E402
-from pudding.omit import omit_blocks  # noqa: E402
-from pudding.routed import PuddingModel  # noqa: E402
-from pudding.router import RouterConfig, build_router  # noqa: E402
-from pudding.score import LikelihoodScorer  # noqa: E402
-from pudding.tasks import load_docs  # noqa: E402
+from pudding.core.load import model_fingerprint  # noqa: E402
+from pudding.core.metrics import acc, acc_norm  # noqa: E402
+from pudding.core.omit import omit_blocks  # noqa: E402
+from pudding.core.score import LikelihoodScorer  # noqa: E402
+from pudding.core.tasks import load_docs  # noqa: E402
+from pudding.evaluation.lm_eval_plugin import LOCAL_TASKS, PuddingLM, write_local_tasks  # noqa: E402
+from pudding.evaluation.zero_shot import EvalConfig, evaluate, score_docs  # noqa: E402
+from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource  # noqa: E402
+from pudding.routing.model import PuddingModel  # noqa: E402
+from pudding.routing.router import RouterConfig, build_router  # noqa: E402
 
 SETS = [(1, 2), (2, 3), (3, 4)]
 TASKS = ("piqa", "arc_easy")
@@ -115,8 +115,8 @@ def test_acc_norm_matches_lm_evals_own_process_results_on_real_documents(tmp_pat
 
     from lm_eval.tasks import TaskManager
 
-    from pudding.metrics import DocScores
-    from pudding.score import ChoiceScore
+    from pudding.core.metrics import DocScores
+    from pudding.core.score import ChoiceScore
 
     write_local_tasks(tmp_path)
     theirs = lm_eval.tasks.get_task_dict([f"{task}_local"], TaskManager(include_path=str(tmp_path)))[f"{task}_local"]
@@ -141,7 +141,7 @@ def test_acc_norm_matches_lm_evals_own_process_results_on_real_documents(tmp_pat
 
 
 def test_a_mistyped_model_arg_is_refused_and_lm_evals_own_arguments_are_accepted(setup):
-    from pudding.errors import ConfigError
+    from pudding.core.errors import ConfigError
 
     root, model, tokenizer, _ = setup
     with pytest.raises(ConfigError, match=r"unknown pudding model_args \['omitt'\]"):

@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pudding.cli import main
-from pudding.compress import RECORD_FILE, calibration_text, pack_text
-from pudding.errors import ConfigError, UnknownNameError
-from pudding.laco import LacoConfig, laco, merge_into, next_threshold
-from pudding.omit import get_blocks
-from pudding.streamline import (
+from pudding.core.errors import ConfigError, UnknownNameError
+from pudding.core.omit import get_blocks
+from pudding.pruning.compress import RECORD_FILE, calibration_text, pack_text
+from pudding.pruning.laco import LacoConfig, laco, merge_into, next_threshold
+from pudding.pruning.streamline import (
     StreamlineConfig,
     TrainSettings,
     most_similar_run,

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from pudding.metrics import DocScores, acc, acc_norm, aggregate, margin, mean_with_stderr, task_likelihood
-from pudding.score import ChoiceScore
+from pudding.core.metrics import DocScores, acc, acc_norm, aggregate, margin, mean_with_stderr, task_likelihood
+from pudding.core.score import ChoiceScore
 
 
 def _choice(logprob, n_tokens=1, n_chars=1):

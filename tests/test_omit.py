@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pudding.errors import ConfigError, UnknownNameError
-from pudding.omit import (
+from pudding.core.errors import ConfigError, UnknownNameError
+from pudding.core.omit import (
     get_architecture,
     num_blocks,
     omit_blocks,

@@ -1,4 +1,4 @@
-"""int8 quantization (pudding.quantize) and --quantize through the stages.
+"""int8 quantization (pudding.core.quantize) and --quantize through the stages.
 
 Omission stays exact on a quantized model; quantized scores stay close to fp32 without equalling them; the
 per-token grid is batch invariant; the weights shrink about 4x; bad settings get one line; and the identities
@@ -18,23 +18,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from pudding.candidates import (
-    CandidatePool,
-    PoolConfig,
-    PoolEntry,
-    SetSource,
-    _search_identity,
-    build_baselines,
-    build_pool,
-    calibration_docs,
-)
 from pudding.cli import QUANTIZE_CHOICES, main
-from pudding.errors import ConfigError, UnknownNameError
-from pudding.evaluate import EvalConfig
-from pudding.labels import LabelConfig, build_labels, collect_docs, run_identity
-from pudding.load import load_config, load_model, model_fingerprint
-from pudding.omit import get_blocks, omit_blocks, prune_blocks
-from pudding.quantize import (
+from pudding.core.errors import ConfigError, UnknownNameError
+from pudding.core.load import load_config, load_model, model_fingerprint
+from pudding.core.omit import get_blocks, omit_blocks, prune_blocks
+from pudding.core.quantize import (
     QUANTIZATIONS,
     PerTokenInt8Linear,
     check_quantization,
@@ -43,9 +31,13 @@ from pudding.quantize import (
     quantize_model,
     weight_bytes,
 )
-from pudding.reproduce import ReproduceConfig, _search_config, _wanted_pool, pool_identity
-from pudding.routed import PuddingModel
-from pudding.router import RouterConfig, build_router
+from pudding.evaluation.reproduce import ReproduceConfig, _search_config, _wanted_pool, pool_identity
+from pudding.evaluation.zero_shot import EvalConfig
+from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
+from pudding.pruning.candidates import PoolConfig, _search_identity, build_baselines, build_pool, calibration_docs
+from pudding.routing.labels import LabelConfig, build_labels, collect_docs, run_identity
+from pudding.routing.model import PuddingModel
+from pudding.routing.router import RouterConfig, build_router
 
 from tiny import tiny_model
 
@@ -288,7 +280,7 @@ def test_baselines_refuse_taylor_on_int8_and_run_the_others(tiny_dir, tmp_path):
 
 
 def test_ray_worker_loads_its_replica_quantized(tiny_dir):
-    from pudding.distributed import _Worker
+    from pudding.pool.executor import _Worker
 
     worker = _Worker(tiny_dir, 512, 64, None, "int8", True)  # the class a Ray actor runs, without Ray
     assert quantization_of(worker.scorer.model) == ("int8", True)
@@ -325,7 +317,7 @@ def test_pudding_model_loads_its_llm_quantized_and_refuses_an_unquantized_one(ar
 
 
 def test_bench_runs_every_variant_quantized(artifact, tiny_dir, tmp_path):
-    from pudding.bench import BenchConfig, run_bench
+    from pudding.evaluation.bench import BenchConfig, run_bench
 
     report = run_bench(BenchConfig(model=str(artifact), lengths="16", new_tokens=3, repeats=1, threads=1,
                                    cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "out"), quantize="int8"))
@@ -340,7 +332,7 @@ def test_bench_runs_every_variant_quantized(artifact, tiny_dir, tmp_path):
 
 @pytest.mark.slow  # a whole tiny reproduction: minutes on 2 shared cores
 def test_reproduce_runs_every_stage_on_the_int8_model(tiny_dir, tmp_path):
-    from pudding.reproduce import reproduce
+    from pudding.evaluation.reproduce import reproduce
 
     config = ReproduceConfig(model=tiny_dir, k=2, budget="tiny", run_dir=str(tmp_path / "run"),
                              out=str(tmp_path / "results" / "tiny-int8" / "k2"), routers=(("llm-embed", "mse"),),

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-import pudding.reproduce
-from pudding.candidates import CandidatePool
-from pudding.errors import ConfigError
-from pudding.reproduce import Budget, ReproduceConfig, paired_differences, reproduce
+import pudding.evaluation.reproduce
+from pudding.core.errors import ConfigError
+from pudding.evaluation.reproduce import Budget, ReproduceConfig, paired_differences, reproduce
+from pudding.pool.artifact import CandidatePool
 
 
 def test_paired_differences():
@@ -70,7 +70,7 @@ def test_a_smaller_k_reuses_the_larger_searches_and_joins_the_accuracy_against_k
                                                                                        monkeypatch):
     root, _, _ = tiny_run
     results = root / "results" / "tiny"
-    monkeypatch.setitem(pudding.reproduce.COMMITTED, tiny_dir, root / "results")  # --reuse auto looks there
+    monkeypatch.setitem(pudding.evaluation.reproduce.COMMITTED, tiny_dir, root / "results")  # --reuse auto looks there
     # one run_dir for both k, as a user would leave it
     reproduce(ReproduceConfig(model=tiny_dir, k=1, budget="tiny", out=str(results / "k1"), run_dir=str(root / "run"),
                               routers=(("llm-embed", "mse"),), router_seeds=1, variants=False, progress=False))
@@ -102,7 +102,7 @@ def test_compare_results_script_ignores_provenance_and_catches_a_changed_table(t
 
 def test_another_budget_reuses_nothing_and_a_mismatched_own_folder_is_refused(tiny_run, tiny_dir, tmp_path,
                                                                                monkeypatch):
-    monkeypatch.setitem(pudding.reproduce.BUDGETS, "tiny-b", Budget(6, 3, 10, 12, ("tl",)))
+    monkeypatch.setitem(pudding.evaluation.reproduce.BUDGETS, "tiny-b", Budget(6, 3, 10, 12, ("tl",)))
     root, _, _ = tiny_run
     results = tmp_path / "results"
     shutil.copytree(root / "results" / "tiny", results / "tiny")  # a finished tiny run to (not) reuse

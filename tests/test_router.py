@@ -8,18 +8,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 
-import pudding.labels
-from pudding.candidates import CandidatePool, PoolEntry, SetSource
+import pudding.routing.labels
 from pudding.cli import main
-from pudding.errors import ConfigError
-from pudding.evaluate import score_docs
-from pudding.labels import LABELS_FILE, LabelConfig, Labels, build_labels, collect_docs
-from pudding.load import model_fingerprint
-from pudding.omit import omit_blocks
-from pudding.routed import CONFIG_FILE, ROUTER_FILE, PuddingModel, Route
-from pudding.router import choose_sets
-from pudding.score import LikelihoodScorer
-from pudding.train import (
+from pudding.core.errors import ConfigError
+from pudding.core.lazy import CONFIG_FILE
+from pudding.core.load import model_fingerprint
+from pudding.core.omit import omit_blocks
+from pudding.core.score import LikelihoodScorer
+from pudding.evaluation.zero_shot import score_docs
+from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
+from pudding.routing.labels import LABELS_FILE, LabelConfig, Labels, build_labels, collect_docs
+from pudding.routing.model import ROUTER_FILE, PuddingModel, Route
+from pudding.routing.router import choose_sets
+from pudding.routing.train import (
     TrainConfig,
     is_validation,
     label_targets,
@@ -126,7 +127,7 @@ def test_a_second_pool_scores_only_its_new_sets_and_equals_a_fresh_run(labelled,
     wider = [*SETS[:2], (2, 4), (1, 3)]
     make_pool(llm[0], tiny_dir, wider).save_pretrained(tmp_path / "wider")
     scored = []
-    original = pudding.labels.score_sets
+    original = pudding.routing.labels.score_sets
 
     def counting(scorer, docs, sets, reuse_prefix=True):
         scored.extend(sets)
@@ -134,7 +135,7 @@ def test_a_second_pool_scores_only_its_new_sets_and_equals_a_fresh_run(labelled,
 
     shared_run = LabelConfig(**{**config.__dict__, "pool": str(tmp_path / "wider"), "out": str(tmp_path / "shared")})
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pudding.labels, "score_sets", counting)
+        patch.setattr(pudding.routing.labels, "score_sets", counting)
         build_labels(shared_run, model=llm[0], tokenizer=llm[1])
     assert set(scored) == {(2, 4), (1, 3)}, "sets already in the run directory were scored again"
     fresh = LabelConfig(**{**shared_run.__dict__, "out": str(tmp_path / "fresh"), "run_dir": str(tmp_path / "run2")})
@@ -450,12 +451,12 @@ def test_cli_refuses_non_utf8_and_empty_prompt_files(tmp_path, capsys):
 
 
 def test_cli_label_and_train_router(labelled, tmp_path, monkeypatch, llm, encoder_dir):
-    import pudding.labels
-    import pudding.load
+    import pudding.core.load
+    import pudding.routing.labels
 
     root, _ = labelled
-    monkeypatch.setattr(pudding.labels, "load_model", lambda spec, **options: llm)
-    monkeypatch.setattr(pudding.load, "load_model", lambda spec, **options: llm)
+    monkeypatch.setattr(pudding.routing.labels, "load_model", lambda spec, **options: llm)
+    monkeypatch.setattr(pudding.core.load, "load_model", lambda spec, **options: llm)
     assert main(["label", "--pool", str(root / "pool"), "--tasks", "piqa", "--samples", "6",
                  "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "labels"), "--no-progress"]) == 0
     assert len(Labels.load(tmp_path / "labels").table) == 6
@@ -470,7 +471,7 @@ def test_cli_label_and_train_router(labelled, tmp_path, monkeypatch, llm, encode
 
 
 def test_a_router_only_model_refuses_to_save_before_writing_anything(trained, tmp_path):
-    from pudding.routed import PuddingModel
+    from pudding.routing.model import PuddingModel
 
     out, _ = trained
     router_only = PuddingModel.from_pretrained(out, router_only=True)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pudding.omit import omit_blocks
-from pudding.score import LikelihoodScorer, Request, encode_request, score_one_by_one
+from pudding.core.omit import omit_blocks
+from pudding.core.score import LikelihoodScorer, Request, encode_request, score_one_by_one
 
 from tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from pudding.errors import ConfigError, UnknownNameError
-from pudding.omit import omit_blocks
-from pudding.score import LikelihoodScorer, Request, score_one_by_one
-from pudding.search import OBJECTIVES, CandidateEvaluator, check_k, get_objective, greedy_search, removable_blocks
-from pudding.tasks import MCDoc
+from pudding.core.errors import ConfigError, UnknownNameError
+from pudding.core.omit import check_k, omit_blocks, removable_blocks
+from pudding.core.score import LikelihoodScorer, Request, score_one_by_one
+from pudding.core.tasks import MCDoc
+from pudding.pool.evaluator import CandidateEvaluator
+from pudding.pruning.search import OBJECTIVES, get_objective, greedy_search
 
 from tiny import NUM_LAYERS, tiny_model, tiny_tokenizer
 
@@ -133,7 +134,7 @@ def test_a_checkpoint_extends_to_a_larger_k_and_answers_a_smaller_one(tmp_path):
 _CHILD = r"""
 import sys, time, json
 sys.path[:0] = [{tests!r}, {src!r}]
-import pudding.search as search
+import pudding.pruning.search as search
 from test_search import DOCS, OBJECTIVES, _evaluator
 original = search._Checkpoint.save
 def slow_save(self):
@@ -169,7 +170,7 @@ def test_search_killed_with_sigkill_resumes_to_the_identical_result(tmp_path):
 
 @pytest.mark.parametrize("method", ["shortened_ppl", "taylor", "shortgpt"])
 def test_one_shot_baselines_rank_removable_blocks(method):
-    from pudding.baselines import rank_blocks
+    from pudding.pruning.baselines import rank_blocks
 
     scorer = LikelihoodScorer(tiny_model("llama"), tiny_tokenizer(), max_batch_tokens=64)
     ranking = rank_blocks(method, scorer, OBJECTIVES["ppl"].requests(DOCS), k=2)
@@ -181,7 +182,7 @@ def test_one_shot_baselines_rank_removable_blocks(method):
 
 
 def test_shortened_ppl_importance_equals_direct_perplexity():
-    from pudding.baselines import shortened_ppl_importance
+    from pudding.pruning.baselines import shortened_ppl_importance
 
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     requests = OBJECTIVES["ppl"].requests(DOCS)

@@ -10,13 +10,13 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pudding.candidates import CandidatePool, PoolEntry, SetSource
-from pudding.engine import Job, SetBatchingEngine
-from pudding.load import model_fingerprint
-from pudding.omit import omit_blocks
-from pudding.routed import PuddingModel
-from pudding.router import RouterConfig, build_router
-from pudding.serve import BLOCKS_HEADER, SET_HEADER, ServeSettings, create_app
+from pudding.core.load import model_fingerprint
+from pudding.core.omit import omit_blocks
+from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
+from pudding.routing.model import PuddingModel
+from pudding.routing.router import RouterConfig, build_router
+from pudding.serving.engine import Job, SetBatchingEngine
+from pudding.serving.server import BLOCKS_HEADER, SET_HEADER, ServeSettings, create_app
 
 SETS = [(1, 2), (2, 3), (3, 4), (1, 4)]
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -445,7 +445,7 @@ async def _final_info(job) -> dict:
 
 
 def test_gateway_forwards_to_the_backend_of_the_chosen_set(pudding, client):
-    from pudding.gateway import create_gateway, parse_backends
+    from pudding.serving.gateway import create_gateway, parse_backends
 
     wanted = {r.set_index for r in pudding.route(PROMPTS)}
     backends = {i: create_app(pudding, ServeSettings(force_set=i)) for i in sorted(wanted)}
@@ -473,7 +473,7 @@ def test_gateway_forwards_to_the_backend_of_the_chosen_set(pudding, client):
 
 def test_gateway_refuses_a_chunked_body_over_the_limit_without_reading_the_rest(pudding):
     # the gateway read the whole body, then compared its length with the limit
-    from pudding.gateway import create_gateway
+    from pudding.serving.gateway import create_gateway
 
     gateway = create_gateway(pudding, {0: "http://127.0.0.1:9"}, ServeSettings(max_body_bytes=4000))
     chunks = [{"type": "http.request", "body": b" " * 1000, "more_body": True} for _ in range(50)]
@@ -482,8 +482,8 @@ def test_gateway_refuses_a_chunked_body_over_the_limit_without_reading_the_rest(
 
 
 def test_gateway_backend_specs_are_checked(pudding):
-    from pudding.errors import ConfigError
-    from pudding.gateway import parse_backends
+    from pudding.core.errors import ConfigError
+    from pudding.serving.gateway import parse_backends
 
     assert parse_backends(["1=http://127.0.0.1:9000/"], pudding) == {1: "http://127.0.0.1:9000"}
     for bad in (["9=http://x"], ["1=ftp://x"], ["nope"], []):

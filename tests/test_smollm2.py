@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pudding.evaluate import doc_requests, score_docs
-from pudding.load import load_model
-from pudding.metrics import aggregate
-from pudding.omit import num_blocks, omit_blocks
-from pudding.score import LikelihoodScorer, score_one_by_one
-from pudding.tasks import load_docs
+from pudding.core.load import load_model
+from pudding.core.metrics import aggregate
+from pudding.core.omit import num_blocks, omit_blocks
+from pudding.core.score import LikelihoodScorer, doc_requests, score_one_by_one
+from pudding.core.tasks import load_docs
+from pudding.evaluation.zero_shot import score_docs
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_piqa_accuracy_on_200_docs_is_near_the_known_0_64(smollm2):
 
 def test_shipped_artifact_routes_and_generates(smollm2):
     """The committed PuDDing artifact loads on a fresh machine, routes, and generates without its blocks."""
-    from pudding.routed import PuddingModel
+    from pudding.routing.model import PuddingModel
 
     model, tokenizer = smollm2
     pudding = PuddingModel.from_pretrained("default", model=model, tokenizer=tokenizer)
@@ -82,7 +82,7 @@ def test_default_model_exports_as_a_plain_checkpoint_that_matches(smollm2, tmp_p
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pudding.export import export_pruned
+    from pudding.pruning.export import export_pruned
 
     model, tokenizer = smollm2
     omitted = (4, 12, 13, 20, 25, 27)

@@ -13,10 +13,10 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from pudding.cli import main
-from pudding.errors import ConfigError
-from pudding.evaluate import EvalConfig, evaluate
-from pudding.export import export_pruned
-from pudding.omit import Omission, omission_key, omit_blocks, parse_omission, prune_blocks
+from pudding.core.errors import ConfigError
+from pudding.core.omit import Omission, omission_key, omit_blocks, parse_omission, prune_blocks
+from pudding.evaluation.zero_shot import EvalConfig, evaluate
+from pudding.pruning.export import export_pruned
 
 from tiny import NUM_LAYERS, TINY_CONFIGS, tiny_model, tiny_tokenizer, zeroed_reference
 

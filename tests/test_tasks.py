@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pudding import tasks as T
-from pudding.errors import ConfigError, MissingAssetError, UnknownNameError
+from pudding.core import tasks as T
+from pudding.core.errors import ConfigError, MissingAssetError, UnknownNameError
 
 # Every task except the 57 per-subject MMLU views, which the `mmlu` aggregate covers, plus one of them.
 CHECKED = [name for name in T.task_names() if not name.startswith("mmlu_")] + ["mmlu_anatomy"]

@@ -2,12 +2,12 @@
 
 import pytest
 
-from pudding.candidates import PoolConfig, build_baselines, build_pool
-from pudding.errors import ConfigError
-from pudding.labels import LabelConfig, build_labels
-from pudding.provenance import exclusive_output
-from pudding.reproduce import ReproduceConfig, reproduce
-from pudding.train import TrainConfig, train_router
+from pudding.core.errors import ConfigError
+from pudding.core.provenance import exclusive_output
+from pudding.evaluation.reproduce import ReproduceConfig, reproduce
+from pudding.pruning.candidates import PoolConfig, build_baselines, build_pool
+from pudding.routing.labels import LabelConfig, build_labels
+from pudding.routing.train import TrainConfig, train_router
 
 
 def _stages(tmp_path, tiny_dir):

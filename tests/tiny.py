@@ -38,7 +38,7 @@ TINY_CONFIGS: dict[str, dict] = {
                      max_position_embeddings=128, **_TOKENS),
 }
 
-# Where each family keeps its blocks, written out independently of pudding.omit so the parity tests do not
+# Where each family keeps its blocks, written out independently of pudding.core.omit so the parity tests do not
 # trust the code under test to find them.
 BLOCK_PREFIX = {
     "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers",
@@ -87,7 +87,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 _LLAMA_LIKE = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
-# Each family's output projection per sub-layer, written out here rather than read from pudding.omit: zeroing it
+# Each family's output projection per sub-layer, written out here rather than read from pudding.core.omit: zeroing it
 # is the reference for skipping that sub-layer (tests/test_subblock.py).
 OUTPUT_PROJECTION = {
     **{f: _LLAMA_LIKE for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")},

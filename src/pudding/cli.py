@@ -1,7 +1,7 @@
 """The ``pudding`` command: a thin dispatch table over each stage's entry function.
 
 Heavy libraries are imported inside the handlers so that ``pudding --help`` stays instant. Errors caused by
-the user's input (:class:`~pudding.errors.PuddingError`) are printed as one line and exit with status 2.
+the user's input (:class:`~pudding.core.errors.PuddingError`) are printed as one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pudding.errors import ConfigError, PuddingError
+from pudding.core.errors import ConfigError, PuddingError
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
@@ -87,7 +87,7 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from pudding.evaluate import EvalConfig, evaluate, format_table
+    from pudding.evaluation.zero_shot import EvalConfig, evaluate, format_table
 
     config = EvalConfig(model=args.model, tasks=args.tasks, omissions=tuple(args.omit or [""]), limit=args.limit,
                         split=args.split, max_batch_tokens=args.batch_tokens, output_dir=args.output_dir,
@@ -104,7 +104,7 @@ def _add_tasks(sub) -> None:
 
 
 def _run_tasks(args) -> int:
-    from pudding.tasks import get_task, task_names
+    from pudding.core.tasks import get_task, task_names
 
     for name in task_names():
         print(f"{name:<40} {get_task(name).metric}")
@@ -133,7 +133,7 @@ def _add_search_options(parser, *, tasks: bool) -> None:
     _add_executor_options(parser)
 
 
-QUANTIZE_CHOICES = ("none", "int8")  # pudding.quantize.QUANTIZATIONS, named here to keep torch out of --help
+QUANTIZE_CHOICES = ("none", "int8")  # pudding.core.quantize.QUANTIZATIONS, named here to keep torch out of --help
 
 
 def _add_quantize_options(parser) -> None:
@@ -157,8 +157,8 @@ def _add_executor_options(parser) -> None:
 
 
 def _pool_config(args, **extra):
-    from pudding.candidates import PoolConfig
-    from pudding.errors import ConfigError
+    from pudding.core.errors import ConfigError
+    from pudding.pruning.candidates import PoolConfig
 
     try:
         barriers = tuple(int(b) for b in args.barriers.split(","))
@@ -190,8 +190,8 @@ def _describe_pool(pool) -> str:
 
 def _derived_pool(args):
     """--from-pool: the pool at --k, shrunk from one searched at a larger k, checked against --model."""
-    from pudding.candidates import CandidatePool, shrink_pool
-    from pudding.load import load_config
+    from pudding.core.load import load_config
+    from pudding.pool.artifact import CandidatePool, shrink_pool
 
     source = CandidatePool.from_pretrained(args.from_pool)
     pool = shrink_pool(source, args.k)
@@ -202,7 +202,7 @@ def _derived_pool(args):
 
 
 def _run_candidates(args) -> int:
-    from pudding.candidates import build_pool
+    from pudding.pruning.candidates import build_pool
 
     pool = _derived_pool(args) if args.from_pool else build_pool(
         _pool_config(args, tasks=args.tasks, objectives=args.objectives))
@@ -222,14 +222,14 @@ def _add_baselines(sub) -> None:
 
 
 def _run_baselines(args) -> int:
-    from pudding.candidates import build_baselines
+    from pudding.pruning.candidates import build_baselines
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     pool = _derived_pool(args) if args.from_pool else build_baselines(_pool_config(args, objectives=("ppl",)), methods)
     if pool.sets:
         print(_describe_pool(pool))
     if "finercut" in methods and not args.from_pool:
-        from pudding.finercut import load_subblock_sets
+        from pudding.pruning.finercut import load_subblock_sets
 
         for entry in load_subblock_sets(args.out):
             print(f"  {entry.omit:<24} {entry.method} ({entry.budget['attn']} attn + {entry.budget['mlp']} mlp, "
@@ -252,7 +252,7 @@ def _add_ladder(sub) -> None:
 
 
 def _run_ladder(args) -> int:
-    from pudding.candidates import CandidatePool, ladder_pool
+    from pudding.pool.artifact import CandidatePool, ladder_pool
 
     try:
         depths = [int(d) for d in args.depths.split(",") if d.strip()]
@@ -266,7 +266,7 @@ def _run_ladder(args) -> int:
 
 
 def _tolerance(text: str) -> float:
-    from pudding.adaptive import check_tolerance
+    from pudding.routing.adaptive import check_tolerance
 
     try:
         return check_tolerance(float(text))
@@ -316,7 +316,7 @@ def _add_compress(sub) -> None:
 def _compress_config(args):
     from dataclasses import replace
 
-    from pudding.compress import get_compressor
+    from pudding.pruning.compress import get_compressor
 
     config_class, entry = get_compressor(args.method)
     given = {dest: getattr(args, dest) for dest in _COMPRESS_ONLY if getattr(args, dest) is not None}
@@ -334,7 +334,7 @@ def _compress_config(args):
                   max_batch_tokens=args.batch_tokens, barriers=barriers, out=args.out, progress=not args.no_progress)
     if args.method == "laco":
         return config_class(**common, **given), entry
-    from pudding.streamline import TrainSettings
+    from pudding.pruning.streamline import TrainSettings
 
     train = None if args.no_train else replace(TrainSettings(), **{_COMPRESS_ONLY[d][1]: v for d, v in given.items()})
     return config_class(**common, train=train), entry
@@ -368,7 +368,7 @@ def _add_importance(sub) -> None:
 
 
 def _run_importance(args) -> int:
-    from pudding.importance import ImportanceConfig, block_importance
+    from pudding.pruning.importance import ImportanceConfig, block_importance
 
     result = block_importance(ImportanceConfig(model=args.model, tasks=args.tasks, samples=args.samples,
                                                max_length=args.max_length, max_batch_tokens=args.batch_tokens,
@@ -401,7 +401,7 @@ def _add_label(sub) -> None:
 
 
 def _run_label(args) -> int:
-    from pudding.labels import LabelConfig, build_labels
+    from pudding.routing.labels import LabelConfig, build_labels
 
     out = build_labels(LabelConfig(pool=args.pool, out=args.out, model=args.model, tasks=args.tasks,
                                    samples=args.samples, split=args.split, max_length=args.max_length,
@@ -438,7 +438,7 @@ def _add_train_router(sub) -> None:
 
 
 def _run_train_router(args) -> int:
-    from pudding.train import TrainConfig, train_router
+    from pudding.routing.train import TrainConfig, train_router
 
     pudding = train_router(TrainConfig(labels=args.labels, pool=args.pool, out=args.out, router=args.router,
                                        loss=args.loss, backbone=args.backbone, epochs=args.epochs, lr=args.lr,
@@ -492,7 +492,7 @@ def _add_heal(sub) -> None:
 
 
 def _run_heal(args) -> int:
-    from pudding.heal import HealConfig, heal
+    from pudding.healing.lora import HealConfig, heal
 
     names = ("rank", "alpha", "dropout", "steps", "lr", "batch_size", "seq_length", "val_chunks", "seed",
              "checkpoint_every", "model", "mode", "sets", "include_dense", "data", "max_texts", "target_modules",
@@ -523,7 +523,7 @@ def _add_adapter_options(parser, help_text: str = "healing adapters from `puddin
 
 def read_prompts(path: str) -> list[str]:
     """Prompts from a .jsonl file ({"prompt": ...} per line) or plain text (one per line)."""
-    from pudding.errors import ConfigError
+    from pudding.core.errors import ConfigError
 
     try:
         raw = open(path, "rb").read()
@@ -565,7 +565,7 @@ def _add_route(sub) -> None:
 def _run_route(args) -> int:
     import json
 
-    from pudding.routed import PuddingModel
+    from pudding.routing.model import PuddingModel
 
     prompts = read_prompts(args.file)
     pudding = PuddingModel.from_pretrained(args.model)
@@ -592,7 +592,7 @@ def _add_generate(sub) -> None:
 def _run_generate(args) -> int:
     import time
 
-    from pudding.routed import PuddingModel, check_prompts
+    from pudding.routing.model import PuddingModel, check_prompts
 
     check_prompts(args.prompts)  # before the model loads: an undecodable argv byte is a one-line error
     pudding = PuddingModel.from_pretrained(args.model, adapters=args.adapters, **_quantize(args))
@@ -648,16 +648,16 @@ def _add_serve(sub) -> None:
 
 
 def _run_serve(args) -> int:
-    from pudding.errors import ConfigError
-    from pudding.routed import PuddingModel
-    from pudding.serve import ServeSettings, create_app, run_server
+    from pudding.core.errors import ConfigError
+    from pudding.routing.model import PuddingModel
+    from pudding.serving.server import ServeSettings, create_app, run_server
 
     settings = ServeSettings(batch_window_ms=args.batch_window_ms, max_batch_size=args.max_batch_size,
                              max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit,
                              max_body_bytes=args.max_body_bytes, max_prompts_per_request=args.max_prompts_per_request,
                              force_set=args.force_set)
     if args.gateway:
-        from pudding.gateway import create_gateway, parse_backends
+        from pudding.serving.gateway import create_gateway, parse_backends
 
         if args.quantize != "none":
             raise ConfigError("--quantize applies to the servers that run the model, not to --gateway (it routes)")
@@ -695,13 +695,13 @@ def _add_export(sub) -> None:
 
 def _run_export(args) -> int:
     if args.all_sets:
-        from pudding.export import MANIFEST_FILE, export_all_sets
-        from pudding.routed import PuddingModel
+        from pudding.pruning.export import MANIFEST_FILE, export_all_sets
+        from pudding.routing.model import PuddingModel
 
         out = export_all_sets(PuddingModel.from_pretrained(args.model, adapters=args.adapters), args.out)
         print(f"wrote {len(list(out.glob('set-*')))} checkpoints and {out / MANIFEST_FILE}")
         return 0
-    from pudding.export import export_from_spec
+    from pudding.pruning.export import export_from_spec
 
     out, omission = export_from_spec(args.model, args.omit, args.out)
     print(f"wrote {out} without blocks {list(omission)}")
@@ -718,7 +718,7 @@ def _add_lm_eval_tasks(sub) -> None:
 
 
 def _run_lm_eval_tasks(args) -> int:
-    from pudding.lm_eval_plugin import write_local_tasks
+    from pudding.evaluation.lm_eval_plugin import write_local_tasks
 
     names = write_local_tasks(args.out)
     print(f"wrote {len(names)} tasks to {args.out}: {','.join(names)}")
@@ -743,7 +743,7 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    from pudding.bench import BenchConfig, render_markdown, run_bench
+    from pudding.evaluation.bench import BenchConfig, render_markdown, run_bench
 
     report = run_bench(BenchConfig(model=args.model, lengths=args.lengths, new_tokens=args.new_tokens,
                                    repeats=args.repeats, threads=args.threads, cache_dir=args.cache_dir,
@@ -776,7 +776,7 @@ def _add_reproduce(sub) -> None:
 
 
 def _run_reproduce(args) -> int:
-    from pudding.reproduce import ReproduceConfig, reproduce
+    from pudding.evaluation.reproduce import ReproduceConfig, reproduce
 
     result = reproduce(ReproduceConfig(model=args.model, k=args.k, budget=args.budget, out=args.out,
                                        run_dir=args.run_dir, router_seeds=args.router_seeds,

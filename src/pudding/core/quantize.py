@@ -1,0 +1,231 @@
+"""Quantize the linear layers inside the decoder blocks, so that depth pruning composes with it.
+
+Block omission re-lists whole blocks (:mod:`pudding.core.omit`), so it does not care what a block's linear layers
+are: a quantized model with blocks omitted is exactly the same quantized model rebuilt without them.
+
+Methods (``QUANTIZATIONS``):
+
+- ``none``: the model as loaded.
+- ``int8``: int8 weights (symmetric, one scale per output channel) and int8 activations with one scale per
+  *token*, through PyTorch's fbgemm kernel ``quantized::linear_dynamic``. That kernel only offers one scale per
+  *tensor*, which small LLMs cannot take: a few huge activation channels set the scale for the whole batch,
+  every other token loses its precision, and a document's score depends on its batchmates. So each token row
+  is divided by its own absolute maximum before the call and multiplied back after it (a linear map commutes
+  with a per-row scale), and one anchor row holding +1 and -1 pins the tensor's range to [-1, 1]. The grid
+  is then per token and the same whatever else is in the batch. The fbgemm kernel is the fast int8 GEMM that
+  runs on AVX2 CPUs; torchao's per-token path uses ``torch._int_mm``, which has no fast kernel on CPUs
+  without VNNI and ran 16x slower than fp32 here (see ``benchmarks/bench_quantize.py``).
+
+Left out, measured on this 2-core AVX2 machine with torchao 0.18: its per-token int8 path (``torch._int_mm``,
+36x slower than an fp32 matmul of the same shape here) and its int8 weight-only path (no faster than fp32 on
+CPU, where the weights are de-quantized for each product); its int4 weight-only formats have no CPU layout.
+GPU users quantize through transformers instead (bitsandbytes, AWQ, GPTQ, torchao configs); such a model
+goes through block omission unchanged, since omission only re-lists the blocks.
+
+The LM head and the embeddings stay fp32 unless ``head=True``: the head decides every log-likelihood, and
+SmolLM2 ties it to the embedding matrix, so quantizing it keeps a second copy of that matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pudding.core.errors import ConfigError, UnknownNameError
+from pudding.core.omit import get_blocks
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """One ``--quantize`` method: what it does, and how it replaces one linear layer."""
+
+    name: str
+    description: str
+    replace: Callable[[nn.Module], nn.Module] | None  # None: leave the model as it is
+
+
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight as (out_features, in_features) and the bias, for nn.Linear and GPT-2's transposed Conv1D."""
+    weight = module.weight.detach().float()
+    if not isinstance(module, nn.Linear):  # transformers' Conv1D stores the weight as (in, out)
+        weight = weight.t()
+    bias = None if module.bias is None else module.bias.detach().float()
+    return weight.contiguous(), bias
+
+
+class PerTokenInt8Linear(nn.Module):
+    """A linear layer with int8 weights (per output channel) and int8 activations (per token), on fbgemm."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        weight, bias = _linear_weight(module)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).double()
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.register_buffer("bias", bias, persistent=False)
+        self.weight_bytes = self.out_features * self.in_features + 4 * self.out_features  # int8 + fp32 scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+        anchor = rows.new_zeros(1, self.in_features)
+        anchor[0, 0], anchor[0, -1] = 1.0, -1.0
+        # reduce_range=True: fbgemm's AVX2 kernel sums pairs of uint8 x int8 products in int16, which 7-bit
+        # activations keep from saturating.
+        out = torch.ops.quantized.linear_dynamic(torch.cat([rows / scale, anchor]), self._packed, True)[:-1]
+        out = out * scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def __deepcopy__(self, memo):
+        # fbgemm's packed weight is a TorchScript object: share it (it is never modified) instead of copying.
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        nn.Module.__init__(copied)
+        copied.in_features, copied.out_features = self.in_features, self.out_features
+        copied._packed, copied.weight_bytes = self._packed, self.weight_bytes
+        copied.register_buffer("bias", None if self.bias is None else self.bias.clone(), persistent=False)
+        copied.train(self.training)
+        return copied
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-token"
+
+
+QUANTIZATIONS: dict[str, Quantization] = {
+    q.name: q for q in (
+        Quantization("none", "the model as loaded", None),
+        Quantization("int8", "int8 weights per channel, int8 activations per token (fbgemm)", PerTokenInt8Linear),
+    )
+}
+
+
+def get_quantization(name: str) -> Quantization:
+    """The registry entry for ``name``; UnknownNameError listing the known methods."""
+    if name not in QUANTIZATIONS:
+        raise UnknownNameError(f"unknown quantization {name!r}; known: {', '.join(QUANTIZATIONS)}")
+    return QUANTIZATIONS[name]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _cpu_only(devices: set[str]) -> ConfigError:
+    return ConfigError(f"--quantize int8 runs on CPU (fbgemm) only; the model is on {', '.join(sorted(devices))}. "
+                       "On GPU load a quantized checkpoint through transformers (bitsandbytes, AWQ, GPTQ) instead")
+
+
+def _check_device(model: nn.Module, method: Quantization) -> None:
+    devices = {p.device.type for p in model.parameters()}
+    if method.name == "int8" and devices != {"cpu"}:
+        raise _cpu_only(devices)
+
+
+def check_quantization(method: str, head: bool = False, device: str | torch.device | None = None) -> Quantization:
+    """Validate a ``--quantize`` setting before any weight is read: the method, ``head`` (which needs a method)
+    and, if given, the device the model will be on. One-line ConfigError (UnknownNameError) otherwise."""
+    quantization = get_quantization(method)
+    if not isinstance(head, bool):
+        raise ConfigError(f"quantize_head must be true or false, got {head!r}")
+    if head and quantization.replace is None:
+        raise ConfigError("--quantize-head quantizes the LM head too, so it needs a --quantize method (e.g. int8)")
+    if device is not None and quantization.name == "int8" and torch.device(device).type != "cpu":
+        raise _cpu_only({torch.device(device).type})
+    return quantization
+
+
+def quantize_identity(method: str, head: bool = False) -> dict:
+    """What a quantization adds to a resumable stage's identity (search checkpoints, label shards, reuse).
+
+    Empty for ``none``, so every identity written before quantization existed still matches an fp32 run;
+    otherwise the method, and ``quantize_head`` when the head is quantized too.
+    """
+    if get_quantization(method).replace is None:
+        return {}
+    return {"quantize": method, **({"quantize_head": True} if head else {})}
+
+
+def quantization_of(model: nn.Module) -> tuple[str, bool]:
+    """``(method, head)`` of a model as it is now: ``("int8", False)`` after ``quantize_model(m, "int8")``."""
+    quantized = any(isinstance(m, PerTokenInt8Linear) for m in model.modules())
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return ("int8" if quantized else "none"), isinstance(head, PerTokenInt8Linear)
+
+
+def check_quantized(model: nn.Module, method: str, head: bool = False) -> None:
+    """ConfigError unless ``model`` (one a caller passed in, not loaded by the stage) is quantized as declared:
+    a stage records its ``quantize`` setting next to its results, so the two must agree."""
+    found, wanted = quantization_of(model), (method, head and method != "none")
+    if found != wanted:
+        raise ConfigError(f"the model passed in is quantized as {_describe(*found)}, but the configuration says "
+                          f"{_describe(*wanted)}; quantize it with pudding.core.quantize.quantize_model first, or "
+                          "let the stage load the model")
+
+
+def _describe(method: str, head: bool) -> str:
+    return method + (" with the LM head" if head else "")
+
+
+def quantize_model(model: nn.Module, method: str, *, head: bool = False) -> nn.Module:
+    """Replace every linear layer inside the decoder blocks (and the LM head if ``head``) in place.
+
+    Returns ``model``. ``method="none"`` leaves it untouched. Quantize *before* omitting blocks: omission
+    only re-lists the blocks, so it is exact on the quantized model.
+    """
+    quantization = get_quantization(method)
+    if quantization.replace is None:
+        return model
+    _check_device(model, quantization)
+    for block in get_blocks(model):
+        _replace_linears(block, quantization.replace)
+    if head:
+        _replace_head(model, quantization.replace)
+    return model
+
+
+def _replace_linears(owner: nn.Module, replace: Callable[[nn.Module], nn.Module]) -> None:
+    for name, child in list(owner.named_children()):
+        if _is_linear(child):
+            setattr(owner, name, replace(child))
+        else:
+            _replace_linears(child, replace)
+
+
+def _replace_head(model: nn.Module, replace: Callable[[nn.Module], nn.Module]) -> None:
+    head = model.get_output_embeddings()
+    if head is None or not _is_linear(head):
+        raise ConfigError(f"{type(model).__name__} has no linear LM head to quantize")
+    # A tied head shares its weight with the input embedding; the quantized copy unties them, and the
+    # embedding keeps the fp32 matrix. The config is left as loaded: it describes the network every artifact
+    # is fingerprinted by (pudding.core.load.model_fingerprint), and only loading or resizing re-ties weights.
+    model.set_output_embeddings(replace(head))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's weights as they are now (quantized layers counted at their int8 size)."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, PerTokenInt8Linear):  # its bias is an fp32 buffer beside the packed int8 matrix
+            total += module.weight_bytes + (0 if module.bias is None else _tensor_bytes(module.bias))
+            continue
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            total += _tensor_bytes(tensor)
+    return total
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    inner = getattr(tensor, "__tensor_flatten__", None)
+    if inner is not None:  # torchao tensor subclasses keep their int8 data and scales as inner tensors
+        names, _ = inner()
+        return sum(_tensor_bytes(getattr(tensor, n)) for n in names)
+    return tensor.numel() * tensor.element_size()

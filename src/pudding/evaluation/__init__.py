@@ -1,0 +1,1 @@
+"""Stage 5, evaluation: zero-shot accuracy, the reproduction tables, the benchmarks and the lm-eval plugin."""

@@ -1,0 +1,208 @@
+"""Zero-shot multiple-choice evaluation, dense or with blocks omitted.
+
+One entry function, :func:`evaluate`, configured by :class:`EvalConfig`; ``pudding eval`` is a thin wrapper.
+Each omission set is one row of results; the model is loaded once and every row scores the same documents.
+
+Example::
+
+    from pudding.evaluation.zero_shot import EvalConfig, evaluate
+    result = evaluate(EvalConfig(tasks=("piqa",), omissions=((), (20, 21)), limit=50))
+    result["runs"][1]["tasks"]["piqa"]["acc"]["value"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pudding.core.errors import ConfigError
+from pudding.core.load import DEFAULT_MODEL, load_config, load_model, model_name
+from pudding.core.metrics import DocScores, aggregate, scores_by_doc
+from pudding.core.omit import OmissionSet, omission_key, omit_blocks
+from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
+from pudding.core.quantize import check_quantization, check_quantized
+from pudding.core.score import LikelihoodScorer, doc_requests
+from pudding.core.tasks import SPLITS, MCDoc, get_task, load_docs
+
+REPORTED_METRICS = ("acc", "acc_norm", "task_likelihood")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of one evaluation run.
+
+    Attributes:
+        model: ``"default"`` (embedded SmolLM2), a ``.gguf`` file, a model folder or a hub id.
+        tasks: registered task names (see ``pudding tasks``); a comma-separated string is accepted.
+        omissions: one omission set per result row; ``()`` is the dense model. A set may name sub-layers
+            beside whole blocks (``"3,12.attn"``, see :func:`pudding.core.omit.parse_omission`); such a set is kept
+            as its canonical key, e.g. ``(3, "12.attn")``.
+        limit: documents per task (a fixed, seeded sample of the split); None for all.
+        split: ``"evaluation"`` (reported accuracy) or ``"calibration"``.
+        max_batch_tokens: padded tokens per forward pass.
+        output_dir: where the result JSON goes; None to write nothing.
+        save_samples: store every document's per-choice scores in the JSON (enables later re-analysis).
+        progress: show progress bars.
+        adapter: LoRA adapters from ``pudding heal`` (an artifact, its ``adapters/`` folder or one adapter's
+            folder): each row runs with the adapter for its set (per-set), or the shared one; None for none.
+        quantize: ``none`` (the model as loaded) or ``int8`` (:mod:`pudding.core.quantize`, CPU only).
+        quantize_head: quantize the LM head too (it stays fp32 by default).
+    """
+
+    model: str = DEFAULT_MODEL
+    tasks: tuple[str, ...] = ("piqa", "arc_easy")
+    omissions: tuple[OmissionSet, ...] = ((),)
+    limit: int | None = None
+    split: str = "evaluation"
+    max_batch_tokens: int = 512
+    output_dir: str | None = "runs/eval"
+    save_samples: bool = True
+    progress: bool = True
+    adapter: str | None = None
+    quantize: str = "none"
+    quantize_head: bool = False
+
+    def __post_init__(self):
+        check_quantization(self.quantize, self.quantize_head)
+        if self.adapter is not None and self.quantize != "none":
+            raise ConfigError("healing adapters (--adapter) do not run on a quantized model; drop one of --adapter "
+                              "and --quantize")
+        tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
+        tasks = [t.strip() for t in tasks if t and t.strip()]
+        if not tasks:
+            raise ConfigError("no tasks given: pass at least one, e.g. --tasks piqa,arc_easy")
+        for name in tasks:
+            get_task(name)  # raises UnknownNameError listing the known tasks
+        object.__setattr__(self, "tasks", tuple(dict.fromkeys(tasks)))
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
+            raise ConfigError(f"limit must be a positive integer or None, got {self.limit!r}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.max_batch_tokens < 1:
+            raise ConfigError("max_batch_tokens must be positive")
+        if not self.omissions:
+            raise ConfigError("omissions must list at least one set; () is the dense model")
+        # The upper bound needs the model's block count, so evaluate() checks it; here all the rest.
+        object.__setattr__(self, "omissions", tuple(omission_key(o, None) for o in self.omissions))
+
+
+def omission_label(omitted: OmissionSet) -> str:
+    """``"dense"`` or ``"omit 20,21"``: the row name of an omission set in tables."""
+    return "dense" if not omitted else "omit " + ",".join(map(str, omitted))
+
+
+def score_docs(scorer: LikelihoodScorer, docs: list[MCDoc], progress: bool | str = False) -> list[DocScores]:
+    """Score every choice of every document in one batched pass; results follow ``docs``."""
+    requests = [r for doc in docs for r in doc_requests(doc)]
+    return scores_by_doc(docs, scorer.score(requests, progress=progress))
+
+
+def _task_summary(task_name: str, scored: list[DocScores], seconds: float) -> dict[str, Any]:
+    summary: dict[str, Any] = {"primary_metric": get_task(task_name).metric, "seconds": round(seconds, 2)}
+    for metric in REPORTED_METRICS:
+        summary[metric] = dataclasses.asdict(aggregate(scored, metric))
+    return summary
+
+
+def _evaluate_omission(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]], omitted: OmissionSet,
+                       adapters=None) -> dict:
+    run: dict[str, Any] = {"omitted": list(omitted), "label": omission_label(omitted), "tasks": {}, "samples": {}}
+    healing = nullcontext() if adapters is None else adapters.activate(omitted)  # entered before omit_blocks
+    if adapters is not None:
+        run["adapter"] = adapters.adapter_for(omitted)
+        run["label"] += f" + lora {run['adapter']}" if run["adapter"] else ""
+    with healing, omit_blocks(scorer.model, omitted):
+        for task_name, task_docs in docs.items():
+            start = time.perf_counter()
+            desc = f"{omission_label(omitted)} {task_name}" if config.progress else False
+            scored = score_docs(scorer, task_docs, progress=desc)
+            run["tasks"][task_name] = _task_summary(task_name, scored, time.perf_counter() - start)
+            if config.save_samples:
+                run["samples"][task_name] = [d.to_json() for d in scored]
+    return run
+
+
+def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
+    """Run ``config`` and return the result dict (also written as JSON when ``config.output_dir`` is set).
+
+    Pass an already loaded ``model`` and ``tokenizer`` to skip loading ``config.model``.
+    """
+    if (model is None) != (tokenizer is None):
+        raise ConfigError("pass both model and tokenizer, or neither (to load config.model)")
+    if model is None:
+        total = load_config(config.model).num_hidden_layers
+    else:
+        total = model.config.num_hidden_layers
+    for omitted in config.omissions:
+        omission_key(omitted, total)  # fail before the slow part
+    docs = {name: load_docs(name, config.split, limit=config.limit) for name in config.tasks}
+    if model is None:
+        model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head)
+    else:
+        check_quantized(model, config.quantize, config.quantize_head)  # the result records config.quantize
+    adapters = _load_adapters(model, config.adapter)
+    scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens)
+    result = {
+        "config": dataclasses.asdict(config),
+        "model": {"spec": config.model, "name": model_name(config.model), "model_type": model.config.model_type,
+                  "num_blocks": total},
+        "provenance": provenance(),
+        "runs": [_evaluate_omission(config, scorer, docs, omitted, adapters) for omitted in config.omissions],
+    }
+    if config.output_dir is not None:
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = Path(config.output_dir) / f"eval-{stamp}.json"
+        result["path"] = str(atomic_write_json(path, result))
+        atomic_write_text(path.with_suffix(".md"), render_markdown(result))
+    return result
+
+
+def _load_adapters(model, path: str | None):
+    """The healing adapters at ``path`` on ``model`` (None without a path); ConfigError if there are none."""
+    if path is None:
+        return None
+    from pudding.healing.adapters import AdapterBank
+
+    adapters = AdapterBank.load(model, path)
+    if adapters is None:
+        raise ConfigError(f"no healing adapters at {path} (pudding heal writes them to <artifact>/adapters/)")
+    return adapters
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """A self-describing Markdown page for one result: the table plus the command and provenance behind it."""
+    prov = result["provenance"]
+    git = prov["git"]
+    commit = f"{git['commit']}{' (dirty tree)' if git.get('dirty') else ''}"
+    return "\n".join([
+        f"# Evaluation of {result['model']['name']}",
+        "",
+        format_table(result),
+        "",
+        f"- command: `{' '.join(prov['command'])}`",
+        f"- config: `{json.dumps(result['config'])}`",
+        f"- git commit: {commit}",
+        f"- date: {prov['date']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}",
+        "",
+    ])
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The results as a Markdown table: row, task, metric, value, stderr, N (primary metric first)."""
+    lines = ["| model | task | metric | value | stderr | N |", "|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        for task_name, summary in run["tasks"].items():
+            primary = summary["primary_metric"]
+            for metric in (primary, *[m for m in ("acc", "acc_norm") if m != primary]):
+                agg = summary[metric]
+                lines.append(f"| {run['label']} | {task_name} | {metric} | {agg['value']:.4f} | "
+                             f"{agg['stderr']:.4f} | {agg['n']} |")
+    return "\n".join(lines)

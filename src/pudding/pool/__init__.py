@@ -1,0 +1,1 @@
+"""The candidate pool artifact and the multi-set evaluator that the pruning and routing stages share."""

@@ -1,0 +1,217 @@
+"""Greedy (SLEB-style) search for an omission set, under a pluggable objective.
+
+The search removes ``k`` blocks one at a time. Each step scores every remaining removable block with the
+blocks already chosen still omitted, and drops the one whose removal gives the lowest loss. Barriers keep
+the first and last blocks (by default one each) out of reach.
+
+Objectives (:data:`OBJECTIVES`) turn calibration documents into scoring requests and scores into a loss:
+
+- ``tl``: the paper's task likelihood, minus the sum over documents of the gold answer's mean per-token
+  log-likelihood;
+- ``margin``: the paper's "diff", minus the sum of (gold mean log-likelihood - mean over wrong choices);
+- ``ppl``: SLEB's criterion, the mean per-token negative log-likelihood of generic text (the log of the
+  perplexity, so the argmin is the same). Offline there is no WikiText, so the text is BoolQ's Wikipedia
+  passages from the calibration split.
+
+**Prefix reuse.** Blocks before the first omitted one compute the same hidden states for every candidate.
+:class:`CandidateEvaluator` runs that prefix once per batch and step, captures each needed block's input
+with a forward pre-hook (stopping the pass early), and starts each candidate's forward at its first kept
+block by injecting the captured state there. The result is bit-for-bit the same computation, minus the
+repeated prefix.
+
+Every step is checkpointed atomically; a restarted search replays the checkpoint and continues.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pudding.core.errors import ConfigError, UnknownNameError
+from pudding.core.metrics import margin, scores_by_doc
+from pudding.core.omit import OmissionSet, check_k, removable_blocks
+from pudding.core.provenance import atomic_write_json, differing_keys
+from pudding.core.score import ChoiceScore, Request
+from pudding.core.tasks import MCDoc
+from pudding.pool.evaluator import CandidateEvaluator
+
+CHECKPOINT_FORMAT = "pudding.search-checkpoint/1"
+
+
+# --- objectives -------------------------------------------------------------------------------------------
+
+
+def _all_choices(docs: Sequence[MCDoc]) -> list[Request]:
+    return [Request(c, x) for d in docs for c, x in zip(d.contexts, d.continuations)]
+
+
+def _gold_only(docs: Sequence[MCDoc]) -> list[Request]:
+    return [Request(d.contexts[d.gold], d.continuations[d.gold]) for d in docs]
+
+
+def _passages(docs: Sequence[MCDoc]) -> list[Request]:
+    # BoolQ contexts are "{passage}\nQuestion: ...": the passage alone is the generic (Wikipedia) text.
+    return [Request("", d.contexts[0].rsplit("\nQuestion:", 1)[0]) for d in docs]
+
+
+def _tl_loss(docs: Sequence[MCDoc], scores: Sequence[ChoiceScore]) -> float:
+    return -sum(s.mean_logprob for s in scores)
+
+
+def _margin_loss(docs: Sequence[MCDoc], scores: Sequence[ChoiceScore]) -> float:
+    return -sum(margin(d) for d in scores_by_doc(docs, scores))
+
+
+def _ppl_loss(docs: Sequence[MCDoc], scores: Sequence[ChoiceScore]) -> float:
+    return -sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A search criterion: which requests to score for a list of documents, and how scores become a loss."""
+
+    name: str
+    description: str
+    requests: Callable[[Sequence[MCDoc]], list[Request]]
+    loss: Callable[[Sequence[MCDoc], Sequence[ChoiceScore]], float]
+    text_task: str | None = None  # if set, the objective reads this task's calibration docs, not the search task's
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("tl", "minus the summed mean log-likelihood of the gold answer", _gold_only, _tl_loss),
+        Objective("margin", "minus the summed (gold - mean wrong) mean log-likelihood", _all_choices, _margin_loss),
+        Objective("ppl", "log-perplexity of BoolQ passages (SLEB's criterion)", _passages, _ppl_loss, "boolq"),
+    )
+}
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective ``name``; UnknownNameError listing the known ones."""
+    if name not in OBJECTIVES:
+        raise UnknownNameError(f"unknown objective {name!r}; known objectives: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+# --- scoring many omission sets, reusing the prefix -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """One greedy step: the block removed, the loss with it removed, and every candidate's loss."""
+
+    removed: int
+    loss: float
+    candidate_losses: dict[int, float]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The outcome of a greedy search: blocks in removal order and the loss trajectory."""
+
+    steps: tuple[SearchStep, ...]
+    base_loss: float
+    seconds: float
+    reuse_ratio: float
+
+    @property
+    def removal_order(self) -> list[int]:
+        return [s.removed for s in self.steps]
+
+    @property
+    def blocks(self) -> OmissionSet:
+        return tuple(sorted(self.removal_order))
+
+    @property
+    def trajectory(self) -> list[float]:
+        return [self.base_loss, *[s.loss for s in self.steps]]
+
+
+@dataclass
+class _Checkpoint:
+    path: Path | None
+    identity: dict
+    base_loss: float | None = None
+    steps: list[SearchStep] = field(default_factory=list)
+
+    def load(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            saved_identity, steps = data["identity"], data["steps"]
+            if data.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"checkpoint {self.path} is corrupt or not a search checkpoint ({error}); "
+                              "delete it to start over") from None
+        if saved_identity != self.identity:
+            differing = differing_keys(saved_identity, self.identity)
+            raise ConfigError(f"checkpoint {self.path} was written for another model or configuration "
+                              f"(differs in: {', '.join(differing)}); refusing to resume. Delete it or choose "
+                              "another run directory")
+        self.base_loss = data["base_loss"]
+        self.steps = [SearchStep(s["removed"], s["loss"], {int(k): v for k, v in s["candidate_losses"].items()},
+                                 s["seconds"]) for s in steps]
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {"format": CHECKPOINT_FORMAT, "identity": self.identity,
+                                          "base_loss": self.base_loss, "steps": [asdict(s) for s in self.steps]})
+
+
+def greedy_search(
+    evaluator: CandidateEvaluator,
+    loss: Callable[[Sequence[ChoiceScore]], float],
+    k: int,
+    *,
+    barriers: tuple[int, int] = (1, 1),
+    checkpoint: str | Path | None = None,
+    identity: dict | None = None,
+    progress: bool | str = False,
+) -> SearchResult:
+    """Remove ``k`` blocks greedily, each step minimising ``loss`` over the remaining removable blocks.
+
+    ``loss`` maps the scores of the evaluator's requests to a number (lower is better). With ``checkpoint``
+    every step is saved atomically, together with ``identity`` (what the search was configured with); a
+    rerun with the same identity resumes after the last saved step, one with another identity is refused.
+    ``k`` belongs in no identity: the first j steps are the same whatever ``k`` is, so the checkpoint of a
+    longer search answers a shorter one from its first ``k`` steps, and a shorter one extends to a larger k.
+    Ties go to the lowest block index.
+    """
+    total = evaluator.total_blocks
+    check_k(k, total, barriers)
+    state = _Checkpoint(Path(checkpoint) if checkpoint else None, identity or {})
+    state.load()
+    removable = removable_blocks(total, barriers)
+    if state.base_loss is None:
+        state.base_loss = loss(evaluator.evaluate([()])[0])
+        state.save()
+    n_evals = sum(len(removable) - step for step in range(k))
+    done = sum(len(removable) - step for step in range(min(k, len(state.steps))))
+    desc = progress if isinstance(progress, str) else "search"
+    with tqdm(total=n_evals, initial=done, unit="set", desc=desc, disable=not progress) as bar:
+        while len(state.steps) < k:
+            state.steps.append(_greedy_step(evaluator, loss, removable, [s.removed for s in state.steps]))
+            state.save()
+            bar.update(len(removable) - len(state.steps) + 1)
+    steps = state.steps[:k]
+    # Summed per step, so a resumed search reports its whole cost, not just the part after the restart.
+    seconds = sum(s.seconds for s in steps)
+    return SearchResult(tuple(steps), state.base_loss, seconds, evaluator.stats.ratio)
+
+
+def _greedy_step(evaluator, loss, removable: list[int], removed: list[int]) -> SearchStep:
+    start = time.perf_counter()
+    candidates = [b for b in removable if b not in removed]
+    omissions = [tuple(sorted([*removed, b])) for b in candidates]
+    losses = {b: loss(scores) for b, scores in zip(candidates, evaluator.evaluate(omissions))}
+    best = min(candidates, key=lambda b: (losses[b], b))
+    return SearchStep(best, losses[best], losses, time.perf_counter() - start)

@@ -1,0 +1,1 @@
+"""Stage 4, serving: the continuous-batching engine, the HTTP server and the gateway."""
