@@ -15,9 +15,9 @@ $P train-router --labels results/smollm2/labels --pool results/smollm2/pool --ro
 $P baselines --model default --k 6 --run-dir runs/baselines-smollm2 --out results/smollm2/baselines --no-progress
 # 5. the paper's tables (made before artifacts recorded their identity: today's code refuses to overwrite
 #    them in place, so a re-run needs another --out, e.g. --out results/smollm2/small-rerun/k6) (trains the ablation routers it needs, then scores the evaluation splits)
-$P reproduce --model default --k 6 --budget small --no-progress
+$P reproduce --model default --k 6 --budget small --reuse results/smollm2 --no-progress
 # 6. the same at k=3: the pool and baselines are the k=6 searches' first 3 removals (no new search);
 #    labels, routers and scores are k=3's own. Also redraws results/smollm2/small/accuracy-vs-k-small.png.
-$P reproduce --model default --k 3 --budget small --no-progress
+$P reproduce --model default --k 3 --budget small --reuse results/smollm2 --no-progress
 # 7. the medium budget at k=6 (several hours; resumable across sessions): see scripts/reproduce_medium.sh
 # bash scripts/reproduce_medium.sh

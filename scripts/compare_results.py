@@ -3,7 +3,7 @@
 A re-run of ``pudding reproduce`` in a fresh clone should give the committed tables exactly:
 
     git clone <repo> /tmp/rerun && cd /tmp/rerun && bash scripts/setup.sh
-    .venv/bin/pudding reproduce --model default --k 6 --budget small   # likewise --k 3
+    .venv/bin/pudding reproduce --model default --k 6 --budget small --reuse results/smollm2   # likewise --k 3
     python scripts/compare_results.py /tmp/rerun/results/smollm2 <repo>/results/smollm2
 
 Exits 1 and names the differing keys if any table or router training history differs.

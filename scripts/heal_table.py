@@ -24,7 +24,7 @@ from pathlib import Path
 from pudding.core.metrics import first_argmax
 from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
 from pudding.core.tasks import get_task, load_docs
-from pudding.evaluation.reproduce import mean_stderr, paired_differences
+from pudding.evaluation.tables import mean_stderr, paired_differences
 from pudding.routing.model import PuddingModel
 
 

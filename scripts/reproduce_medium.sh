@@ -13,5 +13,6 @@ $P candidates --model default --k 6 --samples 128 --objectives tl \
 $P baselines --model default --k 6 --samples 128 \
     --run-dir results/smollm2/baselines-128-run --out results/smollm2/baselines-128 --no-progress
 # 3. calibration labels and evaluation scores under every set, the routers and their variants, the tables;
-#    steps 1-2 are found by their identity under results/smollm2 and reused
-$P reproduce --model default --k 6 --budget medium --run-dir results/smollm2/medium-run --no-progress
+#    steps 1-2 are found by their identity under results/smollm2 (--reuse) and reused
+$P reproduce --model default --k 6 --budget medium --reuse results/smollm2 --run-dir results/smollm2/medium-run \
+    --no-progress

@@ -5,6 +5,7 @@ import hashlib
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 from pudding.core.errors import ConfigError  # noqa: E402
 from pudding.pool.artifact import CandidatePool  # noqa: E402

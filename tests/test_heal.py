@@ -155,7 +155,7 @@ def test_shared_adapter_draws_sets_reproducibly_and_serves_every_route(tmp_path,
 def test_training_resumes_from_its_checkpoint_exactly(tmp_path, corpus, monkeypatch):
     from safetensors.torch import load_file
 
-    from pudding.heal import lora as heal_module
+    from pudding.healing import lora as heal_module
 
     def run(name):
         art = _artifact(tmp_path / name, tiny_model("llama"))

@@ -8,7 +8,7 @@ import pudding
 ROOT = Path(pudding.__file__).parent
 # the stages in the order data flows through them; a module may import from its own stage or an earlier one
 STAGES = ("core", "pool", "pruning", "healing", "routing", "serving", "evaluation")
-TOP = ("cli", "__main__", "__init__")
+TOP = ("cli", "cli_config", "__main__", "__init__")
 
 
 def module_name(path: Path) -> str:

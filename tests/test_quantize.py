@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from pudding.cli import QUANTIZE_CHOICES, main
+from pudding.cli import main
 from pudding.core.errors import ConfigError, UnknownNameError
+from pudding.core.fields import QUANTIZE_FIELD
 from pudding.core.load import load_config, load_model, model_fingerprint
 from pudding.core.omit import get_blocks, omit_blocks, prune_blocks
 from pudding.core.quantize import (
@@ -165,7 +166,7 @@ def test_unknown_method_and_int8_off_the_cpu_get_one_line_errors(tiny_dir):
 
 
 def test_cli_quantize_choices_are_the_registry_and_bad_values_are_one_line(tiny_dir, tmp_path, capsys):
-    assert QUANTIZE_CHOICES == tuple(QUANTIZATIONS)
+    assert QUANTIZE_FIELD["choices"] == tuple(QUANTIZATIONS)  # the flag's choices, declared once
     base = ["eval", "--model", tiny_dir, "--limit", "2", "--output-dir", str(tmp_path), "--no-progress"]
     with pytest.raises(SystemExit) as exit_info:
         main([*base, "--quantize", "int4"])
@@ -331,6 +332,7 @@ def test_bench_runs_every_variant_quantized(artifact, tiny_dir, tmp_path):
 
 
 @pytest.mark.slow  # a whole tiny reproduction: minutes on 2 shared cores
+@pytest.mark.integration
 def test_reproduce_runs_every_stage_on_the_int8_model(tiny_dir, tmp_path):
     from pudding.evaluation.reproduce import reproduce
 

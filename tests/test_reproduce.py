@@ -1,20 +1,65 @@
-"""`pudding reproduce` end to end on a tiny model (tiny budget): every table, ablation and plot is written."""
+"""`pudding reproduce` on a tiny model (tiny budget): every table, ablation and plot is written, and the cells
+are what the per-document scores say, recomputed here without pudding's table code."""
 
 import json
 import shutil
+import statistics
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 import pudding.evaluation.reproduce
 from pudding.core.errors import ConfigError
-from pudding.evaluation.reproduce import Budget, ReproduceConfig, paired_differences, reproduce
+from pudding.core.tasks import get_task
+from pudding.evaluation.report import plotted_rows
+from pudding.evaluation.reproduce import Budget, ReproduceConfig, reproduce
+from pudding.evaluation.tables import RowId, paired_differences, static_choices, static_columns
 from pudding.pool.artifact import CandidatePool
+from pudding.routing.train import VAL_FRACTION, RoutingData, split_rows
 
 
-def test_paired_differences():
+def test_paired_differences_are_the_mean_difference_with_a_normal_interval():
     columns = {"a": [1, 1, 0, 1], "b": [0, 1, 0, 0]}
     d = paired_differences(columns, "a", ["b"])["b"]
-    assert d["difference"] == pytest.approx(0.5) and d["ci95"][0] < 0.5 < d["ci95"][1] and d["n"] == 4
+    # differences 1, 0, 0, 1: mean 0.5, sample sd sqrt(1/3), standard error sqrt(1/3) / 2
+    half = 1.96 * (1 / 3) ** 0.5 / 2
+    assert d["difference"] == 0.5 and d["n"] == 4
+    assert d["ci95"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-12)
+
+
+def test_row_ids_render_the_labels_the_tables_have_always_used():
+    assert RowId("dense").label == "dense" and RowId("dense").kind == "static"
+    assert RowId("pool ceiling").label == "pool ceiling (optimistic: best set per task on these documents)"
+    assert RowId("oracle").kind == "bound"
+    paper = RowId("pudding", router="embed-mlp-mse", role="paper")
+    assert (paper.label, paper.kind) == ("PuDDing (paper: embed-mlp-mse)", "pudding")
+    best = RowId("pudding", router="x-safe", role="best variant", seeds=3)
+    assert (best.label, best.kind) == ("PuDDing, best variant (x-safe, mean of 3 seeds)", "pudding-seeds")
+    assert RowId("pudding", router="llm-embed-ce").label == "PuDDing (llm-embed-ce)"
+    assert RowId("pudding", router="r", role="paper", sets="tl", size=6).label == "PuDDing, tl sets only (6)"
+    assert RowId("pudding", router="r", role="paper", size=3).label == "3 sets"
+
+
+def test_static_choices_are_made_on_calibration_data_never_on_evaluation_data():
+    def data(correct, labels=None):
+        correct = torch.tensor(correct, dtype=torch.float64)
+        return RoutingData([f"p{i}" for i in range(len(correct))],
+                           torch.zeros_like(correct) if labels is None else torch.tensor(labels, dtype=torch.float64),
+                           correct, ["arc_easy"] * len(correct))
+
+    # columns: 0 dense, 1 and 2 pool sets. On calibration set 1 is right everywhere (and has the best TL label);
+    # on evaluation set 2 is.
+    calibration = data([[0, 1, 0]] * 4, labels=[[0.0, -1.0, -2.0]] * 4)
+    evaluation = data([[1, 0, 1], [0, 0, 1], [1, 0, 1]])
+    static = static_choices(calibration, [0, 1, 2, 3], pool_columns=[1, 2], candidates=[1, 2])
+    columns = static_columns(evaluation, {"dense": 0}, static, [1, 2], [1, 2], seed=0)
+    for row in ("best static set", "best static TL set", "task-best set"):
+        assert columns[RowId(row)] == [0.0, 0.0, 0.0], row  # set 1's evaluation results, chosen beforehand
+    assert columns[RowId("dense")] == [1.0, 0.0, 1.0]
+    # the hindsight bounds are the only rows that look at the evaluation documents
+    assert columns[RowId("pool ceiling")] == columns[RowId("oracle")] == [1.0, 1.0, 1.0]
 
 
 @pytest.fixture(scope="module")
@@ -23,69 +68,163 @@ def tiny_run(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduce")
     config = ReproduceConfig(model=tiny_dir, k=2, budget="tiny", out=str(root / "results" / "tiny" / "k2"),
                              run_dir=str(root / "run"), routers=(("llm-embed", "mse"), ("llm-embed", "ce")),
-                             router_seeds=2, reuse=None, progress=False)
+                             router_seeds=2, progress=False)
     return root, config, reproduce(config)
 
 
-def test_reproduce_end_to_end_on_a_tiny_model(tiny_run):
+def _correct(folder: Path, blocks: tuple) -> list[tuple[str, str, float]]:
+    """(task, prompt, 0/1) per document of a score file under the set ``blocks``, from the stored log-likelihoods
+    by lm-eval's rule: the highest summed log-likelihood (``acc``) or per character of the choice
+    (``acc_norm``), the first choice on ties."""
+    sets = [tuple(s) for s in json.loads((folder / "labels.json").read_text())["sets"]]
+    column = sets.index(tuple(blocks))
+    out = []
+    for row in pq.read_table(folder / "labels.parquet").to_pylist():
+        lls = row["choice_logprob"][column]
+        if get_task(row["task"]).metric == "acc_norm":
+            lls = [ll / n for ll, n in zip(lls, row["choice_chars"])]
+        best = max(range(len(lls)), key=lambda i: (lls[i], -i))
+        out.append((row["task"], row["router_text"], float(best == row["gold"])))
+    return out
+
+
+def _cells(correct: list[tuple[str, str, float]]) -> dict[str, dict[str, float]]:
+    by_task: dict[str, list[float]] = {}
+    for task, _, value in correct:
+        by_task.setdefault(task, []).append(value)
+    return {t: {"value": sum(v) / len(v), "stderr": statistics.stdev(v) / len(v) ** 0.5, "n": len(v)}
+            for t, v in by_task.items()}
+
+
+def _assert_row(table: dict, row: str, cells: dict) -> None:
+    got = table["rows"][row]["tasks"]
+    assert set(got) == set(cells), row
+    for task, cell in cells.items():
+        assert got[task]["n"] == cell["n"], (row, task)
+        assert got[task]["value"] == pytest.approx(cell["value"], abs=1e-12), (row, task)
+        assert got[task]["stderr"] == pytest.approx(cell["stderr"], abs=1e-12), (row, task)
+    assert table["rows"][row]["average"] == pytest.approx(statistics.fmean(c["value"] for c in cells.values()))
+
+
+def test_reproduce_writes_every_table_ablation_and_plot(tiny_run):
     root, config, result = tiny_run
     out = config.folder
     main = json.loads((out / "main.json").read_text())
-    rows = main["rows"]
     best = result["selection"]["best"]
-    for row in ("dense", "sleb", "shortened_ppl", "taylor", "shortgpt", "best static TL set", "best static set",
+    expected = ["dense", "sleb", "shortened_ppl", "taylor", "shortgpt", "best static TL set", "best static set",
                 "task-best set", "random pool set", "PuDDing (paper: llm-embed-mse)",
                 "PuDDing (paper: llm-embed-mse, mean of 2 seeds)", f"PuDDing, best variant ({best})",
                 f"PuDDing, best variant ({best}, mean of 2 seeds)",
-                "pool ceiling (optimistic: best set per task on these documents)", "oracle"):
-        assert row in rows
-        assert all(cell["n"] == 8 for cell in rows[row]["tasks"].values())
-    # the best variant is the one with the highest validation accuracy on calibration prompts
-    accuracy = result["selection"]["validation_accuracy"]
-    assert accuracy[best] == max(v for v in accuracy.values() if v == v)
-    assert set(main["paired_differences"]["PuDDing (paper: llm-embed-mse)"]) >= {"dense", "sleb", "task-best set"}
+                "pool ceiling (optimistic: best set per task on these documents)", "oracle"]
+    assert list(main["rows"]) == expected  # static rows, PuDDing, then the bounds
+    assert all(cell["n"] == 8 for row in main["rows"].values() for cell in row["tasks"].values())
+    assert main["kinds"]["PuDDing (paper: llm-embed-mse, mean of 2 seeds)"] == "pudding-seeds"
+    assert set(main["paired_differences"]["PuDDing (paper: llm-embed-mse)"]) == set(expected[:9])
     assert main["provenance"]["git"] and main["budget"]["paper_tasks"] == 8
     stages = json.loads((out / "stages.json").read_text())
     assert {"pool and baselines", "calibration labels", "evaluation scores", "routers"} <= set(stages["seconds"])
-    headroom = main["headroom"]  # documents where the pool's sets disagree: the only place routing matters
-    assert headroom["all_sets_right"] + headroom["all_sets_wrong"] + headroom["mixed"] == headroom["documents"] == 48
-    if headroom["mixed"]:
-        assert headroom["accuracy_on_mixed"]["pool oracle"]["value"] == 1.0
     for name in ("generalisation.json", "ablation-router.json", "ablation-objective.json", "ablation-pool_size.json",
-                 "ablation-routing.json",
-                 "omission-rates.png", "router-convergence.png", "block-importance.png", "README.md"):
+                 "ablation-routing.json", "omission-rates.png", "router-convergence.png", "block-importance.png",
+                 "README.md"):
         assert (out / name).exists(), name
     assert "PuDDing (llm-embed-ce)" in json.loads((out / "ablation-router.json").read_text())["rows"]
     seeds = json.loads((out / "ablation-router_seed.json").read_text())
     assert list(seeds["rows"]) == ["PuDDing (llm-embed-mse)", "PuDDing (llm-embed-mse-seed1)"]
-    # the seed-averaged row is, document by document, the mean of the seeds' rows
-    mean_row = rows["PuDDing (paper: llm-embed-mse, mean of 2 seeds)"]["average"]
-    assert mean_row == pytest.approx(seeds["spread"]["mean"])
-    # a rerun resumes from the saved scores and reproduces the tables exactly
-    again = reproduce(config)
-    assert again["tables"]["main"]["rows"] == result["tables"]["main"]["rows"]
+    readme = (out / "README.md").read_text()
+    assert "### Main table (paper Table 1)" in readme and f"| PuDDing, best variant ({best}) |" in readme
 
 
-def test_a_smaller_k_reuses_the_larger_searches_and_joins_the_accuracy_against_k_plot(tiny_run, tiny_dir,
-                                                                                       monkeypatch):
+def test_table_cells_are_the_per_document_scores_recomputed_independently(tiny_run):
+    _, config, _ = tiny_run
+    out = config.folder
+    main = json.loads((out / "main.json").read_text())
+    scores = out / "scores" / "paper-tasks"
+    _assert_row(main, "dense", _cells(_correct(scores, ())))
+    sleb = next(e.blocks for e in CandidatePool.from_pretrained(out / "baselines").sets
+                for s in e.sources if s.method == "sleb")
+    _assert_row(main, "sleb", _cells(_correct(scores, sleb)))
+    generalisation = json.loads((out / "generalisation.json").read_text())
+    _assert_row(generalisation, "dense", _cells(_correct(out / "scores" / "unseen-tasks", ())))
+
+
+def test_the_best_static_set_is_the_best_on_calibration_prompts(tiny_run):
+    """Chosen by accuracy on the routers' training prompts (calibration split), then scored on evaluation."""
+    _, config, _ = tiny_run
+    out = config.folder
+    pool, baselines = CandidatePool.from_pretrained(out / "pool"), CandidatePool.from_pretrained(out / "baselines")
+    candidates = list(dict.fromkeys([e.blocks for e in pool.sets] + [e.blocks for e in baselines.sets]))
+    calibration = {blocks: _correct(out / "labels", blocks) for blocks in candidates}
+    train, _ = split_rows([text for _, text, _ in calibration[candidates[0]]], VAL_FRACTION)
+    accuracy = {blocks: sum(values[i][2] for i in train) / len(train) for blocks, values in calibration.items()}
+    chosen = max(candidates, key=lambda blocks: accuracy[blocks])  # the first of the best, as the code breaks ties
+    main = json.loads((out / "main.json").read_text())
+    _assert_row(main, "best static set", _cells(_correct(out / "scores" / "paper-tasks", chosen)))
+
+
+def test_the_best_variant_is_chosen_by_its_calibration_validation_record(tiny_run):
+    _, config, result = tiny_run
+    selection = result["selection"]
+    recorded = {}
+    for name in selection["validation_accuracy"]:
+        training = json.loads((config.folder / "routers" / name / "training.json").read_text())
+        recorded[name] = training["safe"]["acc_safe_crossfit"] if "safe" in training else training["val"]["acc_routed"]
+    assert recorded == pytest.approx(selection["validation_accuracy"], nan_ok=True)
+    assert selection["best"] == max((n for n in recorded if recorded[n] == recorded[n]), key=recorded.get)
+
+
+def test_a_rerun_that_scores_again_gives_the_same_tables(tiny_run):
+    _, config, _ = tiny_run
+    before = {name: json.loads((config.folder / f"{name}.json").read_text()) for name in ("main", "generalisation")}
+    for name in ("scores/paper-tasks", "scores/unseen-tasks"):  # the scores and their checkpointed shards
+        shutil.rmtree(config.folder / name)
+        shutil.rmtree(config.work_dir / name.replace("/", "-"))
+    reproduce(config)
+    artifacts = json.loads((config.folder / "stages.json").read_text())["artifacts"]
+    assert "built" in artifacts["scores/paper-tasks"] and "built" in artifacts["scores/unseen-tasks"]
+    for name, table in before.items():
+        again = json.loads((config.folder / f"{name}.json").read_text())
+        for key in ("rows", "kinds", "paired_differences", "headroom"):
+            assert again[key] == table[key], (name, key)
+
+
+def test_a_smaller_k_reuses_the_larger_searches_and_joins_the_accuracy_against_k_plot(tiny_run, tiny_dir):
     root, _, _ = tiny_run
     results = root / "results" / "tiny"
-    monkeypatch.setitem(pudding.evaluation.reproduce.COMMITTED, tiny_dir, root / "results")  # --reuse auto looks there
-    # one run_dir for both k, as a user would leave it
+    # one run_dir for both k, as a user would leave it; --reuse names where the k=2 run is
     reproduce(ReproduceConfig(model=tiny_dir, k=1, budget="tiny", out=str(results / "k1"), run_dir=str(root / "run"),
-                              routers=(("llm-embed", "mse"),), router_seeds=1, variants=False, progress=False))
+                              routers=(("llm-embed", "mse"),), router_seeds=1, variants=False,
+                              reuse=str(root / "results"), progress=False))
     pool = CandidatePool.from_pretrained(results / "k1" / "pool")
     assert pool.config["k"] == 1 and pool.config["derived_from"]["k"] == 2  # shrunk, not searched again
     assert json.loads((results / "k1" / "main.json").read_text())["config"]["k"] == 1
     curve = json.loads((results / "accuracy-vs-k-tiny.json").read_text())
     assert [p["k"] for p in curve["series"]["PuDDing (paper)"]] == [1, 2]
+    assert [p["k"] for p in curve["series"]["PuDDing, best variant (seed mean)"]] == [2]  # k=1 has no variants
     assert [p["k"] for p in curve["series"]["dense"]] == [0, 1, 2]
+    k2 = json.loads((results / "k2" / "main.json").read_text())
+    assert curve["series"]["dense"][2]["average"] == k2["rows"]["dense"]["average"]
     assert (results / "accuracy-vs-k-tiny.png").exists() and curve["provenance"]["git"]
+
+
+def test_plotted_rows_are_rendered_from_the_recorded_config(tmp_path):
+    data = {"config": {"routers": [["embed-mlp", "mse"]], "router_seeds": 3}}
+    (tmp_path / "ablation-routing.json").write_text(json.dumps({"selection": {"best": "embed-mlp-mse-safe"}}))
+    plotted = plotted_rows(data, tmp_path)
+    assert plotted["PuDDing (paper: embed-mlp-mse)"] == "PuDDing (paper)"
+    seed_mean = "PuDDing, best variant (embed-mlp-mse-safe, mean of 3 seeds)"
+    assert plotted[seed_mean] == "PuDDing, best variant (seed mean)"
+    assert "PuDDing (paper: embed-mlp-mse, mean of 3 seeds)" not in plotted  # a seed mean is not the paper's row
+
+
+def test_reuse_is_explicit(tmp_path):
+    assert ReproduceConfig().reuse is None and ReproduceConfig().reuse_root is None
+    assert ReproduceConfig(reuse=str(tmp_path)).reuse_root == tmp_path
+    with pytest.raises(ConfigError, match="--reuse .*no such folder"):
+        ReproduceConfig(reuse=str(tmp_path / "missing"))
 
 
 def test_compare_results_script_ignores_provenance_and_catches_a_changed_table(tmp_path):
     import importlib.util
-    from pathlib import Path
 
     script = Path(__file__).parents[1] / "scripts" / "compare_results.py"
     spec = importlib.util.spec_from_file_location("compare_results", script)

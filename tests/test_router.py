@@ -11,12 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertMo
 import pudding.routing.labels
 from pudding.cli import main
 from pudding.core.errors import ConfigError
-from pudding.core.lazy import CONFIG_FILE
 from pudding.core.load import model_fingerprint
 from pudding.core.omit import omit_blocks
 from pudding.core.score import LikelihoodScorer
 from pudding.evaluation.zero_shot import score_docs
-from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
+from pudding.pool.artifact import CONFIG_FILE, CandidatePool, PoolEntry, SetSource
 from pudding.routing.labels import LABELS_FILE, LabelConfig, Labels, build_labels, collect_docs
 from pudding.routing.model import ROUTER_FILE, PuddingModel, Route
 from pudding.routing.router import choose_sets
@@ -452,10 +451,10 @@ def test_cli_refuses_non_utf8_and_empty_prompt_files(tmp_path, capsys):
 
 def test_cli_label_and_train_router(labelled, tmp_path, monkeypatch, llm, encoder_dir):
     import pudding.core.load
-    import pudding.routing.labels
+    import pudding.pool.executor
 
     root, _ = labelled
-    monkeypatch.setattr(pudding.routing.labels, "load_model", lambda spec, **options: llm)
+    monkeypatch.setattr(pudding.pool.executor, "load_model", lambda spec, **options: llm)  # the label executor's
     monkeypatch.setattr(pudding.core.load, "load_model", lambda spec, **options: llm)
     assert main(["label", "--pool", str(root / "pool"), "--tasks", "piqa", "--samples", "6",
                  "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "labels"), "--no-progress"]) == 0

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pudding.core.load import model_fingerprint
 from pudding.core.omit import omit_blocks
 from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
-from pudding.routing.model import PuddingModel
+from pudding.routing.model import PuddingModel, Route
 from pudding.routing.router import RouterConfig, build_router
 from pudding.serving.engine import Job, SetBatchingEngine
 from pudding.serving.server import BLOCKS_HEADER, SET_HEADER, ServeSettings, create_app
@@ -489,3 +489,85 @@ def test_gateway_backend_specs_are_checked(pudding):
     for bad in (["9=http://x"], ["1=ftp://x"], ["nope"], []):
         with pytest.raises(ConfigError):
             parse_backends(bad, pudding)
+
+
+# --- one generation path, one prompt check ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_settings, library_settings", [
+    ({"temperature": 0}, {"do_sample": False}),
+    ({"temperature": 0.8, "top_p": 0.9}, {"do_sample": True, "temperature": 0.8, "top_p": 0.9}),
+])
+def test_server_completions_equal_the_library_generate(pudding, monkeypatch, request_settings, library_settings):
+    # The server batched and decoded with code of its own: the same prompts, routes and settings (and seed) must
+    # give the library's tokens. One request with every prompt, so its batches are the library's set groups;
+    # the routes alternate between two sets (the tiny router sends all five prompts to one).
+    routes = [Route(i % 2, SETS[i % 2], pudding.pool.sets[i % 2].name, []) for i in range(len(PROMPTS))]
+    monkeypatch.setattr(pudding, "route", lambda texts, **kwargs: routes[:len(texts)])
+    with TestClient(create_app(pudding, ServeSettings(max_tokens_limit=32))) as client:
+        torch.manual_seed(11)
+        body = client.post("/v1/completions", json={"prompt": PROMPTS, "max_tokens": 8, **request_settings}).json()
+    torch.manual_seed(11)
+    expected = pudding.generate(PROMPTS, routes=routes, max_new_tokens=8, **library_settings)
+    assert [c["text"] for c in body["choices"]] == [g.text for g in expected]
+    assert body["usage"]["completion_tokens"] == sum(g.completion_tokens for g in expected)
+    assert body["usage"]["prompt_tokens"] == sum(g.prompt_tokens for g in expected)
+    assert [p["blocks"] for p in body["pudding"]] == [list(r.blocks) for r in routes]
+
+
+def test_an_end_of_sequence_token_counts_alike_in_the_server_and_the_library(pudding):
+    # The engine left the end-of-sequence token out of completion_tokens, generate counted it. Make the third
+    # greedy token of a prompt its end-of-sequence token, so both stop there.
+    [free] = pudding.generate([PROMPTS[0]], max_new_tokens=4, min_new_tokens=4)
+    [route] = pudding.route([PROMPTS[0]])
+    tokens = _alone_tokens(pudding, PROMPTS[0], route.blocks, 4)
+    config, saved = pudding.model.generation_config, pudding.model.generation_config.eos_token_id
+    config.eos_token_id = tokens[2]
+    try:
+        [library] = pudding.generate([PROMPTS[0]], max_new_tokens=8)
+        with TestClient(create_app(pudding, ServeSettings(max_tokens_limit=32))) as client:
+            body = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 8,
+                                                        "temperature": 0}).json()
+    finally:
+        config.eos_token_id = saved
+    assert library.completion_tokens == tokens.index(tokens[2]) + 1 < free.completion_tokens + 1
+    assert body["usage"]["completion_tokens"] == library.completion_tokens
+    assert body["choices"][0] == {"index": 0, "text": library.text, "logprobs": None, "finish_reason": "stop"}
+
+
+def _alone_tokens(pudding, prompt, blocks, n):
+    batch = pudding.tokenizer(prompt, return_tensors="pt")
+    with omit_blocks(pudding.model, blocks):
+        out = pudding.model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def test_the_server_refuses_prompts_with_the_library_check(pudding):
+    from pudding.routing.model import PromptError
+
+    long = "word " * 125
+    with pytest.raises(PromptError) as refused:
+        pudding.check_length([long], 8, name="max_tokens")
+    app = create_app(pudding, ServeSettings(max_prompt_tokens=4))
+    with TestClient(app) as client, TestClient(create_app(pudding)) as plain:
+        error = _error(plain.post("/v1/completions", json={"prompt": long, "max_tokens": 8}), 400)
+        assert (error["message"], error["code"], error["param"]) == (str(refused.value), "context_length_exceeded",
+                                                                      "prompt")
+        assert "context of 128" in error["message"]
+        # a list is checked whole, so the message names the prompt at fault
+        error = _error(client.post("/v1/completions", json={"prompt": ["hi", PROMPTS[0]]}), 400)
+        assert error["message"].startswith("prompt 1 has ") and "at most 4 are allowed" in error["message"]
+        error = _error(plain.post("/v1/chat/completions", json={"messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": " "}]}), 400)
+        assert error["message"] == "prompt 0 is empty"  # no user text to route on
+
+
+def test_the_gateway_refuses_prompts_with_the_library_check(pudding):
+    from pudding.serving.gateway import create_gateway
+
+    with TestClient(create_gateway(pudding, {0: "http://127.0.0.1:9"})) as gateway:
+        assert _error(gateway.post("/v1/completions", json={"prompt": "  "}), 400)["message"] == "prompt 0 is empty"
+        # a lone surrogate reached the tokenizer and was a 500
+        raw = '{"prompt": "caf\\ud800"}'
+        error = _error(gateway.post("/v1/completions", content=raw, headers={"content-type": "application/json"}), 400)
+        assert "not valid UTF-8" in error["message"]

@@ -11,6 +11,8 @@ from pudding.core.score import LikelihoodScorer, doc_requests, score_one_by_one
 from pudding.core.tasks import load_docs
 from pudding.evaluation.zero_shot import score_docs
 
+pytestmark = pytest.mark.integration  # the real model: a few minutes on 2 cores, in the default run but for `slow`
+
 
 @pytest.fixture(scope="module")
 def smollm2():
@@ -96,3 +98,25 @@ def test_default_model_exports_as_a_plain_checkpoint_that_matches(smollm2, tmp_p
         expected = model(ids).logits
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, expected, atol=1e-4)
+
+
+def test_committed_search_checkpoints_keep_the_identity_the_current_code_computes(smollm2):
+    """The medium run's TL searches (`pudding candidates --model default --k 6 --samples 128 --objectives tl`,
+    checkpointed in results/smollm2/pool-128-run) resume under today's code only if it computes, field for
+    field, the identity they recorded; a changed identity would restart hours of search."""
+    import json
+    from pathlib import Path
+
+    from pudding.core.identity import identity_differences
+    from pudding.core.load import model_fingerprint
+    from pudding.pruning.candidates import PoolConfig, _search_identity, calibration_docs
+
+    model, _ = smollm2
+    config = PoolConfig(model="default", k=6, samples=128, objectives=("tl",))
+    checkpoint = json.loads((Path(__file__).parents[1] / "results/smollm2/pool-128-run/arc_easy-tl.json").read_text())
+    fingerprint = model_fingerprint(model.config)
+    ours = _search_identity(config, fingerprint, "arc_easy", "tl", calibration_docs("arc_easy", 128))
+    assert identity_differences(checkpoint["identity"], ours) == []
+    assert json.dumps(ours) == json.dumps(checkpoint["identity"])  # same keys, same order, same values
+    shorter = _search_identity(config, fingerprint, "arc_easy", "tl", calibration_docs("arc_easy", 127))
+    assert identity_differences(checkpoint["identity"], shorter) == ["samples_sha256"]

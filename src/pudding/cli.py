@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pudding.cli_config import add_config_flags, add_shared_flag, build_config
+from pudding.cli_config import positive_int as _positive_int
 from pudding.core.errors import ConfigError, PuddingError
 
 EXIT_USAGE = 2
@@ -40,16 +42,6 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _port(text: str) -> int:
     # Checked while parsing: a bad port otherwise fails only once the model has loaded, minutes later.
     try:
@@ -61,38 +53,20 @@ def _port(text: str) -> int:
     return value
 
 
-def _omission(text: str) -> str:
-    # Parsed later by EvalConfig, so a malformed set gets the same one-line error as every other bad input.
-    return "" if text.strip().lower() in ("none", "dense") else text
+EVAL_CONFIG = "pudding.evaluation.zero_shot:EvalConfig"
 
 
 def _add_eval(sub) -> None:
     parser = sub.add_parser("eval", help="zero-shot multiple-choice accuracy, dense or with blocks omitted",
                             description="Score tasks zero-shot; each --omit gives one row of results.")
-    parser.add_argument("--model", default="default", help="'default', a .gguf file, a model folder or a hub id")
-    parser.add_argument("--tasks", default="piqa,arc_easy", help="comma-separated task names (see `pudding tasks`)")
-    parser.add_argument("--omit", action="append", type=_omission, metavar="BLOCKS",
-                        help="comma-separated 0-based blocks to omit, or 'none' for dense; sub-layers too, e.g. "
-                             "'3,12.attn,14.mlp' (docs/SUBBLOCK.md); repeat for more rows")
-    parser.add_argument("--limit", type=_positive_int, default=None, help="documents per task (seeded sample)")
-    parser.add_argument("--split", default="evaluation", choices=["evaluation", "calibration"])
-    parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
-    parser.add_argument("--output-dir", default="runs/eval", help="where the result JSON is written")
-    parser.add_argument("--adapter", default=None, metavar="PATH",
-                        help="LoRA adapters from `pudding heal` (artifact, its adapters/ or one adapter folder): each "
-                             "row runs with its set's adapter, or the shared one (docs/HEALING.md)")
-    _add_quantize_options(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_config_flags(parser, EVAL_CONFIG)
     parser.set_defaults(handler=_run_eval)
 
 
 def _run_eval(args) -> int:
-    from pudding.evaluation.zero_shot import EvalConfig, evaluate, format_table
+    from pudding.evaluation.zero_shot import evaluate, format_table
 
-    config = EvalConfig(model=args.model, tasks=args.tasks, omissions=tuple(args.omit or [""]), limit=args.limit,
-                        split=args.split, max_batch_tokens=args.batch_tokens, output_dir=args.output_dir,
-                        progress=not args.no_progress, adapter=args.adapter, **_quantize(args))
-    result = evaluate(config)
+    result = evaluate(build_config(args))
     print(format_table(result))
     print(f"\nwrote {result['path']}")
     return 0
@@ -111,72 +85,31 @@ def _run_tasks(args) -> int:
     return 0
 
 
-def _add_search_options(parser, *, tasks: bool) -> None:
-    parser.add_argument("--model", default="default", help="'default', a .gguf file, a model folder or a hub id")
-    if tasks:
-        parser.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq",
-                            help="comma-separated calibration tasks")
-        parser.add_argument("--objectives", default="tl,margin", help="comma-separated: tl, margin, ppl")
-    parser.add_argument("--k", type=_positive_int, default=6, help="blocks to remove")
-    parser.add_argument("--samples", type=_positive_int, default=16, help="calibration documents per task")
-    parser.add_argument("--max-length", type=_positive_int, default=256, help="tokens kept per request")
-    parser.add_argument("--barriers", default="1,1", help="blocks protected at the start and the end, e.g. 1,1")
-    parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
-    parser.add_argument("--no-prefix-reuse", action="store_true", help="recompute the dense prefix (slower)")
-    parser.add_argument("--run-dir", default="runs/candidates", help="per-search checkpoints; reruns resume")
-    parser.add_argument("--from-pool", default=None,
-                        help="derive the sets at --k from this pool, searched at a larger k, without searching "
-                             "(exact: a greedy search's first k removals are the k-block search)")
-    parser.add_argument("--out", required=True, help="folder the pool artifact (pool.json) is written to")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_quantize_options(parser)
-    _add_executor_options(parser)
-
-
-QUANTIZE_CHOICES = ("none", "int8")  # pudding.core.quantize.QUANTIZATIONS, named here to keep torch out of --help
-
-
 def _add_quantize_options(parser) -> None:
-    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
-                        help="int8: int8 weights and per-token int8 activations in the blocks' linear layers, on CPU "
-                             "(docs/QUANTIZATION.md); default none")
-    parser.add_argument("--quantize-head", action="store_true", help="with --quantize: the LM head too (else fp32)")
+    # For the verbs without a config dataclass (generate, serve): the flags the configs' quantize fields get.
+    add_shared_flag(parser, "quantize", "pudding.core.fields", "QUANTIZE_FIELD", default="none")
+    add_shared_flag(parser, "quantize_head", "pudding.core.fields", "QUANTIZE_HEAD_FIELD", annotation="bool",
+                    default=False)
 
 
 def _quantize(args) -> dict:
     return {"quantize": args.quantize, "quantize_head": args.quantize_head}
 
 
-def _add_executor_options(parser) -> None:
-    parser.add_argument("--executor", default="local", choices=["local", "ray"],
-                        help="ray: spread the work over Ray actors, one model replica each (pip install pudding[ray])")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto', 'ray://head:10001'); "
-                                                            "default: start a local one")
-    parser.add_argument("--ray-actors", type=_positive_int, default=2, help="model replicas (Ray actors)")
-    parser.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="GPUs each replica asks Ray for")
+POOL_CONFIG = "pudding.pruning.candidates:PoolConfig"
 
 
-def _pool_config(args, **extra):
-    from pudding.core.errors import ConfigError
-    from pudding.pruning.candidates import PoolConfig
-
-    try:
-        barriers = tuple(int(b) for b in args.barriers.split(","))
-    except ValueError:
-        raise ConfigError(f"--barriers must be two integers like 1,1, got {args.barriers!r}") from None
-    if len(barriers) != 2:
-        raise ConfigError(f"--barriers must be two integers like 1,1, got {args.barriers!r}")
-    return PoolConfig(model=args.model, k=args.k, samples=args.samples, max_length=args.max_length,
-                      barriers=barriers, max_batch_tokens=args.batch_tokens, reuse_prefix=not args.no_prefix_reuse,
-                      run_dir=args.run_dir, out=args.out, progress=not args.no_progress, executor=args.executor,
-                      ray_address=args.ray_address, ray_actors=args.ray_actors,
-                      ray_gpus_per_actor=args.ray_gpus_per_actor, **_quantize(args), **extra)
+def _add_from_pool(parser) -> None:
+    parser.add_argument("--from-pool", default=None,
+                        help="derive the sets at --k from this pool, searched at a larger k, without searching "
+                             "(exact: a greedy search's first k removals are the k-block search)")
 
 
 def _add_candidates(sub) -> None:
     parser = sub.add_parser("candidates", help="greedy-search candidate omission sets per task and objective",
                             description="Run the greedy block search per (task, objective) and save the pool.")
-    _add_search_options(parser, tasks=True)
+    add_config_flags(parser, POOL_CONFIG)
+    _add_from_pool(parser)
     parser.set_defaults(handler=_run_candidates)
 
 
@@ -189,23 +122,18 @@ def _describe_pool(pool) -> str:
 
 
 def _derived_pool(args):
-    """--from-pool: the pool at --k, shrunk from one searched at a larger k, checked against --model."""
-    from pudding.core.load import load_config
-    from pudding.pool.artifact import CandidatePool, shrink_pool
+    from pudding.pool.artifact import derive_pool
 
-    source = CandidatePool.from_pretrained(args.from_pool)
-    pool = shrink_pool(source, args.k)
-    pool.check_model(load_config(args.model))
-    pool.save_pretrained(args.out)
-    print(f"derived from {args.from_pool} (k={source.config.get('k')}) without searching")
+    pool = derive_pool(args.from_pool, args.k, args.model, args.out)
+    print(f"derived from {args.from_pool} (k={pool.config.get('derived_from', pool.config).get('k')}) "
+          "without searching")
     return pool
 
 
 def _run_candidates(args) -> int:
     from pudding.pruning.candidates import build_pool
 
-    pool = _derived_pool(args) if args.from_pool else build_pool(
-        _pool_config(args, tasks=args.tasks, objectives=args.objectives))
+    pool = _derived_pool(args) if args.from_pool else build_pool(build_config(args))
     print(_describe_pool(pool))
     print(f"wrote {args.out}")
     return 0
@@ -214,7 +142,8 @@ def _run_candidates(args) -> int:
 def _add_baselines(sub) -> None:
     parser = sub.add_parser("baselines", help="static baselines: SLEB, Shortened-LLaMA PPL/Taylor+, ShortGPT",
                             description="Compute the static depth-pruning baselines at k and save them as a pool.")
-    _add_search_options(parser, tasks=False)
+    add_config_flags(parser, POOL_CONFIG, skip=("tasks", "objectives"))
+    _add_from_pool(parser)
     parser.add_argument("--methods", default="sleb,shortened_ppl,taylor,shortgpt",
                         help="comma-separated methods; also finercut (2k sub-layers, saved to subblock_sets.json; "
                              "docs/SUBBLOCK.md)")
@@ -225,7 +154,8 @@ def _run_baselines(args) -> int:
     from pudding.pruning.candidates import build_baselines
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    pool = _derived_pool(args) if args.from_pool else build_baselines(_pool_config(args, objectives=("ppl",)), methods)
+    pool = _derived_pool(args) if args.from_pool else build_baselines(build_config(args, objectives=("ppl",)),
+                                                                      methods)
     if pool.sets:
         print(_describe_pool(pool))
     if "finercut" in methods and not args.from_pool:
@@ -357,22 +287,14 @@ def _add_importance(sub) -> None:
     parser = sub.add_parser("importance", help="block-importance map: cost of removing each single block, per task",
                             description="Measure the change in task likelihood and accuracy when each block alone "
                                         "is removed, per task; write JSON and a PNG heatmap.")
-    parser.add_argument("--model", default="default", help="'default', a .gguf file, a model folder or a hub id")
-    parser.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq")
-    parser.add_argument("--samples", type=_positive_int, default=64, help="calibration documents per task")
-    parser.add_argument("--max-length", type=_positive_int, default=256, help="tokens kept per request")
-    parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
-    parser.add_argument("--out", required=True, help="folder for importance.json and importance.png")
-    _add_quantize_options(parser)
+    add_config_flags(parser, "pudding.pruning.importance:ImportanceConfig")
     parser.set_defaults(handler=_run_importance)
 
 
 def _run_importance(args) -> int:
-    from pudding.pruning.importance import ImportanceConfig, block_importance
+    from pudding.pruning.importance import block_importance
 
-    result = block_importance(ImportanceConfig(model=args.model, tasks=args.tasks, samples=args.samples,
-                                               max_length=args.max_length, max_batch_tokens=args.batch_tokens,
-                                               out=args.out, **_quantize(args)))
+    result = block_importance(build_config(args))
     for task, row in result["tasks"].items():
         worst = sorted(range(len(row["delta_metric"])), key=lambda b: row["delta_task_likelihood"][b])[:3]
         print(f"{task:<16} dense {row['metric']} {row['dense_metric']:.3f}; most needed blocks {worst}")
@@ -384,32 +306,14 @@ def _add_label(sub) -> None:
     parser = sub.add_parser("label", help="score calibration prompts under every pool set (the router's labels)",
                             description="For every document and candidate set, score every choice; write "
                                         "labels.parquet and labels.json. Sharded and resumable.")
-    parser.add_argument("--pool", required=True, help="candidate pool folder (pudding candidates --out)")
-    parser.add_argument("--model", default=None, help="base model; default: the spec recorded in the pool")
-    parser.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq")
-    parser.add_argument("--samples", type=_positive_int, default=64, help="documents per task")
-    parser.add_argument("--split", default="calibration", choices=["calibration", "evaluation"])
-    parser.add_argument("--max-length", type=_positive_int, default=256, help="tokens kept per request")
-    parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
-    parser.add_argument("--shard-size", type=_positive_int, default=16, help="documents per checkpointed shard")
-    parser.add_argument("--run-dir", default="runs/labels", help="shard checkpoints; reruns resume")
-    parser.add_argument("--out", required=True, help="folder for labels.parquet and labels.json")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_quantize_options(parser)
-    _add_executor_options(parser)
+    add_config_flags(parser, "pudding.routing.labels:LabelConfig")
     parser.set_defaults(handler=_run_label)
 
 
 def _run_label(args) -> int:
-    from pudding.routing.labels import LabelConfig, build_labels
+    from pudding.routing.labels import build_labels
 
-    out = build_labels(LabelConfig(pool=args.pool, out=args.out, model=args.model, tasks=args.tasks,
-                                   samples=args.samples, split=args.split, max_length=args.max_length,
-                                   max_batch_tokens=args.batch_tokens, shard_size=args.shard_size,
-                                   run_dir=args.run_dir, progress=not args.no_progress, executor=args.executor,
-                                   ray_address=args.ray_address, ray_actors=args.ray_actors,
-                                   ray_gpus_per_actor=args.ray_gpus_per_actor, **_quantize(args)))
-    print(f"wrote {out}")
+    print(f"wrote {build_labels(build_config(args))}")
     return 0
 
 
@@ -417,33 +321,14 @@ def _add_train_router(sub) -> None:
     parser = sub.add_parser("train-router", help="train a router on labels; writes a PuDDing artifact",
                             description="Train a router (encoder, embed-mlp or llm-embed) to predict each set's "
                                         "label from the prompt, and save the complete PuDDing artifact.")
-    parser.add_argument("--labels", required=True, help="label folder (pudding label --out)")
-    parser.add_argument("--pool", required=True, help="the pool the labels were computed for")
-    parser.add_argument("--router", default="embed-mlp", help="encoder, embed-mlp or llm-embed")
-    parser.add_argument("--loss", default="mse", choices=["mse", "ce"])
-    parser.add_argument("--target", default="tl", choices=["tl", "margin", "choice-prob"],
-                        help="label each set by the gold's mean log-likelihood (tl, the paper), its metric "
-                             "margin over the best wrong choice, or its softmax probability among the choices")
-    parser.add_argument("--safe", action="store_true",
-                        help="safe routing: keep the best single set unless another is predicted to beat it by "
-                             "a threshold tuned on the validation prompts")
-    parser.add_argument("--backbone", default="default", help="encoder for encoder/embed-mlp (default: MiniLM)")
-    parser.add_argument("--epochs", type=_positive_int, default=None, help="default: 60 (frozen), 4 (encoder)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
-    parser.add_argument("--hidden", type=_positive_int, default=256, help="MLP head width")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="PuDDing artifact folder")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_config_flags(parser, "pudding.routing.train:TrainConfig")
     parser.set_defaults(handler=_run_train_router)
 
 
 def _run_train_router(args) -> int:
-    from pudding.routing.train import TrainConfig, train_router
+    from pudding.routing.train import train_router
 
-    pudding = train_router(TrainConfig(labels=args.labels, pool=args.pool, out=args.out, router=args.router,
-                                       loss=args.loss, backbone=args.backbone, epochs=args.epochs, lr=args.lr,
-                                       hidden=args.hidden, seed=args.seed, target=args.target, safe=args.safe,
-                                       progress=not args.no_progress))
+    pudding = train_router(build_config(args))
     val = pudding.training["val"]
     print(f"validation ({val['n']} prompts): top-1 agreement with the oracle {val['top1_agreement']:.3f}; "
           f"mean label routed {val['label_routed']:.4f}, best single set {val['label_static']:.4f}, "
@@ -462,44 +347,14 @@ def _add_heal(sub) -> None:
                             description="Fine-tune LoRA adapters with blocks omitted and save them inside the "
                                         "PuDDing artifact (adapters/); generate, serve, export and eval apply them. "
                                         "See docs/HEALING.md.")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--pool", help="a PuDDing artifact folder (adapters go inside it) or a pool folder")
-    which.add_argument("--omit", help="explicit sets instead of a pool, ';'-separated, e.g. '20,21;18,19'")
-    parser.add_argument("--out", default=None, help="artifact folder for the adapters (default: --pool, an artifact)")
-    parser.add_argument("--model", default=None, help="base model spec (default: the one the pool records)")
-    parser.add_argument("--mode", default="per-set", choices=["per-set", "shared"],
-                        help="per-set: one adapter per set; shared: one adapter, a drawn set omitted per step")
-    parser.add_argument("--sets", default="", help="pool set indices to heal or draw from, e.g. 0,3 (default: all)")
-    parser.add_argument("--include-dense", action="store_true", help="shared: the dense model is a draw too")
-    parser.add_argument("--data", default="boolq-passages",
-                        help="boolq-passages (offline), an Alpaca-format hub dataset id, or a .json/.jsonl file")
-    parser.add_argument("--max-texts", type=_positive_int, default=None, help="use at most this many texts")
-    # Defaults live in HealConfig alone (importing it here would slow down --help); docs/HEALING.md lists them.
-    for flag, kind, help_text in (("--rank", _positive_int, "LoRA rank"), ("--alpha", float, "LoRA alpha"),
-                                  ("--dropout", float, "LoRA dropout"), ("--steps", _positive_int, "optimizer steps"),
-                                  ("--lr", float, "peak learning rate (warm-up, then linear decay)"),
-                                  ("--batch-size", _positive_int, "sequences per step"),
-                                  ("--seq-length", _positive_int, "tokens per sequence"),
-                                  ("--val-chunks", _positive_int, "held-out sequences for the before/after loss"),
-                                  ("--seed", int, "data order, set draws, dropout, LoRA init"),
-                                  ("--checkpoint-every", _positive_int, "steps between checkpoints")):
-        parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: HealConfig's)")
-    parser.add_argument("--target-modules", default="", help="comma-separated module names (default: every linear "
-                                                             "projection inside the blocks)")
-    parser.add_argument("--run-dir", default="runs/heal", help="training checkpoints; reruns resume")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_config_flags(parser, "pudding.healing.lora:HealConfig")
     parser.set_defaults(handler=_run_heal)
 
 
 def _run_heal(args) -> int:
-    from pudding.healing.lora import HealConfig, heal
+    from pudding.healing.lora import heal
 
-    names = ("rank", "alpha", "dropout", "steps", "lr", "batch_size", "seq_length", "val_chunks", "seed",
-             "checkpoint_every", "model", "mode", "sets", "include_dense", "data", "max_texts", "target_modules",
-             "run_dir", "out")
-    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    config = HealConfig(pool=args.pool, omit=args.omit or (), progress=not args.no_progress, **given)
-    summary = heal(config)
+    summary = heal(build_config(args))
     for name, result in summary["adapters"].items():
         if "kept" in result:
             print(f"{name}: already healed ({result['kept']})")
@@ -590,35 +445,24 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> int:
-    import time
-
     from pudding.routing.model import PuddingModel, check_prompts
 
     check_prompts(args.prompts)  # before the model loads: an undecodable argv byte is a one-line error
     pudding = PuddingModel.from_pretrained(args.model, adapters=args.adapters, **_quantize(args))
     if pudding.adapters is not None:
         print(f"healed with {pudding.adapters.mode} LoRA adapters: {', '.join(pudding.adapters.folders)}")
-    if args.tolerance is not None:
-        pudding.check_tolerance(args.tolerance)  # before the warm-up: an artifact without a ladder fails at once
-    pudding.generate(args.prompts[:1], max_new_tokens=2)  # warm-up, so the first timing is not a cold start
-    start = time.perf_counter()
-    routes = pudding.route(args.prompts, tolerance=args.tolerance)
-    route_ms = (time.perf_counter() - start) * 1000 / len(args.prompts)
-    for prompt, route in zip(args.prompts, routes):
-        start = time.perf_counter()
-        [out] = pudding.generate([prompt], routes=[route], max_new_tokens=args.max_new_tokens)
-        seconds = time.perf_counter() - start
+    for prompt, timed in zip(args.prompts, pudding.timed_generate(
+            args.prompts, max_new_tokens=args.max_new_tokens, tolerance=args.tolerance,
+            compare_dense=args.compare_dense)):
+        out, route = timed.generation, timed.generation.route
         print(f"prompt: {prompt}\n  set {route.name}: omit blocks {list(route.blocks)}"
               + ("" if args.tolerance is None else f" (k={len(route.blocks)} within tolerance {args.tolerance:g})"))
         print(f"  answer: {out.text.strip()!r}")
-        line = f"  {out.completion_tokens} tokens in {seconds:.2f} s (router {route_ms:.1f} ms/prompt)"
-        if args.compare_dense:
-            start = time.perf_counter()
-            dense, _ = pudding.generate_with([prompt], (), max_new_tokens=out.completion_tokens,
-                                             min_new_tokens=out.completion_tokens, do_sample=False)
-            dense_seconds = time.perf_counter() - start
-            line += f"; dense {dense_seconds:.2f} s for the same length ({dense_seconds / seconds:.2f}x)"
-            print(f"  dense answer: {dense[0].strip()!r}")
+        line = f"  {out.completion_tokens} tokens in {timed.seconds:.2f} s (router {timed.route_ms:.1f} ms/prompt)"
+        if timed.dense_text is not None:
+            line += (f"; dense {timed.dense_seconds:.2f} s for the same length "
+                     f"({timed.dense_seconds / timed.seconds:.2f}x)")
+            print(f"  dense answer: {timed.dense_text.strip()!r}")
         print(line)
     return 0
 
@@ -668,9 +512,7 @@ def _run_serve(args) -> int:
         if args.backend:
             raise ConfigError("--backend needs --gateway")
         pudding = PuddingModel.from_pretrained(args.model, adapters=args.adapters, **_quantize(args))
-        if args.force_set is not None and not 0 <= args.force_set < len(pudding.pool.sets):
-            raise ConfigError(f"--force-set {args.force_set} is out of range: "
-                              f"the pool has {len(pudding.pool.sets)} sets")
+        pudding.check_set_index(args.force_set)
         app = create_app(pudding, settings)
     run_server(app, args.host, args.port)
     return 0
@@ -731,23 +573,14 @@ def _add_bench(sub) -> None:
     parser = sub.add_parser("bench", help="latency and memory: dense vs statically pruned vs routed (PuDDing)",
                             description="Pre-fill and generation latency, router and set-switch time, resident "
                                         "weights and peak RSS; each variant in its own process.")
-    parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
-    parser.add_argument("--lengths", default="128,256,512", help="prompt lengths in tokens for pre-fill")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the decode test")
-    parser.add_argument("--repeats", type=int, default=5, help="measurements per figure, after one warm-up")
-    parser.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned)")
-    parser.add_argument("--cache-dir", default="runs/block-cache", help="block cache for the routed model")
-    parser.add_argument("--out", default="results/bench", help="folder for bench.json and bench.md")
-    _add_quantize_options(parser)
+    add_config_flags(parser, "pudding.evaluation.bench:BenchConfig")
     parser.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args) -> int:
-    from pudding.evaluation.bench import BenchConfig, render_markdown, run_bench
+    from pudding.evaluation.bench import render_markdown, run_bench
 
-    report = run_bench(BenchConfig(model=args.model, lengths=args.lengths, new_tokens=args.new_tokens,
-                                   repeats=args.repeats, threads=args.threads, cache_dir=args.cache_dir,
-                                   out=args.out, **_quantize(args)))
+    report = run_bench(build_config(args))
     print(render_markdown(report))
     return 0
 
@@ -756,33 +589,14 @@ def _add_reproduce(sub) -> None:
     parser = sub.add_parser("reproduce", help="the paper's tables on the embedded model (resumable)",
                             description="Build or reuse the pool, baselines and routers, score the evaluation "
                                         "splits under every set, and write every table, ablation and plot.")
-    parser.add_argument("--model", default="default", help="base model spec")
-    parser.add_argument("--k", type=_positive_int, default=6, help="blocks removed")
-    parser.add_argument("--budget", default="small", choices=["tiny", "small", "medium", "full"],
-                        help="documents per task of every stage (see the README's budget table)")
-    parser.add_argument("--out", default=None, help="default: results/<model>/<budget>/k<k>")
-    parser.add_argument("--run-dir", default="runs/reproduce", help="checkpoints; reruns resume")
-    parser.add_argument("--reuse", default="auto",
-                        help="folder of earlier results to reuse artifacts from, each only if its recorded identity "
-                             "matches exactly ('auto': results/smollm2 for the default model; 'none': nowhere)")
-    parser.add_argument("--pool", default=None, help="use this candidate pool instead of the budget's search")
-    parser.add_argument("--router-seeds", type=_positive_int, default=5,
-                        help="train the headline routers with this many seeds and report their spread and mean")
-    parser.add_argument("--no-variants", action="store_true",
-                        help="skip the routing variants (label target x pool x safe routing, pool size)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_quantize_options(parser)
+    add_config_flags(parser, "pudding.evaluation.reproduce:ReproduceConfig")
     parser.set_defaults(handler=_run_reproduce)
 
 
 def _run_reproduce(args) -> int:
-    from pudding.evaluation.reproduce import ReproduceConfig, reproduce
+    from pudding.evaluation.reproduce import reproduce
 
-    result = reproduce(ReproduceConfig(model=args.model, k=args.k, budget=args.budget, out=args.out,
-                                       run_dir=args.run_dir, router_seeds=args.router_seeds,
-                                       variants=not args.no_variants, pool=args.pool,
-                                       reuse=None if args.reuse == "none" else args.reuse,
-                                       progress=not args.no_progress, **_quantize(args)))
+    result = reproduce(build_config(args))
     main_rows = result["tables"]["main"]["rows"]
     for row, data in main_rows.items():
         print(f"{row:<32} average {data['average']:.3f}")

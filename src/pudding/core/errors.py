@@ -25,5 +25,9 @@ class MissingAssetError(PuddingError, ModuleNotFoundError):
     """An embedded asset package (model, data) is not installed."""
 
 
+class MissingExtraError(ConfigError, ModuleNotFoundError):
+    """An optional dependency (a pip extra such as ``pudding[serve]``) is not installed; see core.extras."""
+
+
 class ModelNotFoundError(PuddingError, FileNotFoundError):
     """A model spec is neither a local path nor a reachable hub id."""

@@ -167,8 +167,9 @@ def num_blocks(model: nn.Module) -> int:
 def validate_omission(blocks: Iterable[int] | str | None, total: int | None) -> OmissionSet:
     """Check an omission set against a model with ``total`` blocks and return it as a sorted tuple.
 
-    Accepts any iterable of ints, or a comma-separated string such as ``"20,21"``. ``None`` and ``""`` mean
-    no block is omitted. Raises ConfigError naming the problem for: non-integers, indices out of
+    The one check of a whole-block set, wherever one comes from (CLI, config, pool.json, lm-eval's model_args).
+    Accepts any iterable of ints, or a comma-separated string such as ``"20,21"``. ``None``, ``""``, ``"none"``
+    and ``"dense"`` mean no block is omitted. Raises ConfigError naming the problem for: non-integers, indices out of
     ``[0, total)``, duplicates, or omitting every block. With ``total=None`` (the model is not known yet)
     only what needs no model is checked: integers, non-negative, no duplicates.
 
@@ -205,8 +206,17 @@ def _check_range(items: list[int], total: int | None) -> None:
         raise ConfigError(f"blocks {out_of_range} are out of range: the model has blocks 0..{total - 1}")
 
 
+DENSE_WORDS = ("none", "dense")
+"""What a user may write for the empty omission set (no block omitted), in any case."""
+
+
 def parse_block_list(text: str) -> list[int]:
-    """Parse "20, 21" into [20, 21]; ConfigError on anything that is not an integer."""
+    """Parse "20, 21" into [20, 21], and "none" or "dense" into []; ConfigError on anything that is not an integer.
+
+    The one parser of a whole-block set's text; :func:`validate_omission` and :func:`parse_omission` use it.
+    """
+    if text.strip().lower() in DENSE_WORDS:
+        return []
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
         return [int(p) for p in parts]
@@ -278,10 +288,10 @@ def parse_omission(spec, total: int | None) -> Omission:
     """Check an omission set that may name sub-layers, against a model with ``total`` blocks; normalise it.
 
     ``spec`` is a comma-separated string (``"3,12.attn"``), an iterable of block indices and ``"12.mlp"``-style
-    strings, an :class:`Omission`, or None / ``""`` (nothing omitted). A set without sub-layers is checked by
-    :func:`validate_omission`, with the same messages. Raises ConfigError naming the problem for: unknown
-    sub-layer names, indices out of ``[0, total)``, an item listed twice, a block listed both whole and by a
-    sub-layer, or omitting every block. ``total=None`` checks only what needs no model.
+    strings, an :class:`Omission`, or None / ``""`` / ``"none"`` / ``"dense"`` (nothing omitted). A set without
+    sub-layers is checked by :func:`validate_omission`, with the same messages. Raises ConfigError naming the
+    problem for: unknown sub-layer names, indices out of ``[0, total)``, an item listed twice, a block listed
+    both whole and by a sub-layer, or omitting every block. ``total=None`` checks only what needs no model.
 
     >>> parse_omission("12.mlp,3,12.attn", 30)
     Omission(blocks=(3, 12), sublayers=())

@@ -30,11 +30,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError, PuddingError
+from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD
 from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
 
 VARIANTS = ("dense", "static", "routed")
@@ -44,17 +45,19 @@ TEXT_TASK = "boolq"  # long Wikipedia passages: real text to cut prompts of exac
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Settings of ``pudding bench``."""
+    """Settings of ``pudding bench``; each field's help text is its documentation. Every variant runs the model
+    quantized as ``quantize`` says."""
 
-    model: str = "default"  # a PuDDing artifact
-    lengths: tuple[int, ...] = (128, 256, 512)
-    new_tokens: int = 128
-    repeats: int = 5
-    threads: int = 2
-    cache_dir: str = "runs/block-cache"
-    out: str | None = "results/bench"
-    quantize: str = "none"  # every variant runs the model quantized this way (pudding.core.quantize)
-    quantize_head: bool = False
+    model: str = field(default="default", metadata={"help": "PuDDing artifact folder, or 'default'"})
+    lengths: tuple[int, ...] = field(default=(128, 256, 512), metadata={
+        "help": "comma-separated prompt lengths in tokens for pre-fill"})
+    new_tokens: int = field(default=128, metadata={"type": "int", "help": "tokens generated in the decode test"})
+    repeats: int = field(default=5, metadata={"type": "int", "help": "measurements per figure, after one warm-up"})
+    threads: int = field(default=2, metadata={"type": "positive_int", "help": "torch threads (pinned)"})
+    cache_dir: str = field(default="runs/block-cache", metadata={"help": "block cache for the routed model"})
+    out: str | None = field(default="results/bench", metadata={"help": "folder for bench.json and bench.md"})
+    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
+    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
 
     def __post_init__(self):
         from pudding.core.quantize import check_quantization

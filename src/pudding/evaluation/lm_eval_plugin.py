@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
 from pudding.core.load import package_dir
-from pudding.core.omit import OmissionSet, validate_omission
+from pudding.core.omit import OmissionSet, require_whole_blocks
 from pudding.core.score import LikelihoodScorer, Request
 
 
@@ -68,10 +68,8 @@ class PuddingLM(LM):
             self.pudding.model.to(device)
         total = self.pudding.model.config.num_hidden_layers
         self.static: OmissionSet | None = None
-        if omit is not None:
-            text = str(omit).strip().lower()
-            self.static = (() if text in ("", "none", "dense")
-                           else validate_omission(str(omit).replace(";", ","), total))
+        if omit is not None:  # lm-eval splits model_args on commas, so a set may be written 3;4;5 as well
+            self.static = require_whole_blocks(str(omit).replace(";", ","), total, "the pudding model's omit")
         self.scorer = LikelihoodScorer(self.pudding.model, self.pudding.tokenizer, max_batch_tokens=int(batch_tokens),
                                        max_length=int(max_length) if max_length else None)
         self.chosen: dict[OmissionSet, int] = {}  # documents routed to each set, for the run's log

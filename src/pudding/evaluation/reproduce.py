@@ -19,33 +19,34 @@ Budgets (``--budget``) fix the documents per task of every stage and are stated 
 
 from __future__ import annotations
 
-import json
-import random
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pudding.core.errors import ConfigError
+from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD
+from pudding.core.identity import find_reusable, identity_differences
 from pudding.core.load import load_model, model_fingerprint, model_name
-from pudding.core.metrics import mean_with_stderr
-from pudding.core.provenance import (
-    atomic_write_figure,
-    atomic_write_json,
-    atomic_write_text,
-    differing_keys,
-    locks_output,
-    provenance,
-    read_json,
-)
+from pudding.core.provenance import atomic_write_json, atomic_write_text, locks_output, provenance, read_json
 from pudding.core.quantize import check_quantization, quantize_identity
-from pudding.core.tasks import PAPER_TASKS, get_task
+from pudding.core.tasks import PAPER_TASKS
+from pudding.evaluation.report import plot_accuracy_vs_k, plot_convergence, plot_omission_rates, render_report
+from pudding.evaluation.tables import (
+    Routed,
+    RowId,
+    StaticChoices,
+    ablation_tables,
+    correct_at,
+    seed_mean,
+    split_table,
+    static_choices,
+    static_columns,
+    switch_rates,
+)
 from pudding.pool.artifact import DEFAULT_ARTIFACT, CandidatePool, PoolEntry, SetSource, shrink_pool
 from pudding.pruning.candidates import PoolConfig, build_baselines, build_pool
 from pudding.pruning.importance import (
@@ -90,7 +91,6 @@ BUDGETS = {
     "medium": Budget(400, 100, 200, 128, ("tl",)),
     "full": Budget(500, 200, 256, 128, ("tl", "margin")),
 }
-COMMITTED = {"default": Path("results/smollm2")}  # where --reuse looks by default, per model
 ROUTER_ABLATIONS = (("embed-mlp", "mse"), ("embed-mlp", "ce"), ("llm-embed", "mse"), ("encoder", "mse"))
 BASELINE_METHODS = ("sleb", "shortened_ppl", "taylor", "shortgpt")
 POOL_VARIANTS = ("pool", "pool+baselines")  # the paper's pool; the same plus the static baselines' sets
@@ -99,30 +99,38 @@ POOL_SIZES = (1, 2, 3, 5, 8)  # sizes tried for the pool chosen on calibration d
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    """Settings of ``pudding reproduce``.
+    """Settings of ``pudding reproduce``; each field's help text is its documentation.
 
-    ``pool`` replaces the budget's search by a given pool folder (its identity is recorded instead);
-    ``reuse`` is where earlier artifacts are looked for (``auto``: the committed results of the embedded
-    model; ``None``: nowhere). An artifact there is reused only if its recorded identity matches.
-    ``quantize`` (and ``quantize_head``) quantize the LLM of every stage that runs it: the searches, the
-    baselines (without ``taylor``, which needs weight gradients), the labels, the scores and the importance
-    map; such a run gets folders of its own (``<budget>-int8``), and nothing fp32 is reused for it.
+    A given ``pool``'s identity is recorded instead of the search's. ``quantize`` (and ``quantize_head``)
+    quantize the LLM of every stage that runs it: the searches, the baselines (without ``taylor``, which needs
+    weight gradients), the labels, the scores and the importance map; such a run gets folders of its own
+    (``<budget>-int8``), and nothing fp32 is reused for it.
     """
 
-    model: str = "default"
-    k: int = 6
-    budget: str = "small"
-    out: str | None = None  # default: results/<model>/<budget>/k<k>
-    run_dir: str = "runs/reproduce"
-    routers: tuple[tuple[str, str], ...] = ROUTER_ABLATIONS
-    seed: int = 0
-    router_seeds: int = 5  # the headline routers are also trained with seeds 1..n-1: how much is luck of the seed
-    variants: bool = True  # the routing variants of label target, pool and safe routing
-    pool: str | None = None
-    reuse: str | None = "auto"
-    progress: bool = True
-    quantize: str = "none"
-    quantize_head: bool = False
+    model: str = field(default="default", metadata={"help": "base model spec"})
+    k: int = field(default=6, metadata={"type": "positive_int", "help": "blocks removed"})
+    budget: str = field(default="small", metadata={
+        "choices": ("tiny", "small", "medium", "full"),  # BUDGETS' keys (a test checks), literal for the CLI
+        "help": "documents per task of every stage (see the README's budget table)"})
+    out: str | None = field(default=None, metadata={"help": "default: results/<model>/<budget>/k<k>"})
+    run_dir: str = field(default="runs/reproduce", metadata={"help": "checkpoints; reruns resume"})
+    routers: tuple[tuple[str, str], ...] = field(default=ROUTER_ABLATIONS, metadata={
+        "internal": "the router ablations of the paper's tables; not a user setting"})
+    seed: int = field(default=0, metadata={"help": "the routers' training seed (the first of --router-seeds)"})
+    router_seeds: int = field(default=5, metadata={
+        "type": "positive_int", "help": "train the headline routers with this many seeds and report their spread "
+                                        "and mean (how much is luck of the seed)"})
+    variants: bool = field(default=True, metadata={
+        "help": "skip the routing variants (label target x pool x safe routing, pool size)"})
+    pool: str | None = field(default=None, metadata={
+        "help": "use this candidate pool instead of the budget's search"})
+    reuse: str | None = field(default=None, metadata={
+        "type": "none_or_text", "help": "folder of earlier results to reuse artifacts from, each only if its "
+                                        "recorded identity matches exactly (the committed ones: results/smollm2); "
+                                        "default: only this run's own folders"})
+    progress: bool = field(default=True, metadata={"help": "hide progress bars"})
+    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
+    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
 
     def __post_init__(self):
         check_quantization(self.quantize, self.quantize_head)
@@ -130,6 +138,9 @@ class ReproduceConfig:
             raise ConfigError(f"unknown budget {self.budget!r}; known: {', '.join(BUDGETS)}")
         if self.router_seeds < 1:
             raise ConfigError(f"router_seeds must be at least 1, got {self.router_seeds}")
+        if self.reuse is not None and not Path(self.reuse).is_dir():
+            raise ConfigError(f"--reuse {self.reuse}: no such folder; name the folder of earlier results to reuse "
+                              "(the committed ones: results/smollm2), or leave it out to reuse nothing")
         object.__setattr__(self, "routers", tuple(tuple(r) for r in self.routers))
 
     @property
@@ -175,8 +186,6 @@ class ReproduceConfig:
 
     @property
     def reuse_root(self) -> Path | None:
-        if self.reuse == "auto":
-            return COMMITTED.get(self.model)
         return Path(self.reuse) if self.reuse else None
 
 
@@ -184,31 +193,7 @@ def _slug(spec: str) -> str:
     return "smollm2" if spec == "default" else model_name(spec).replace("/", "--")
 
 
-# --- one reuse rule -------------------------------------------------------------------------------------------
-
-
-def find_reusable(own: Path, elsewhere: Iterable[Path], differences: Callable[[Path], list[str]], what: str
-                  ) -> Path | None:
-    """The one reuse rule of a reproduction: an artifact is reused only when nothing that decided its content
-    differs from what this run needs (``differences(path)`` lists what does).
-
-    In this run's own folder a mismatch is refused, naming the differing fields, because rebuilding would
-    overwrite it; anywhere else it is skipped, and the artifact is rebuilt into the own folder.
-    """
-    if own.exists():
-        differing = differences(own)
-        if not differing:
-            return own
-        raise ConfigError(f"{own} holds a {what} made for another configuration (differs in: "
-                          f"{', '.join(differing)}); delete it or choose another --out")
-    for path in elsewhere:
-        if path.resolve() != own.resolve():
-            try:
-                if not differences(path):
-                    return path
-            except ConfigError:  # unreadable or foreign: not reusable, and not ours to refuse
-                continue
-    return None
+# --- what decided each artifact, and where earlier ones are found ------------------------------------------
 
 
 def _found(root: Path | None, file: str) -> list[Path]:
@@ -242,19 +227,17 @@ def _pool_differences(wanted: dict, k: int) -> Callable[[Path], list[str]]:
     def differences(folder: Path) -> list[str]:
         pool = CandidatePool.from_pretrained(folder)
         found_k = pool.config.get("k")
-        return differing_keys(pool_identity(pool), wanted) + ([] if isinstance(found_k, int) and found_k >= k
-                                                              else ["k"])
+        return identity_differences(pool_identity(pool), wanted) + ([] if isinstance(found_k, int) and found_k >= k
+                                                                    else ["k"])
     return differences
 
 
 def _labels_differences(wanted: dict, needed: CandidatePool) -> Callable[[Path], list[str]]:
     def differences(folder: Path) -> list[str]:
         labels = Labels.load(folder)
-        if labels.identity is None:
-            return ["identity (written before label artifacts recorded one)"]
-        differing = differing_keys(labels.identity, wanted)
         labelled = {tuple(s) for s in labels.meta["sets"]}
-        return differing + ([] if all(e.blocks in labelled for e in needed.sets) else ["sets"])
+        return identity_differences(labels.identity, wanted) + ([] if all(e.blocks in labelled for e in needed.sets)
+                                                                else ["sets"])
     return differences
 
 
@@ -265,6 +248,14 @@ def router_identity(folder: Path) -> dict[str, Any]:
     settings.setdefault("target", "tl")
     settings.setdefault("safe", False)
     return {"pool": record.get("pool"), "train": settings, "labels": record.get("labels_identity")}
+
+
+def importance_identity(config: dict[str, Any], fingerprint: dict) -> dict[str, Any]:
+    """What decided a block-importance map: the model, the tasks, the documents per task and their length,
+    and the quantization (absent in maps made before quantization existed: fp32)."""
+    return {"model": fingerprint, "tasks": _listed(config.get("tasks")), "samples": config.get("samples"),
+            "max_length": config.get("max_length"),
+            **quantize_identity(config.get("quantize", "none"), config.get("quantize_head", False))}
 
 
 # --- stage 1: the artifacts the rows need --------------------------------------------------------------------
@@ -301,25 +292,38 @@ def _pool(config: ReproduceConfig, name: str, fingerprint: dict, log: dict) -> C
     return pool
 
 
-def _scoring_pool(pool: CandidatePool, baselines: CandidatePool) -> tuple[CandidatePool, dict[str, int]]:
-    """One pool with every distinct set any row needs, and each row name's index in it."""
+@dataclass(frozen=True)
+class ScoringColumns:
+    """Where each set a row needs is in the scoring pool (its column in every score table)."""
+
+    fixed: dict[str, int]  # "dense" and each baseline method
+    pool: list[int]  # each pool set, in the pool's order
+
+    @property
+    def candidates(self) -> list[int]:
+        """The distinct sets a static choice or a bound may pick: the pool's, then the baselines'."""
+        return list(dict.fromkeys(self.pool + [c for name, c in self.fixed.items() if name != "dense"]))
+
+
+def _scoring_pool(pool: CandidatePool, baselines: CandidatePool) -> tuple[CandidatePool, ScoringColumns]:
+    """One pool with every distinct set any row needs, and where each row's set is in it."""
     entries: list[PoolEntry] = []
     index: dict[tuple, int] = {}
-    rows: dict[str, int] = {}
 
-    def add(name: str, blocks: tuple, source: SetSource):
+    def add(blocks: tuple, source: SetSource) -> int:
         if blocks not in index:
             index[blocks] = len(entries)
             entries.append(PoolEntry(blocks, (source,)))
-        rows[name] = index[blocks]
+        return index[blocks]
 
-    add("dense", (), SetSource("dense", None, None, [], [], [], 0.0))
+    fixed = {"dense": add((), SetSource("dense", None, None, [], [], [], 0.0))}
     for entry in baselines.sets:  # at a small k two baselines can find the same set: one row each
         for source in entry.sources:
-            add(source.method, entry.blocks, source)
-    for i, entry in enumerate(pool.sets):
-        add(f"pool:{i}", entry.blocks, entry.sources[0])
-    return CandidatePool(tuple(entries), pool.model, {"rows": rows}, provenance()), rows
+            fixed[source.method] = add(entry.blocks, source)
+    columns = ScoringColumns(fixed, [add(entry.blocks, entry.sources[0]) for entry in pool.sets])
+    # The saved config keeps the form earlier runs wrote (row name -> column), so their scoring pools match.
+    rows = {**fixed, **{f"pool:{i}": c for i, c in enumerate(columns.pool)}}
+    return CandidatePool(tuple(entries), pool.model, {"rows": rows}, provenance()), columns
 
 
 def _scores(config: ReproduceConfig, scoring_pool: CandidatePool, split: str, tasks: tuple[str, ...], samples: int,
@@ -383,7 +387,7 @@ def _router(config: ReproduceConfig, spec: RouterSpec, pools: dict[str, tuple[Ca
     shipped = [DEFAULT_ARTIFACT] if config.model == "default" else []
     elsewhere = shipped + [p for p in _found(config.reuse_root, "training.json") if (p / "pudding.json").exists()]
     found = find_reusable(config.folder / "routers" / spec.name, elsewhere,
-                          lambda folder: differing_keys(router_identity(folder), wanted), f"router {spec.name}")
+                          lambda folder: identity_differences(router_identity(folder), wanted), f"router {spec.name}")
     if found is not None:
         log[f"router {spec.name}"] = {"reused": str(found)}
         return PuddingModel.from_pretrained(found, model=model, tokenizer=tokenizer, quantize=config.quantize,
@@ -416,284 +420,6 @@ class Stages:
         print(f"[reproduce] {name}: {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
 
 
-# --- stage 4: rows from scores ------------------------------------------------------------------------------
-
-
-def mean_stderr(values: list[float]) -> dict[str, float]:
-    return asdict(mean_with_stderr(values))
-
-
-def _correct_at(data: RoutingData, chosen: list[int]) -> list[float]:
-    """Per document, whether the scoring-pool column chosen for it answers it correctly (0/1)."""
-    return [data.correct[i, c].item() for i, c in enumerate(chosen)]
-
-
-def _restricted_argmax(scores: torch.Tensor, allowed: list[int]) -> torch.Tensor:
-    mask = torch.full((scores.shape[1],), float("-inf"))
-    mask[allowed] = 0.0
-    return (scores + mask).argmax(1)
-
-
-@dataclass(frozen=True)
-class Routed:
-    """A trained router on one split: its scores and the scoring-pool column of each of its sets."""
-
-    pudding: PuddingModel
-    scores: torch.Tensor  # documents x the router's sets
-    columns: list[int]
-
-    def chosen(self, allowed: list[int] | None = None) -> list[int]:
-        """Scoring-pool column per document: the router's own choice (safe routing included), or its argmax
-        restricted to the sets at ``allowed`` (the ablations that shrink the paper's pool)."""
-        picks = (self.pudding.router.choose(self.scores) if allowed is None
-                 else _restricted_argmax(self.scores, allowed))
-        return [self.columns[int(i)] for i in picks]
-
-
-def _best_by(values: torch.Tensor, columns: list[int]) -> int:
-    """The column among ``columns`` with the highest value (first on ties)."""
-    return columns[int(values[columns].argmax())]
-
-
-def _static_choices(calibration: RoutingData, train: list[int], pool_columns: list[int], candidates: list[int]
-                    ) -> dict[str, Any]:
-    """The static choices made on calibration prompts only: the best TL set (the paper's label), the best set
-    by accuracy, and the best set per task by accuracy (a user who knows the task)."""
-    tl = calibration.labels[train].mean(0)  # the paper's label: gold mean log-likelihood
-    accuracy = calibration.correct[train].mean(0)
-    per_task = {}
-    for task in dict.fromkeys(calibration.tasks):
-        rows = [i for i in train if calibration.tasks[i] == task]
-        per_task[task] = _best_by(calibration.correct[rows].mean(0), candidates)
-    return {"best static TL set": _best_by(tl, pool_columns), "best static set": _best_by(accuracy, candidates),
-            "task-best set": per_task}
-
-
-def _static_columns(data: RoutingData, rows: dict[str, int], static: dict[str, Any], pool_columns: list[int],
-                    candidates: list[int], seed: int) -> dict[str, list[float]]:
-    """Per-document correctness of the static rows, the random pool set, the pool ceiling and the oracle."""
-    correct = data.correct
-    columns = {name: correct[:, rows[name]].tolist() for name in rows if not name.startswith("pool:")}
-    for name in ("best static TL set", "best static set"):
-        columns[name] = correct[:, static[name]].tolist()
-    fallback = static["best static set"]  # a task without calibration data (the unseen ones)
-    columns["task-best set"] = _correct_at(data, [static["task-best set"].get(t, fallback) for t in data.tasks])
-    rng = random.Random(seed)
-    columns["random pool set"] = [correct[i, rng.choice(pool_columns)].item() for i in range(len(data.texts))]
-    # In hindsight, on the evaluation documents themselves: optimistic bounds, never a method.
-    ceiling = {t: _best_by(correct[[i for i, x in enumerate(data.tasks) if x == t]].mean(0), candidates)
-               for t in dict.fromkeys(data.tasks)}
-    columns["pool ceiling (optimistic: best set per task on these documents)"] = _correct_at(
-        data, [ceiling[t] for t in data.tasks])
-    columns["oracle"] = correct[:, candidates].max(1).values.tolist()
-    return columns
-
-
-def _seed_mean(data: RoutingData, routed: list[Routed]) -> list[float]:
-    """Per document, the fraction of router seeds whose choice answers it correctly: one router's result with
-    the luck of its training seed averaged out."""
-    per_seed = [_correct_at(data, r.chosen()) for r in routed]
-    return [sum(values) / len(per_seed) for values in zip(*per_seed)]
-
-
-def _table(data: RoutingData, columns: dict[str, list[float]], tasks: tuple[str, ...]) -> dict[str, Any]:
-    by_task = {t: [i for i, task in enumerate(data.tasks) if task == t] for t in tasks}
-    table = {}
-    for row, values in columns.items():
-        cells = {t: mean_stderr([values[i] for i in idx]) for t, idx in by_task.items() if idx}
-        table[row] = {"tasks": cells, "average": sum(c["value"] for c in cells.values()) / len(cells)}
-    return {"metrics": {t: get_task(t).metric for t in tasks}, "rows": table}
-
-
-def paired_differences(columns: dict[str, list[float]], ours: str, others: list[str]) -> dict[str, dict]:
-    """Mean per-document difference ours - other over all documents, with a normal 95% interval."""
-    out = {}
-    for other in others:
-        diffs = [a - b for a, b in zip(columns[ours], columns[other])]
-        stats = mean_stderr(diffs)
-        half = 1.96 * stats["stderr"]
-        out[other] = {"difference": stats["value"], "ci95": [stats["value"] - half, stats["value"] + half],
-                      "n": stats["n"]}
-    return out
-
-
-def routing_headroom(data: RoutingData, pool: CandidatePool, pool_columns: list[int], columns: dict[str, list[float]],
-                     ours: str) -> dict[str, Any]:
-    """Where routing can matter at all: the documents on which the pool's sets disagree.
-
-    On a document that every set gets right (or every set gets wrong) no choice of set changes the score, so
-    the gap between PuDDing, the static sets and the oracle lives entirely on the "mixed" documents.
-    How alike the sets are (blocks shared per pair) is the structural reason for a small gap.
-    """
-    right = data.correct[:, pool_columns]
-    all_right, all_wrong = right.min(1).values == 1, right.max(1).values == 0
-    mixed = [i for i in range(len(right)) if not (all_right[i] or all_wrong[i])]
-    shared = [len(set(a.blocks) & set(b.blocks)) for i, a in enumerate(pool.sets) for b in pool.sets[i + 1:]]
-    k = len(pool.sets[0].blocks) if pool.sets else 0
-    on_mixed = {row: mean_stderr([columns[row][i] for i in mixed]) for row in
-                (ours, "best static TL set", "random pool set") if row in columns and mixed}
-    if mixed:
-        on_mixed["pool oracle"] = mean_stderr(right.max(1).values[mixed].tolist())
-    return {"documents": len(right), "all_sets_right": int(all_right.sum()), "all_sets_wrong": int(all_wrong.sum()),
-            "mixed": len(mixed), "accuracy_on_mixed": on_mixed, "k": k, "pool_sets": len(pool.sets),
-            "mean_shared_blocks_per_pair": sum(shared) / len(shared) if shared else float(k)}
-
-
-def render_headroom(headroom: dict[str, Any]) -> str:
-    lines = [f"Where routing can matter: of {headroom['documents']} documents, every pool set is right on "
-             f"{headroom['all_sets_right']} and wrong on {headroom['all_sets_wrong']}; the sets disagree on "
-             f"{headroom['mixed']}. Two of the {headroom['pool_sets']} sets share "
-             f"{headroom['mean_shared_blocks_per_pair']:.1f} of {headroom['k']} blocks on average.", ""]
-    if headroom["accuracy_on_mixed"]:
-        lines.append("Accuracy on the documents where the sets disagree: " + ", ".join(
-            f"{row} {v['value']:.3f} ± {v['stderr']:.3f}" for row, v in headroom["accuracy_on_mixed"].items()) + ".")
-    return "\n".join(lines) + "\n"
-
-
-# --- outputs --------------------------------------------------------------------------------------------------
-
-
-def render_table(title: str, table: dict[str, Any], note: str = "") -> str:
-    tasks = list(table["metrics"])
-    lines = [f"### {title}", "", *([note, ""] if note else []),
-             "| row | " + " | ".join(f"{t} ({table['metrics'][t]})" for t in tasks) + " | average |",
-             "|---" * (len(tasks) + 2) + "|"]
-    for row, data in table["rows"].items():
-        cells = [f"{data['tasks'][t]['value']:.3f} ± {data['tasks'][t]['stderr']:.3f}" if t in data["tasks"] else "-"
-                 for t in tasks]
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | **{data['average']:.3f}** |")
-    n = {t: next(iter(table["rows"].values()))["tasks"][t]["n"] for t in tasks}
-    lines += ["", "N per task: " + ", ".join(f"{t} {n[t]}" for t in tasks) + ". Mean ± standard error.", ""]
-    return "\n".join(lines)
-
-
-def _plot_omission_rates(data: RoutingData, chosen_blocks: list[tuple], total: int, path: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(data.tasks))
-    rates = []
-    for task in tasks:
-        rows = [b for b, t in zip(chosen_blocks, data.tasks) if t == task]
-        rates.append([sum(block in b for b in rows) / len(rows) for block in range(total)])
-    fig, ax = plt.subplots(figsize=(12, 0.5 * len(tasks) + 1.5))
-    image = ax.imshow(rates, aspect="auto", cmap="Blues", vmin=0, vmax=1)
-    ax.set(xticks=range(total), yticks=range(len(tasks)), yticklabels=tasks, xlabel="block",
-           title="How often the router omits each block, per task")
-    fig.colorbar(image, ax=ax, label="omission rate")
-    fig.tight_layout()
-    atomic_write_figure(fig, path)
-    return {t: r for t, r in zip(tasks, rates)}
-
-
-def _plot_convergence(router_dirs: dict[str, Path], path: Path) -> None:
-    """Validation loss per epoch of every router (the convergence curves the reviewers asked for)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for name, folder in router_dirs.items():
-        history_file = Path(folder) / "training.json"
-        if not history_file.exists():
-            continue
-        history = json.loads(history_file.read_text())["history"]
-        epochs = [r["epoch"] for r in history]
-        axes[0].plot(epochs, [r["val_loss"] for r in history], label=name)
-        axes[1].plot(epochs, [r["val"]["top1_agreement"] for r in history], label=name)
-    axes[0].set(xlabel="epoch", ylabel="validation loss (own loss, own scale)", title="router convergence")
-    axes[1].set(xlabel="epoch", ylabel="top-1 agreement with the oracle", title="validation routing")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write_figure(fig, path)
-
-
-def _importance_map(config: ReproduceConfig, model) -> dict[str, Any]:
-    """The block-importance map (it does not depend on k): the committed one when it is this model's, else
-    measured once next to the k folders."""
-    root = config.reuse_root
-    for folder in ([root / "importance"] if root else []) + [config.folder.parent / "importance"]:
-        if (folder / IMPORTANCE_FILE).exists():
-            result = load_importance(folder)
-            recorded = result.get("config", {})  # maps made before quantization existed are fp32
-            if (result["model"]["fingerprint"] == model_fingerprint(model.config)
-                    and (recorded.get("quantize", "none"), recorded.get("quantize_head", False))
-                    == (config.quantize, config.quantize_head)):
-                return result
-    return block_importance(ImportanceConfig(model=config.model, samples=16,
-                                             out=str(config.folder.parent / "importance"),
-                                             progress=config.progress, quantize=config.quantize,
-                                             quantize_head=config.quantize_head))
-
-
-def _average_with_stderr(row: dict[str, Any]) -> tuple[float, float]:
-    """A row's average over tasks and its standard error (the tasks' documents are independent)."""
-    cells = list(row["tasks"].values())
-    return row["average"], sum(c["stderr"] ** 2 for c in cells) ** 0.5 / len(cells)
-
-
-def _plotted_series(row: str, kind: str | None) -> str | None:
-    """The accuracy-against-k series a main-table row belongs to, if any (by its recorded kind)."""
-    if row in ("dense", "sleb", "best static set", "task-best set", "oracle"):
-        return row
-    if kind == "pudding" and row.startswith("PuDDing (paper"):
-        return "PuDDing (paper)"
-    if kind == "pudding-seeds" and row.startswith("PuDDing, best variant"):
-        return "PuDDing, best variant (seed mean)"
-    return None
-
-
-def plot_accuracy_vs_k(parent: Path, budget: str) -> dict[str, Any] | None:
-    """Collect ``parent/k*/main.json`` of one budget into accuracy against k (dense, SLEB, the best static
-    set, the task-best set, PuDDing as the paper builds it, the best variant, the oracle); writes
-    ``accuracy-vs-k-<budget>.json`` and ``.png`` in ``parent``, so budgets never mix. None if no k exists."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = []
-    for path in parent.glob("k*/main.json"):
-        data = json.loads(path.read_text())
-        if data.get("config", {}).get("budget") == budget:
-            runs.append((data["config"]["k"], path, data))
-    if not runs:
-        return None
-    runs.sort(key=lambda run: run[0])
-    series: dict[str, list] = {}
-    for k, _, data in runs:
-        for row, values in data["rows"].items():
-            label = _plotted_series(row, data.get("kinds", {}).get(row))
-            if label:
-                series.setdefault(label, []).append([k, *_average_with_stderr(values)])
-    series["dense"] = [[0, *series["dense"][0][1:]]] + series["dense"]  # dense does not depend on k
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, points in series.items():
-        ks, means, errors = zip(*points)
-        ax.errorbar(ks, means, yerr=errors, marker="o", capsize=3, label=label,
-                    linestyle="--" if label in ("dense", "oracle") else "-")
-    ax.set(xlabel="blocks removed (k)", ylabel="average accuracy, six paper tasks",
-           xticks=[0, *[k for k, _, _ in runs]],
-           title=f"Accuracy against k ({budget} budget; bars: standard error)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write_figure(fig, parent / f"accuracy-vs-k-{budget}.png")
-    result = {"budget": budget, "series": {label: [dict(zip(("k", "average", "stderr"), p)) for p in points]
-                                          for label, points in series.items()},
-              "sources": [{"k": k, "file": str(path), "commit": data["provenance"]["git"].get("commit"),
-                           "date": data["provenance"]["date"]} for k, path, data in runs],
-              "provenance": provenance()}
-    atomic_write_json(parent / f"accuracy-vs-k-{budget}.json", result)
-    return result
-
-
-PAPER_ROW = "PuDDing (paper: {name})"
-BEST_ROW = "PuDDing, best variant ({name})"
-SEEDS_SUFFIX = ", mean of {n} seeds)"
 
 
 def _variant_specs(config: ReproduceConfig) -> list[RouterSpec]:
@@ -785,7 +511,7 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
         pool = _pool(config, "pool", fingerprint, log)
         pool.check_model(model.config)
         baselines = _pool(config, "baselines", fingerprint, log)
-    scoring_pool, rows = _scoring_pool(pool, baselines)
+    scoring_pool, columns = _scoring_pool(pool, baselines)
     with stages("calibration labels"):
         labels_dir = _scores(config, scoring_pool, "calibration", PAPER_TASKS, sizes.label_docs, "labels", model,
                              tokenizer, log)
@@ -794,12 +520,9 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
                            model, tokenizer, log)
         unseen_dir = _scores(config, scoring_pool, "evaluation", UNSEEN_TASKS, sizes.unseen_docs,
                              "scores/unseen-tasks", model, tokenizer, log)
-    pool_columns = [rows[f"pool:{i}"] for i in range(len(pool.sets))]
-    candidates = list(dict.fromkeys(pool_columns + [c for name, c in rows.items()
-                                                    if name != "dense" and not name.startswith("pool:")]))
     pools = {"scoring": (scoring_pool, config.work_dir / "scoring-pool"),
-             "pool": _sub_pool(scoring_pool, pool_columns, "pool", config.work_dir),
-             "pool+baselines": _sub_pool(scoring_pool, candidates, "pool+baselines", config.work_dir)}
+             "pool": _sub_pool(scoring_pool, columns.pool, "pool", config.work_dir),
+             "pool+baselines": _sub_pool(scoring_pool, columns.candidates, "pool+baselines", config.work_dir)}
     # The paper-pool labels are saved next to the union ones, so the paper's routers train on exactly the
     # columns they route over (Labels.for_pool restricts; nothing is scored again).
     calibration = routing_data(Labels.load(labels_dir).for_pool(scoring_pool))
@@ -807,179 +530,126 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
         trained, selection = _train_routers(config, pools, labels_dir, calibration, scoring_pool, model, tokenizer,
                                             log)
     with stages("tables and plots"):
-        summary = _write_tables(config, pool, pools, rows, pool_columns, candidates, calibration, trained, selection,
-                                Labels.load(main_dir).for_pool(scoring_pool),
-                                Labels.load(unseen_dir).for_pool(scoring_pool), model, log)
+        scores = {"main": Labels.load(main_dir).for_pool(scoring_pool),
+                  "generalisation": Labels.load(unseen_dir).for_pool(scoring_pool)}
+        summary = _write_tables(config, pool, pools, columns, calibration, trained, selection, scores, model, log)
     stamp = {"config": asdict(config), "budget": asdict(sizes), "seconds": stages.seconds, "artifacts": log,
              "provenance": provenance()}
     atomic_write_json(config.folder / "stages.json", stamp)
     return summary
 
 
-def _write_tables(config: ReproduceConfig, pool: CandidatePool, pools: dict, rows: dict[str, int],
-                  pool_columns: list[int], candidates: list[int], calibration: RoutingData, trained: dict,
-                  selection: dict, main_scores: Labels, unseen_scores: Labels, model, log: dict) -> dict[str, Any]:
+# --- stage 4: the tables, from the per-document scores -------------------------------------------------------
+
+
+def _headline_rows(config: ReproduceConfig, selection: dict[str, Any]) -> dict[RowId, list[str]]:
+    """The PuDDing rows of the main and unseen-task tables, each with the routers it averages per document:
+    the paper's router, the best variant (chosen on calibration data), and each one's mean over the seeds."""
+    rows = {}
+    for name, role in ((config.default_router, "paper"), (selection.get("best"), "best variant")):
+        if name:
+            seeds = [name] + [f"{name}-seed{seed}" for seed in range(1, config.router_seeds)]
+            rows[RowId("pudding", router=name, role=role)] = [name]
+            if len(seeds) > 1:
+                rows[RowId("pudding", router=name, role=role, seeds=len(seeds))] = seeds
+    return rows
+
+
+def _write_tables(config: ReproduceConfig, pool: CandidatePool, pools: dict, columns: ScoringColumns,
+                  calibration: RoutingData, trained: dict, selection: dict, scores: dict[str, Labels], model,
+                  log: dict) -> dict[str, Any]:
+    """Every table from the per-document scores (one JSON each, with provenance), then the plots and the
+    README. The static choices see calibration prompts only; the bounds are marked as hindsight."""
     sizes, out = config.sizes, config.folder
     train_rows, _ = split_rows(calibration.texts, VAL_FRACTION)
-    static = _static_choices(calibration, train_rows, pool_columns, candidates)
-    paper_name, seeds = config.default_router, config.seed_routers
-    paper_row = PAPER_ROW.format(name=paper_name)
-    paper_mean = paper_row[:-1] + SEEDS_SUFFIX.format(n=len(seeds))
-    best = selection.get("best")
-    best_row = BEST_ROW.format(name=best) if best else None
-    best_seeds = [best] + [f"{best}-seed{s}" for s in range(1, config.router_seeds)] if best else []
-    best_mean = best_row[:-1] + SEEDS_SUFFIX.format(n=len(best_seeds)) if best else None
-    kinds: dict[str, str] = {}
+    static = static_choices(calibration, train_rows, columns.pool, columns.candidates)
+    headline = _headline_rows(config, selection)
     stamp = {"config": asdict(config), "budget": {"paper_tasks": sizes.paper_docs, "unseen_tasks": sizes.unseen_docs,
                                                   "calibration_labels": sizes.label_docs,
                                                   "search": sizes.search_docs},
              "pool": pool.fingerprint(), "artifacts": log, "provenance": provenance()}
-    precision = "" if config.quantize == "none" else (f", {config.quantize} model in every stage"
-                                                      + (" (LM head too)" if config.quantize_head else ""))
-    tables, markdown = {}, [f"# PuDDing reproduction on {_slug(config.model)}, k={config.k}{precision} "
-                            f"(budget {config.budget}: "
-                            f"{sizes.paper_docs} documents per paper task, {sizes.unseen_docs} per unseen task; "
-                            f"{sizes.label_docs} calibration prompts per task for the routers, "
-                            f"{sizes.search_docs} for the searches)", ""]
-    static_rows = ["dense", "sleb", "shortened_ppl", "taylor", "shortgpt", "best static TL set", "best static set",
-                   "task-best set", "random pool set"]
-    routed_main = None
-    for name, scores, tasks in (("main", main_scores, PAPER_TASKS), ("generalisation", unseen_scores, UNSEEN_TASKS)):
-        data = routing_data(scores)
+    tables, data, routed = {}, {}, {}
+    for name, tasks in (("main", PAPER_TASKS), ("generalisation", UNSEEN_TASKS)):
+        data[name] = routing_data(scores[name])
         # Every router reads the main table's prompts (the ablations use them all); the unseen tasks need
         # only the rows' own routers.
         needed = (trained if name == "main"
-                  else {n: trained[n] for n in dict.fromkeys([paper_name, *seeds, *best_seeds])})
-        routed = _routed(needed, pools, data.texts)
-        routed_main = routed_main or routed
-        columns = _static_columns(data, rows, static, pool_columns, candidates, config.seed)
-        columns[paper_row] = _correct_at(data, routed[paper_name].chosen())
-        if len(seeds) > 1:
-            columns[paper_mean] = _seed_mean(data, [routed[s] for s in seeds])
-        if best:
-            columns[best_row] = _correct_at(data, routed[best].chosen())
-            if len(best_seeds) > 1:
-                columns[best_mean] = _seed_mean(data, [routed[s] for s in best_seeds])
-        ordered = {r: columns[r] for r in static_rows if r in columns}
-        ordered.update({r: v for r, v in columns.items()
-                        if r not in ordered and not r.startswith(("pool ceiling", "oracle"))})
-        ordered.update({r: v for r, v in columns.items() if r.startswith(("pool ceiling", "oracle"))})
-        for row in ordered:
-            kinds[row] = ("static" if row in static_rows else "bound" if row.startswith(("pool ceiling", "oracle"))
-                          else "pudding-seeds" if row.endswith("seeds)") else "pudding")
-        table = _table(data, ordered, tasks)
-        table["kinds"] = kinds
-        others = [r for r in ordered if r in static_rows]
-        table["paired_differences"] = {row: paired_differences(ordered, row, others)
-                                       for row in (paper_row, paper_mean, best_row, best_mean) if row in ordered}
-        table["headroom"] = routing_headroom(data, pool, pool_columns, ordered, paper_row)
-        if name == "main" and best:
-            table["switch_rate"] = _switch_rates(routed, data)
-        tables[name] = table
-        atomic_write_json(out / f"{name}.json", {**stamp, **table})
-        markdown.append(render_table(
-            "Main table (paper Table 1)" if name == "main" else "Unseen tasks (paper Table 5)", table))
-        for row, differences in table["paired_differences"].items():
-            markdown.append(render_paired(differences, row))
-        markdown.append(render_headroom(table["headroom"]))
-
-    data, routed = routing_data(main_scores), routed_main
-    ablations = _ablations(config, data, routed, pool, pool_columns, calibration, train_rows, selection)
+                  else {n: trained[n] for n in dict.fromkeys(n for names in headline.values() for n in names)})
+        routed[name] = _routed(needed, pools, data[name].texts)
+        tables[name] = _split_table(config, data[name], routed[name], tasks, static, columns, headline, pool,
+                                    switch=name == "main" and bool(selection.get("best")))
+        atomic_write_json(out / f"{name}.json", {**stamp, **tables[name]})
+    ranking = calibration.labels[train_rows][:, columns.pool].mean(0).argsort(descending=True).tolist()
+    ablations = ablation_tables(data["main"], routed["main"], pool, ranking,
+                                [name for _, _, seed, name in config.router_specs if seed == 0],
+                                config.default_router, config.seed_routers, selection, PAPER_TASKS)
     for name, table in ablations.items():
         atomic_write_json(out / f"ablation-{name}.json", {**stamp, **table})
-        markdown.append(render_table(f"Ablation: {name.replace('_', ' ')}", table))
-        if "spread" in table:
-            spread = table["spread"]
-            markdown.append(f"Average over the {spread['seeds']} seeds: {spread['mean']:.3f}, standard deviation "
-                            f"{spread['sd']:.3f}, range {spread['min']:.3f} to {spread['max']:.3f}.\n")
-        if "selection" in table:
-            markdown.append(render_selection(table["selection"]))
-
-    chosen = routed[best or paper_name].chosen()
-    blocks_of = {c: pools["scoring"][0].sets[c].blocks for c in set(chosen)}
-    rates = _plot_omission_rates(data, [blocks_of[c] for c in chosen], model.config.num_hidden_layers,
-                                 out / "omission-rates.png")
-    atomic_write_json(out / "omission-rates.json", {**stamp, "router": best or paper_name, "rates": rates})
-    markdown += ["![omission rates](omission-rates.png)", ""]
-    plotted = [name for _, _, seed, name in config.router_specs if seed == 0] + ([best] if best else [])
-    _plot_convergence({name: trained[name][1] for name in plotted}, out / "router-convergence.png")
-    markdown += ["![router convergence](router-convergence.png)", ""]
-    tl_sets = {s.task: entry.blocks for entry in pool.sets for s in entry.sources if s.objective == "tl"}
-    plot_heatmap(_importance_map(config, model), out / "block-importance.png", marks=tl_sets,
-                 marks_label=f"the task's TL set at k={config.k}")
-    markdown += ["![block importance](block-importance.png)", ""]
-    if plot_accuracy_vs_k(out.parent, config.budget):
-        markdown += ["Accuracy against k, over every k reproduced with this budget: "
-                     f"[../accuracy-vs-k-{config.budget}.png](../accuracy-vs-k-{config.budget}.png)", ""]
-    atomic_write_text(out / "README.md", "\n".join(markdown)
-                      + f"\nCommand: `{' '.join(stamp['provenance']['command'])}`; "
-                      f"commit {stamp['provenance']['git'].get('commit', '?')}; {stamp['provenance']['date']}.\n")
+    figures = _write_figures(config, data["main"], routed["main"], pools, trained, selection, pool, model, stamp)
+    atomic_write_text(out / "README.md", render_report(_title(config), tables, ablations, figures,
+                                                       stamp["provenance"]))
     return {"tables": tables, "ablations": ablations, "selection": selection, "out": str(out)}
 
 
-def _switch_rates(routed: dict[str, Routed], data: RoutingData) -> dict[str, float]:
-    """For each safe router, the share of evaluation documents routed away from its default set."""
-    rates = {}
-    for name, r in routed.items():
-        default = r.pudding.router.config.default_set
-        if default is not None:
-            rates[name] = sum(c != r.columns[default] for c in r.chosen()) / len(data.texts)
-    return rates
+def _split_table(config: ReproduceConfig, data: RoutingData, routed: dict[str, Routed], tasks: tuple[str, ...],
+                 static: StaticChoices, columns: ScoringColumns, headline: dict[RowId, list[str]],
+                 pool: CandidatePool, switch: bool) -> dict[str, Any]:
+    """One split's table: the static rows and bounds, then each PuDDing row from its routers' choices."""
+    rows = static_columns(data, columns.fixed, static, columns.pool, columns.candidates, config.seed)
+    for row, routers in headline.items():
+        rows[row] = (correct_at(data, routed[routers[0]].chosen()) if len(routers) == 1
+                     else seed_mean(data, [routed[name] for name in routers]))
+    table = split_table(data, rows, tasks, list(headline), pool, columns.pool)
+    if switch:
+        table["switch_rate"] = switch_rates(routed, data)
+    return table
 
 
-def _ablations(config: ReproduceConfig, data: RoutingData, routed: dict[str, Routed], pool: CandidatePool,
-               pool_columns: list[int], calibration: RoutingData, train_rows: list[int], selection: dict
-               ) -> dict[str, dict]:
-    paper_name, seeds = config.default_router, config.seed_routers
-    ablations = {}
-    # router type and loss (seed 0 each), then the paper's router over its seeds
-    kinds = {f"PuDDing ({name})": _correct_at(data, routed[name].chosen())
-             for _, _, seed, name in config.router_specs if seed == 0}
-    ablations["router"] = _table(data, kinds, PAPER_TASKS)
-    by_seed = {f"PuDDing ({name})": _correct_at(data, routed[name].chosen()) for name in seeds}
-    ablations["router_seed"] = _table(data, by_seed, PAPER_TASKS)
-    averages = [row["average"] for row in ablations["router_seed"]["rows"].values()]
-    ablations["router_seed"]["spread"] = {"seeds": len(averages), "mean": statistics.fmean(averages),
-                                          "sd": statistics.stdev(averages) if len(averages) > 1 else 0.0,
-                                          "min": min(averages), "max": max(averages)}
-    # candidate-search objective and pool size: restrict the paper router's choice
-    paper = routed[paper_name]
-    restricted = {}
-    for objective in ("tl", "margin"):
-        allowed = [i for i, e in enumerate(pool.sets) if any(s.objective == objective for s in e.sources)]
-        if allowed:
-            restricted[f"PuDDing, {objective} sets only ({len(allowed)})"] = _correct_at(data, paper.chosen(allowed))
-    ablations["objective"] = _table(data, restricted, PAPER_TASKS)
-    ranking = calibration.labels[train_rows][:, pool_columns].mean(0).argsort(descending=True).tolist()
-    sizes = {f"{size} sets": _correct_at(data, paper.chosen(ranking[:size]))
-             for size in sorted({1, 3, 5, len(pool.sets)}) if size <= len(pool.sets)}
-    ablations["pool_size"] = _table(data, sizes, PAPER_TASKS)
-    if selection.get("grid"):
-        names = selection["grid"] + selection["sized"]
-        table = _table(data, {f"PuDDing ({name})": _correct_at(data, routed[name].chosen()) for name in names},
-                       PAPER_TASKS)
-        table["selection"] = {**selection, "evaluation_switch_rate": _switch_rates(
-            {name: routed[name] for name in names}, data)}
-        ablations["routing"] = table
-    return ablations
+def _title(config: ReproduceConfig) -> str:
+    sizes = config.sizes
+    precision = "" if config.quantize == "none" else (f", {config.quantize} model in every stage"
+                                                      + (" (LM head too)" if config.quantize_head else ""))
+    return (f"# PuDDing reproduction on {_slug(config.model)}, k={config.k}{precision} (budget {config.budget}: "
+            f"{sizes.paper_docs} documents per paper task, {sizes.unseen_docs} per unseen task; "
+            f"{sizes.label_docs} calibration prompts per task for the routers, "
+            f"{sizes.search_docs} for the searches)")
 
 
-def render_selection(selection: dict[str, Any]) -> str:
-    lines = ["Validation accuracy on calibration prompts (held out from each router's training; cross-fitted for "
-             "safe routing), which chose the best variant; share of evaluation documents routed away from the "
-             "default set for the safe ones:", ""]
-    for name, value in selection["validation_accuracy"].items():
-        switch = selection["evaluation_switch_rate"].get(name)
-        lines.append(f"- {name}: {value:.3f}" + (f", switches on {switch:.1%}" if switch is not None else "")
-                     + (" **(chosen)**" if name == selection["best"] else ""))
-    lines.append(f"\nPool size chosen on calibration data: {selection['pool_size_chosen']}.")
-    return "\n".join(lines) + "\n"
+def _write_figures(config: ReproduceConfig, data: RoutingData, routed: dict[str, Routed], pools: dict,
+                   trained: dict, selection: dict, pool: CandidatePool, model, stamp: dict) -> list[str]:
+    """The plots of the main table's run (and the omission rates' JSON); returns their Markdown lines."""
+    out, best = config.folder, selection.get("best")
+    chosen = routed[best or config.default_router].chosen()
+    blocks_of = {c: pools["scoring"][0].sets[c].blocks for c in set(chosen)}
+    rates = plot_omission_rates(data, [blocks_of[c] for c in chosen], model.config.num_hidden_layers,
+                                out / "omission-rates.png")
+    atomic_write_json(out / "omission-rates.json", {**stamp, "router": best or config.default_router, "rates": rates})
+    plotted = [name for _, _, seed, name in config.router_specs if seed == 0] + ([best] if best else [])
+    plot_convergence({name: trained[name][1] for name in plotted}, out / "router-convergence.png")
+    tl_sets = {s.task: entry.blocks for entry in pool.sets for s in entry.sources if s.objective == "tl"}
+    plot_heatmap(_importance_map(config, model), out / "block-importance.png", marks=tl_sets,
+                 marks_label=f"the task's TL set at k={config.k}")
+    figures = ["![omission rates](omission-rates.png)", "", "![router convergence](router-convergence.png)", "",
+               "![block importance](block-importance.png)", ""]
+    if plot_accuracy_vs_k(out.parent, config.budget):
+        figures += ["Accuracy against k, over every k reproduced with this budget: "
+                    f"[../accuracy-vs-k-{config.budget}.png](../accuracy-vs-k-{config.budget}.png)", ""]
+    return figures
 
 
-def render_paired(differences: dict[str, dict], ours: str) -> str:
-    lines = [f"Paired differences, {ours} minus each static row, over all documents (95% interval):", ""]
-    for other, d in differences.items():
-        lines.append(f"- vs {other}: {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (N={d['n']})")
-    return "\n".join(lines) + "\n"
+def _importance_map(config: ReproduceConfig, model) -> dict[str, Any]:
+    """The block-importance map (it does not depend on k): one made for exactly this model, documents and
+    quantization, next to the k folders or under ``--reuse``; else measured once next to the k folders."""
+    measure = ImportanceConfig(model=config.model, samples=16, out=str(config.folder.parent / "importance"),
+                               progress=config.progress, quantize=config.quantize, quantize_head=config.quantize_head)
+    wanted = importance_identity(asdict(measure), model_fingerprint(model.config))
 
+    def differences(folder: Path) -> list[str]:
+        found = load_importance(folder)
+        return identity_differences(importance_identity(found.get("config", {}), found["model"]["fingerprint"]),
+                                    wanted)
 
+    root = config.reuse_root
+    found = find_reusable(Path(measure.out), _found(root / "importance" if root else None, IMPORTANCE_FILE),
+                          differences, "block-importance map")
+    return load_importance(found) if found else block_importance(measure)

@@ -17,11 +17,12 @@ import datetime as _dt
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError
+from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD
 from pudding.core.load import DEFAULT_MODEL, load_config, load_model, model_name
 from pudding.core.metrics import DocScores, aggregate, scores_by_doc
 from pudding.core.omit import OmissionSet, omission_key, omit_blocks
@@ -35,38 +36,37 @@ REPORTED_METRICS = ("acc", "acc_norm", "task_likelihood")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Settings of one evaluation run.
+    """Settings of one evaluation run (``pudding eval``); each field's help text is its documentation.
 
-    Attributes:
-        model: ``"default"`` (embedded SmolLM2), a ``.gguf`` file, a model folder or a hub id.
-        tasks: registered task names (see ``pudding tasks``); a comma-separated string is accepted.
-        omissions: one omission set per result row; ``()`` is the dense model. A set may name sub-layers
-            beside whole blocks (``"3,12.attn"``, see :func:`pudding.core.omit.parse_omission`); such a set is kept
-            as its canonical key, e.g. ``(3, "12.attn")``.
-        limit: documents per task (a fixed, seeded sample of the split); None for all.
-        split: ``"evaluation"`` (reported accuracy) or ``"calibration"``.
-        max_batch_tokens: padded tokens per forward pass.
-        output_dir: where the result JSON goes; None to write nothing.
-        save_samples: store every document's per-choice scores in the JSON (enables later re-analysis).
-        progress: show progress bars.
-        adapter: LoRA adapters from ``pudding heal`` (an artifact, its ``adapters/`` folder or one adapter's
-            folder): each row runs with the adapter for its set (per-set), or the shared one; None for none.
-        quantize: ``none`` (the model as loaded) or ``int8`` (:mod:`pudding.core.quantize`, CPU only).
-        quantize_head: quantize the LM head too (it stays fp32 by default).
+    An omission set may name sub-layers beside whole blocks (``"3,12.attn"``, see
+    :func:`pudding.core.omit.parse_omission`); such a set is kept as its canonical key, e.g. ``(3, "12.attn")``.
     """
 
-    model: str = DEFAULT_MODEL
-    tasks: tuple[str, ...] = ("piqa", "arc_easy")
-    omissions: tuple[OmissionSet, ...] = ((),)
-    limit: int | None = None
-    split: str = "evaluation"
-    max_batch_tokens: int = 512
-    output_dir: str | None = "runs/eval"
-    save_samples: bool = True
-    progress: bool = True
-    adapter: str | None = None
-    quantize: str = "none"
-    quantize_head: bool = False
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "'default' (the embedded SmolLM2), a .gguf file, a model folder or a hub id"})
+    tasks: tuple[str, ...] = field(default=("piqa", "arc_easy"), metadata={
+        "help": "comma-separated task names (see `pudding tasks`)"})
+    omissions: tuple[OmissionSet, ...] = field(default=((),), metadata={
+        "flag": "--omit", "append": True, "type": "omission", "metavar": "BLOCKS",
+        "help": "comma-separated 0-based blocks to omit, or 'none' for dense; sub-layers too, e.g. "
+                "'3,12.attn,14.mlp' (docs/SUBBLOCK.md); repeat for more rows (default: dense only)"})
+    limit: int | None = field(default=None, metadata={
+        "type": "positive_int", "help": "documents per task (a fixed, seeded sample of the split); default: all"})
+    split: str = field(default="evaluation", metadata={
+        "choices": SPLITS, "help": "evaluation (reported accuracy) or calibration"})
+    max_batch_tokens: int = field(default=512, metadata={
+        "flag": "--batch-tokens", "type": "positive_int", "help": "padded tokens per forward pass"})
+    output_dir: str | None = field(default="runs/eval", metadata={
+        "help": "where the result JSON is written"})
+    save_samples: bool = field(default=True, metadata={
+        "help": "leave out every document's per-choice scores (kept by default, for later re-analysis)"})
+    progress: bool = field(default=True, metadata={"help": "hide progress bars"})
+    adapter: str | None = field(default=None, metadata={
+        "metavar": "PATH", "help": "LoRA adapters from `pudding heal` (artifact, its adapters/ or one adapter "
+                                   "folder): each row runs with its set's adapter, or the shared one "
+                                   "(docs/HEALING.md)"})
+    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
+    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
 
     def __post_init__(self):
         check_quantization(self.quantize, self.quantize_head)

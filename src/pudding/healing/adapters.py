@@ -115,7 +115,9 @@ class AdapterBank:
 
     @classmethod
     def _inject(cls, model, records: dict[Path, dict], mode: str) -> AdapterBank:
-        from peft import PeftModel
+        from pudding.core.extras import require
+
+        PeftModel = require("peft", "heal").PeftModel
 
         peft_model, by_blocks, folders = None, {}, {}
         for folder, record in records.items():

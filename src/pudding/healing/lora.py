@@ -37,7 +37,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
+from pudding.core.identity import identity_differences, refuse_differences
 from pudding.core.load import load_config, load_model, model_fingerprint, model_name
 from pudding.core.omit import (
     OmissionSet,
     get_architecture,
     get_blocks,
     omit_blocks,
-    parse_block_list,
+    require_whole_blocks,
     validate_omission,
 )
 from pudding.core.provenance import (
@@ -60,7 +61,6 @@ from pudding.core.provenance import (
     atomic_output,
     atomic_write_figure,
     atomic_write_json,
-    differing_keys,
     exclusive_output,
     provenance,
     read_json,
@@ -88,52 +88,46 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
 
 @dataclass(frozen=True)
 class HealConfig:
-    """Settings of ``pudding heal``.
+    """Settings of ``pudding heal``; each field's help text is its documentation (docs/HEALING.md).
 
-    Attributes:
-        pool: a PuDDing artifact folder or a pool folder (``pool.json``); None with ``omit``.
-        out: the artifact folder the adapters go into (``out/adapters/...``); default: ``pool`` when it is an
-            artifact. With ``omit`` (or a bare pool folder) the pool is saved there too.
-        model: base model spec; default: the one the pool records.
-        mode: ``per-set`` (one adapter per set) or ``shared`` (one adapter, a drawn set omitted per step).
-        sets: pool set indices to heal (per-set) or to draw from (shared); empty: every set.
-        omit: explicit omission sets instead of a pool, e.g. ``((20, 21), (18, 19))``; ``"20,21;18,19"`` too.
-        include_dense: shared mode: the dense model is one of the draws as well.
-        rank, alpha, dropout: LoRA rank, scaling numerator and dropout.
-        target_modules: module names to adapt; empty: every linear projection inside the blocks.
-        steps, lr, batch_size, seq_length: optimizer steps, peak AdamW learning rate (linear warm-up over
-            ``warmup`` of the steps, then linear decay), sequences per step, tokens per sequence.
-        data: ``boolq-passages``, an Alpaca-format hub dataset id, or a local .json/.jsonl file.
-        max_texts: use at most this many texts of ``data`` (None: all).
-        val_chunks: packed chunks held out for the before/after validation loss.
-        seed: data order, set draws, dropout and LoRA initialisation.
-        checkpoint_every: steps between training checkpoints in ``run_dir``.
-        run_dir: checkpoints; a rerun resumes there.
+    With ``omit`` (or a bare pool folder) the pool is saved to ``out`` too. The learning rate warms up linearly
+    over ``warmup`` of the steps, then decays linearly.
     """
 
-    pool: str | None = None
-    out: str | None = None
-    model: str | None = None
-    mode: str = "per-set"
-    sets: tuple[int, ...] = ()
-    omit: tuple[OmissionSet, ...] = ()
-    include_dense: bool = False
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ()
-    steps: int = 60  # SmolLM2 on 2 CPU cores: about 30 minutes at the defaults (docs/HEALING.md, "Budget")
-    lr: float = 2e-4
-    warmup: float = 0.1
-    batch_size: int = 4
-    seq_length: int = 256
-    data: str = "boolq-passages"
-    max_texts: int | None = None
-    val_chunks: int = 8
-    seed: int = 0
-    checkpoint_every: int = 10
-    run_dir: str = "runs/heal"
-    progress: bool = True
+    pool: str | None = field(default=None, metadata={
+        "one_of": "sets", "help": "a PuDDing artifact folder (adapters go inside it) or a pool folder"})
+    out: str | None = field(default=None, metadata={
+        "help": "artifact folder for the adapters (out/adapters/...); default: --pool, when it is an artifact"})
+    model: str | None = field(default=None, metadata={"help": "base model spec; default: the one the pool records"})
+    mode: str = field(default="per-set", metadata={
+        "choices": MODES, "help": "per-set: one adapter per set; shared: one adapter, a drawn set omitted per step"})
+    sets: tuple[int, ...] = field(default=(), metadata={
+        "help": "pool set indices to heal (per-set) or draw from (shared), e.g. 0,3; default: all"})
+    omit: tuple[OmissionSet, ...] = field(default=(), metadata={
+        "one_of": "sets", "help": "explicit sets instead of a pool, ';'-separated, e.g. '20,21;18,19'"})
+    include_dense: bool = field(default=False, metadata={"help": "shared: the dense model is a draw too"})
+    rank: int = field(default=8, metadata={"type": "positive_int", "help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (the scaling numerator)"})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    target_modules: tuple[str, ...] = field(default=(), metadata={
+        "help": "comma-separated module names to adapt; default: every linear projection inside the blocks"})
+    # 60 steps: SmolLM2 on 2 CPU cores, about 30 minutes at the defaults (docs/HEALING.md, "Budget")
+    steps: int = field(default=60, metadata={"type": "positive_int", "help": "optimizer steps"})
+    lr: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate (warm-up, then linear decay)"})
+    warmup: float = field(default=0.1, metadata={"help": "share of the steps the learning rate warms up over"})
+    batch_size: int = field(default=4, metadata={"type": "positive_int", "help": "sequences per step"})
+    seq_length: int = field(default=256, metadata={"type": "positive_int", "help": "tokens per sequence"})
+    data: str = field(default="boolq-passages", metadata={
+        "help": "boolq-passages (offline), an Alpaca-format hub dataset id, or a .json/.jsonl file"})
+    max_texts: int | None = field(default=None, metadata={
+        "type": "positive_int", "help": "use at most this many texts; default: all"})
+    val_chunks: int = field(default=8, metadata={
+        "type": "positive_int", "help": "held-out sequences for the before/after loss"})
+    seed: int = field(default=0, metadata={"help": "data order, set draws, dropout, LoRA init"})
+    checkpoint_every: int = field(default=10, metadata={
+        "type": "positive_int", "help": "steps between training checkpoints"})
+    run_dir: str = field(default="runs/heal", metadata={"help": "training checkpoints; reruns resume"})
+    progress: bool = field(default=True, metadata={"help": "hide progress bars"})
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -168,8 +162,11 @@ def _jsonable(value):
 
 
 def _index_list(value) -> tuple[int, ...]:
-    if isinstance(value, str):
-        value = parse_block_list(value)
+    if isinstance(value, str):  # pool indices, not an omission set: "none" is no shorthand for "every set" here
+        try:
+            value = [int(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise ConfigError(f"sets must be comma-separated pool indices, e.g. '0,3', got {value!r}") from None
     items = list(value)
     if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
         raise ConfigError(f"sets must be non-negative pool indices, got {items}")
@@ -179,7 +176,7 @@ def _index_list(value) -> tuple[int, ...]:
 def _omission_list(value) -> tuple[OmissionSet, ...]:
     if isinstance(value, str):
         value = [part for part in value.split(";") if part.strip()]
-    sets = tuple(dict.fromkeys(validate_omission(v, None) for v in value))
+    sets = tuple(dict.fromkeys(require_whole_blocks(v, None, "pudding heal --omit") for v in value))
     if () in sets:
         raise ConfigError("an explicit set omits no block; the dense model needs no healing")
     return sets
@@ -347,7 +344,9 @@ def default_target_modules(model: nn.Module) -> tuple[str, ...]:
 
 def lora_config(config: HealConfig, model: nn.Module, blocks: Sequence[int]):
     """The PEFT LoraConfig: ``target_modules`` restricted to ``blocks`` (the blocks the adapter can see)."""
-    from peft import LoraConfig
+    from pudding.core.extras import require
+
+    LoraConfig = require("peft", "heal").LoraConfig
 
     layers_pattern = get_architecture(model.config).blocks_path.rsplit(".", 1)[-1]
     return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
@@ -414,10 +413,10 @@ def _load_checkpoint(folder: Path, peft_model, optimizer, identity: dict) -> tup
     if not path.is_file():
         return 0, []
     saved = read_json(path, f"{path} is missing")
-    if saved.get("format") != CHECKPOINT_FORMAT or saved.get("identity") != identity:
-        differing = differing_keys(saved.get("identity") or {}, identity)
-        raise ConfigError(f"{folder} holds a checkpoint of a different healing run (differs in {differing}); "
-                          "remove it or choose another --run-dir")
+    refuse_differences((["format"] if saved.get("format") != CHECKPOINT_FORMAT else [])
+                       + identity_differences(saved.get("identity") or {}, identity),
+                       f"{folder} holds a checkpoint of a different healing run",
+                       "remove it or choose another --run-dir")
     weights = load_file(str(folder / "adapter.safetensors"))
     params = _trainable(peft_model)
     if set(weights) != set(params):
@@ -482,8 +481,7 @@ def _plan_hash(plan: list[OmissionSet]) -> str:
 def _resolve_pool(config: HealConfig) -> tuple[CandidatePool, Path, Path | None]:
     """The pool to heal, the artifact folder to write into, and the folder to copy the pool (or the whole
     artifact: router and all) from into it, None when the adapters go into the source itself."""
-    from pudding.core.lazy import CONFIG_FILE
-    from pudding.pool.artifact import DEFAULT_ARTIFACT
+    from pudding.pool.artifact import CONFIG_FILE, DEFAULT_ARTIFACT
 
     if config.omit:
         spec = config.model
@@ -553,10 +551,9 @@ def _save_adapter(peft_model, folder: Path, record: dict, history: list[dict]) -
 
 def plot_training(history: list[dict], title: str, path: Path) -> None:
     """Training loss per step (and its running mean) as a PNG."""
-    import matplotlib
+    from pudding.core.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
     window = max(1, len(losses) // 20)
@@ -576,7 +573,9 @@ def plot_training(history: list[dict], title: str, path: Path) -> None:
 def _heal_one(model, chunks: torch.Tensor, job: _Job, config: HealConfig, pool: CandidatePool, data: HealingData,
               folder: Path) -> dict:
     """Inject a fresh LoRA for ``job``, train it, save it, and remove it from ``model`` again."""
-    from peft import get_peft_model
+    from pudding.core.extras import require
+
+    get_peft_model = require("peft", "heal").get_peft_model
 
     total = len(get_blocks(model))
     visible = [b for b in range(total) if job.blocks is None or b not in job.blocks]
@@ -614,6 +613,10 @@ def heal(config: HealConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     pool's fingerprint). Finished adapters are kept (a rerun trains only the missing ones); an adapter's
     training resumes from its checkpoint in ``config.run_dir``.
     """
+    from pudding.core.extras import require
+
+    require("peft", "heal")  # and each adapter's loss plot: fail now, not after training the first adapter
+    require("matplotlib", "plots")
     pool, out, source = _resolve_pool(config)
     jobs = _jobs(config, pool)
     # The lock files sit next to the locked folders, so the artifact itself only gains adapter files.
@@ -652,7 +655,7 @@ def _seed_output(pool: CandidatePool, source: Path, out: Path) -> None:
         if CandidatePool.from_pretrained(out).fingerprint() != pool.fingerprint():
             raise ConfigError(f"{out / POOL_FILE} holds another pool; choose another --out")
         return
-    from pudding.core.lazy import CONFIG_FILE
+    from pudding.pool.artifact import CONFIG_FILE
 
     is_artifact = source != out and (source / CONFIG_FILE).is_file()
     for file in sorted(source.iterdir()) if is_artifact else []:

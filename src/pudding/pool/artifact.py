@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError
-from pudding.core.load import model_fingerprint
+from pudding.core.load import load_config, model_fingerprint
 from pudding.core.omit import OmissionSet, removable_blocks, validate_omission
 from pudding.core.provenance import atomic_write_json, provenance
 
@@ -187,6 +187,15 @@ def shrink_pool(pool: CandidatePool, k: int) -> CandidatePool:
     config = {**pool.config, "k": k, "derived_from": {"k": found_k, "pool": pool.fingerprint(),
                                                       "provenance": pool.provenance}}
     return CandidatePool(sets, pool.model, config, provenance())
+
+
+def derive_pool(source: str | Path, k: int, model: str, out: str | Path) -> CandidatePool:
+    """``--from-pool``: the pool at ``k`` shrunk (exactly, :func:`shrink_pool`) from the one at ``source``,
+    searched at a larger k, checked against ``model`` and saved to ``out``; no search runs."""
+    pool = shrink_pool(CandidatePool.from_pretrained(source), k)
+    pool.check_model(load_config(model))
+    pool.save_pretrained(out)
+    return pool
 
 
 DENSE_SOURCE = SetSource("dense", None, None, [], [], [], 0.0)

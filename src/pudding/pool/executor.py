@@ -1,4 +1,15 @@
-"""Ray executor for the expensive stages: the greedy search's candidate evaluations and the label shards.
+"""Executors for the expensive stages: the greedy search's candidate evaluations and the label shards.
+
+An executor is chosen once, by name, from :data:`EXECUTORS` (``PoolConfig.executor``, ``LabelConfig.executor``),
+and the stages use only its small interface, the same for every executor:
+
+- ``executor.evaluator(requests, reuse_prefix)``: an object with
+  :class:`~pudding.pool.evaluator.CandidateEvaluator`'s interface (``evaluate(sets)``, ``stats``,
+  ``total_blocks``) for one greedy search;
+- ``executor.map(function, jobs)``: yields ``(job index, function(scorer, *job))`` for every job, in any order;
+- ``executor.model_config()``: the config of the model the replicas hold, for the stage's fingerprint check.
+
+:class:`LocalExecutor` runs everything in this process on one model; :class:`RayExecutor` on Ray actors.
 
 Each Ray actor loads one replica of the model and scores whatever it is sent. The driver keeps everything
 that must be sequential and checkpointed (the greedy steps, the shard files), so checkpoints and resume
@@ -19,13 +30,17 @@ replicas run side by side, and Ray places actors across nodes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pudding.core.errors import ConfigError
+from pudding.core.extras import require
+from pudding.core.load import load_config, load_model
 from pudding.core.omit import OmissionSet
-from pudding.core.score import ChoiceScore, Request
-from pudding.pool.evaluator import ReuseStats
+from pudding.core.quantize import check_quantized
+from pudding.core.score import ChoiceScore, LikelihoodScorer, Request
+from pudding.pool.evaluator import CandidateEvaluator, ReuseStats
 
 
 @dataclass(frozen=True)
@@ -39,11 +54,7 @@ class RaySettings:
 
 
 def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--executor ray needs Ray: pip install 'pudding[ray]'") from None
-    return ray
+    return require("ray", "ray")
 
 
 AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
@@ -166,3 +177,103 @@ def ray_map(workers: list, function: Callable, jobs: list[tuple]):
         index, worker = pending.pop(done)
         free.append(worker)
         yield index, ray.get(done)
+
+
+# --- the executor interface -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelReplica:
+    """The model every replica loads and how it scores; the same on every executor, so the results are too."""
+
+    spec: str
+    max_batch_tokens: int
+    max_length: int | None
+    quantize: str = "none"
+    quantize_head: bool = False
+
+    def scorer(self, model=None, tokenizer=None) -> LikelihoodScorer:
+        """A scorer on ``model`` (checked to be quantized as declared), or on the model loaded from ``spec``."""
+        if model is None:
+            model, tokenizer = load_model(self.spec, quantize=self.quantize, quantize_head=self.quantize_head)
+        else:
+            check_quantized(model, self.quantize, self.quantize_head)  # the stage records self.quantize
+        return LikelihoodScorer(model, tokenizer, max_batch_tokens=self.max_batch_tokens, max_length=self.max_length)
+
+
+class LocalExecutor:
+    """Everything in this process, on one model."""
+
+    def __init__(self, scorer: LikelihoodScorer):
+        self.scorer = scorer
+
+    @classmethod
+    def start(cls, replica: ModelReplica, settings: RaySettings, *, model=None, tokenizer=None) -> LocalExecutor:
+        """Load ``replica`` now (or use ``model``, already loaded): the stage checks it before any work."""
+        return cls(replica.scorer(model, tokenizer))
+
+    def model_config(self):
+        return self.scorer.model.config
+
+    def evaluator(self, requests: Sequence[Request], reuse_prefix: bool = True) -> CandidateEvaluator:
+        return CandidateEvaluator(self.scorer, requests, reuse_prefix=reuse_prefix)
+
+    def map(self, function: Callable, jobs: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
+        """``(i, function(scorer, *jobs[i]))`` in job order, each computed only when asked for."""
+        for index, job in enumerate(jobs):
+            yield index, function(self.scorer, *job)
+
+
+class RayExecutor:
+    """Ray actors, each with a replica of the model; started on first use, so a stage that refuses to resume
+    (another job's checkpoints, say) starts no cluster."""
+
+    def __init__(self, replica: ModelReplica, settings: RaySettings):
+        self.replica, self.settings = replica, settings
+        self._workers: list | None = None
+
+    @classmethod
+    def start(cls, replica: ModelReplica, settings: RaySettings, *, model=None, tokenizer=None) -> RayExecutor:
+        """``model`` is not used: every actor loads ``replica.spec`` itself."""
+        return cls(replica, settings)
+
+    @property
+    def workers(self) -> list:
+        if self._workers is None:
+            r = self.replica
+            self._workers = start_workers(self.settings, r.spec, r.max_batch_tokens, r.max_length,
+                                          quantize=r.quantize, quantize_head=r.quantize_head)
+        return self._workers
+
+    def model_config(self):
+        return load_config(self.replica.spec)  # the actors load the model; the driver only reads its config
+
+    def evaluator(self, requests: Sequence[Request], reuse_prefix: bool = True) -> RayCandidateEvaluator:
+        return RayCandidateEvaluator(self.workers, requests, reuse_prefix=reuse_prefix)
+
+    def map(self, function: Callable, jobs: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
+        """``(i, function(scorer, *jobs[i]))`` as the actors finish them (no cluster is started for no jobs)."""
+        if jobs:
+            yield from ray_map(self.workers, function, list(jobs))
+
+
+Executor = LocalExecutor | RayExecutor
+
+EXECUTORS: dict[str, type[LocalExecutor] | type[RayExecutor]] = {"local": LocalExecutor, "ray": RayExecutor}
+"""The executors by the name a configuration gives (``executor="local"``)."""
+
+
+def check_executor(name: str) -> None:
+    """ConfigError unless ``name`` is in :data:`EXECUTORS`."""
+    if name not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(map(repr, EXECUTORS))}, got {name!r}")
+
+
+def start_executor(name: str, replica: ModelReplica, settings: RaySettings | None = None, *, model=None,
+                   tokenizer=None) -> Executor:
+    """The executor ``name`` for ``replica`` (``settings``: the Ray cluster, used by ``ray`` only).
+
+    ``model`` and ``tokenizer``, if given, are the already loaded model for the local executor.
+    """
+    check_executor(name)
+    return EXECUTORS[name].start(replica, settings or RaySettings(), model=model, tokenizer=tokenizer)

@@ -11,66 +11,70 @@ The paper chose its ten sets by hand; here the pool is every distinct set the se
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pudding.core.errors import ConfigError
-from pudding.core.load import DEFAULT_MODEL, load_config, load_model, model_fingerprint, model_name
+from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD
+from pudding.core.load import DEFAULT_MODEL, load_config, model_fingerprint, model_name
 from pudding.core.omit import check_k, validate_omission
 from pudding.core.provenance import locks_output, provenance
 from pudding.core.quantize import check_quantization, quantize_identity
-from pudding.core.score import LikelihoodScorer
 from pudding.core.tasks import PAPER_TASKS, MCDoc, get_task, load_docs
 from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource, deduplicate
-from pudding.pool.evaluator import CandidateEvaluator
+from pudding.pool.executor import (
+    Executor,
+    LocalExecutor,
+    ModelReplica,
+    RaySettings,
+    check_executor,
+    start_executor,
+)
 from pudding.pruning.search import get_objective, greedy_search
 
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """Settings of ``pudding candidates``.
+    """Settings of ``pudding candidates`` (and ``baselines``); each field's help text is its documentation.
 
-    Attributes:
-        model: model spec (see :func:`pudding.core.load.load_model`).
-        tasks: calibration tasks; one search per task and objective.
-        objectives: search objectives (``tl``, ``margin``, ``ppl``).
-        k: blocks to remove.
-        samples: calibration documents per task (a fixed, seeded sample of the calibration split).
-        max_length: tokens per request; longer ones keep their last ``max_length`` tokens.
-        barriers: blocks protected at the start and at the end.
-        max_batch_tokens: padded tokens per forward pass.
-        reuse_prefix: reuse the dense prefix across candidates (exact; off only to measure its effect).
-        run_dir: checkpoints, one per search; a rerun resumes from them.
-        out: folder the pool artifact is written to.
-        executor: ``local``, or ``ray`` to spread each step's candidates over Ray actors (identical results).
-        ray_address, ray_actors: the Ray cluster (``None`` starts a local one) and the number of replicas.
-        quantize: ``none`` or ``int8`` (:mod:`pudding.core.quantize`): the model every search scores with; part of
-            each checkpoint's identity when it is not ``none``.
-        quantize_head: quantize the LM head too.
+    ``quantize`` is part of each checkpoint's identity when it is not ``none``.
     """
 
-    model: str = DEFAULT_MODEL
-    tasks: tuple[str, ...] = PAPER_TASKS
-    objectives: tuple[str, ...] = ("tl", "margin")
-    k: int = 6
-    samples: int = 16
-    max_length: int = 256
-    barriers: tuple[int, int] = (1, 1)
-    max_batch_tokens: int = 512
-    reuse_prefix: bool = True
-    run_dir: str = "runs/candidates"
-    out: str = "runs/pool"
-    progress: bool = True
-    executor: str = "local"
-    ray_address: str | None = None
-    ray_actors: int = 2
-    ray_gpus_per_actor: float = 0.0
-    quantize: str = "none"
-    quantize_head: bool = False
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "'default', a .gguf file, a model folder or a hub id"})
+    tasks: tuple[str, ...] = field(default=PAPER_TASKS, metadata={
+        "help": "comma-separated calibration tasks; one search per task and objective"})
+    objectives: tuple[str, ...] = field(default=("tl", "margin"), metadata={
+        "help": "comma-separated search objectives: tl, margin, ppl"})
+    k: int = field(default=6, metadata={"type": "positive_int", "help": "blocks to remove"})
+    samples: int = field(default=16, metadata={
+        "type": "positive_int", "help": "calibration documents per task (a fixed, seeded sample)"})
+    max_length: int = field(default=256, metadata={
+        "type": "positive_int", "help": "tokens kept per request (the last ones)"})
+    barriers: tuple[int, int] = field(default=(1, 1), metadata={
+        "type": "int_pair", "help": "blocks protected at the start and the end, e.g. 1,1"})
+    max_batch_tokens: int = field(default=512, metadata={
+        "flag": "--batch-tokens", "type": "positive_int", "help": "padded tokens per forward pass"})
+    reuse_prefix: bool = field(default=True, metadata={
+        "flag": "--no-prefix-reuse", "help": "recompute the dense prefix for every candidate (exact either way; "
+                                             "slower, only to measure the reuse)"})
+    run_dir: str = field(default="runs/candidates", metadata={
+        "help": "checkpoints, one per search; reruns resume"})
+    out: str = field(default="runs/pool", metadata={
+        "required": True, "help": "folder the pool artifact (pool.json) is written to"})
+    progress: bool = field(default=True, metadata={"help": "hide progress bars"})
+    executor: str = field(default="local", metadata={
+        "choices": ("local", "ray"), "help": "ray: spread each step's candidates over Ray actors, one model "
+                                             "replica each (identical results; pip install pudding[ray])"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to join ('auto', 'ray://head:10001'); default: start a local one"})
+    ray_actors: int = field(default=2, metadata={"type": "positive_int", "help": "model replicas (Ray actors)"})
+    ray_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs each replica asks Ray for"})
+    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
+    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
 
     def __post_init__(self):
-        if self.executor not in ("local", "ray"):
-            raise ConfigError(f"executor must be 'local' or 'ray', got {self.executor!r}")
+        check_executor(self.executor)
         check_quantization(self.quantize, self.quantize_head)
         for name, value in (("tasks", self.tasks), ("objectives", self.objectives)):
             items = value.split(",") if isinstance(value, str) else list(value)
@@ -107,16 +111,11 @@ def _search_identity(config: PoolConfig, fingerprint: dict, task: str, objective
             **quantize_identity(config.quantize, config.quantize_head)}
 
 
-def _run_search(config: PoolConfig, scorer, fingerprint, task: str, objective_name: str, docs) -> SetSource:
-    """One greedy search; ``scorer`` is a LikelihoodScorer, or the list of Ray workers for ``executor=ray``."""
+def _run_search(config: PoolConfig, executor: Executor, fingerprint, task: str, objective_name: str,
+                docs) -> SetSource:
+    """One greedy search, its candidate sets evaluated by ``executor`` (the same results on every executor)."""
     objective = get_objective(objective_name)
-    requests = objective.requests(docs)
-    if config.executor == "ray":
-        from pudding.pool.executor import RayCandidateEvaluator
-
-        evaluator = RayCandidateEvaluator(scorer, requests, reuse_prefix=config.reuse_prefix)
-    else:
-        evaluator = CandidateEvaluator(scorer, requests, reuse_prefix=config.reuse_prefix)
+    evaluator = executor.evaluator(objective.requests(docs), reuse_prefix=config.reuse_prefix)
     checkpoint = Path(config.run_dir) / f"{task}-{objective_name}.json"
     result = greedy_search(evaluator, lambda scores: objective.loss(docs, scores), config.k,
                            barriers=config.barriers, checkpoint=checkpoint,
@@ -135,27 +134,22 @@ def _prepare(config: PoolConfig) -> tuple[dict, dict[str, list[MCDoc]]]:
     return model_fingerprint(model_config), docs
 
 
-def _make_scorer(config: PoolConfig):
-    if config.executor == "ray":
-        from pudding.pool.executor import RaySettings, start_workers
-
-        return start_workers(RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor),
-                             config.model, config.max_batch_tokens, config.max_length, quantize=config.quantize,
-                             quantize_head=config.quantize_head)
-    model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head)
-    return LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
+def _replica(config: PoolConfig) -> ModelReplica:
+    return ModelReplica(config.model, config.max_batch_tokens, config.max_length, config.quantize,
+                        config.quantize_head)
 
 
 @locks_output("run_dir", "out")
 def build_pool(config: PoolConfig) -> CandidatePool:
     """Run every (task, objective) search, deduplicate, and save the pool to ``config.out``."""
     fingerprint, docs = _prepare(config)
-    scorer = _make_scorer(config)
+    executor = start_executor(config.executor, _replica(config),
+                              RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor))
     found = []
     for task in config.tasks:
         for objective in config.objectives:
             data = docs[get_objective(objective).text_task or task]
-            source = _run_search(config, scorer, fingerprint, task, objective, data)
+            source = _run_search(config, executor, fingerprint, task, objective, data)
             found.append((tuple(source.removal_order), source))
     pool = CandidatePool(deduplicate(found), {"spec": config.model, "name": model_name(config.model),
                                                "fingerprint": fingerprint}, asdict(config), provenance())
@@ -187,15 +181,14 @@ def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "sho
     ppl = get_objective("ppl")
     fingerprint, _ = _prepare(PoolConfig(**{**asdict(config), "tasks": ("boolq",), "objectives": ("ppl",)}))
     docs = calibration_docs(ppl.text_task, config.samples)
-    model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head)
-    scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
+    scorer = _replica(config).scorer()
     found, subblock = [], []
     for method in methods:
         if method in SUBBLOCK_METHODS:  # sets that name sub-layers go to their own file, not pool.json
             subblock.append(_run_finercut(config, scorer, fingerprint, docs))
             continue
         if method == "sleb":
-            source = _run_search(config, scorer, fingerprint, "sleb", "ppl", docs)
+            source = _run_search(config, LocalExecutor(scorer), fingerprint, "sleb", "ppl", docs)
             source = SetSource("sleb", None, "ppl", *[getattr(source, f) for f in
                                                       ("removal_order", "trajectory", "sample_ids", "seconds")])
         else:

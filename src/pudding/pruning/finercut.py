@@ -38,8 +38,9 @@ import torch
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
+from pudding.core.identity import require_identity
 from pudding.core.omit import SUBLAYERS, get_architecture, get_blocks, omit_blocks, parse_omission, removable_blocks
-from pudding.core.provenance import atomic_write_json, differing_keys, provenance
+from pudding.core.provenance import atomic_write_json, provenance
 from pudding.core.score import LikelihoodScorer, PackedBatch, Request
 
 CHECKPOINT_FORMAT = "pudding.finercut-checkpoint/1"
@@ -170,10 +171,9 @@ class _Checkpoint:
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(f"checkpoint {self.path} is corrupt or not a FinerCut checkpoint ({error}); "
                               "delete it to start over") from None
-        if saved_identity != self.identity:
-            raise ConfigError(f"checkpoint {self.path} was written for another model or configuration (differs in: "
-                              f"{', '.join(differing_keys(saved_identity, self.identity))}); refusing to resume. "
-                              "Delete it or choose another run directory")
+        require_identity(saved_identity, self.identity,
+                         f"checkpoint {self.path} was written for another model or configuration",
+                         "refusing to resume. Delete it or choose another run directory")
         self.steps = steps
 
     def save(self) -> None:

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError
+from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD
 from pudding.core.load import DEFAULT_MODEL, load_config, load_model, model_fingerprint, model_name
 from pudding.core.metrics import aggregate, scores_by_doc
 from pudding.core.provenance import atomic_write_figure, atomic_write_json, provenance
 from pudding.core.quantize import check_quantization
 from pudding.core.score import LikelihoodScorer
-from pudding.core.tasks import get_task
+from pudding.core.tasks import PAPER_TASKS, get_task
 from pudding.pool.evaluator import CandidateEvaluator
 from pudding.pruning.candidates import calibration_docs
 from pudding.pruning.search import OBJECTIVES
@@ -34,18 +35,20 @@ HEATMAP_FILE = "importance.png"
 
 @dataclass(frozen=True)
 class ImportanceConfig:
-    """Settings of ``pudding importance`` (see :class:`pudding.pruning.candidates.PoolConfig` for shared fields,
-    ``quantize`` and ``quantize_head`` included)."""
+    """Settings of ``pudding importance``; each field's help text is its documentation."""
 
-    model: str = DEFAULT_MODEL
-    tasks: tuple[str, ...] = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "boolq")
-    samples: int = 64
-    max_length: int = 256
-    max_batch_tokens: int = 512
-    out: str = "runs/importance"
-    progress: bool = True
-    quantize: str = "none"
-    quantize_head: bool = False
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "'default', a .gguf file, a model folder or a hub id"})
+    tasks: tuple[str, ...] = field(default=PAPER_TASKS, metadata={"help": "comma-separated calibration tasks"})
+    samples: int = field(default=64, metadata={"type": "positive_int", "help": "calibration documents per task"})
+    max_length: int = field(default=256, metadata={"type": "positive_int", "help": "tokens kept per request"})
+    max_batch_tokens: int = field(default=512, metadata={
+        "flag": "--batch-tokens", "type": "positive_int", "help": "padded tokens per forward pass"})
+    out: str = field(default="runs/importance", metadata={
+        "required": True, "help": "folder for importance.json and importance.png"})
+    progress: bool = field(default=True, metadata={"help": "hide progress bars"})
+    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
+    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
 
     def __post_init__(self):
         check_quantization(self.quantize, self.quantize_head)
@@ -99,11 +102,11 @@ def plot_heatmap(result: dict[str, Any], path: Path, marks: dict[str, tuple[int,
     ``marks`` (task -> blocks) draws a cross on those cells, e.g. the set each task's search removes, so the
     map shows whether the search drops the blocks that matter least alone.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from pudding.core.extras import pyplot
+
+    plt = pyplot()
 
     tasks = list(result["tasks"])
     panels = [("delta_task_likelihood", "change in gold mean log-likelihood (nats/token)"),

@@ -33,9 +33,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError, UnknownNameError
+from pudding.core.identity import require_identity
 from pudding.core.metrics import margin, scores_by_doc
 from pudding.core.omit import OmissionSet, check_k, removable_blocks
-from pudding.core.provenance import atomic_write_json, differing_keys
+from pudding.core.provenance import atomic_write_json
 from pudding.core.score import ChoiceScore, Request
 from pudding.core.tasks import MCDoc
 from pudding.pool.evaluator import CandidateEvaluator
@@ -152,11 +153,9 @@ class _Checkpoint:
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(f"checkpoint {self.path} is corrupt or not a search checkpoint ({error}); "
                               "delete it to start over") from None
-        if saved_identity != self.identity:
-            differing = differing_keys(saved_identity, self.identity)
-            raise ConfigError(f"checkpoint {self.path} was written for another model or configuration "
-                              f"(differs in: {', '.join(differing)}); refusing to resume. Delete it or choose "
-                              "another run directory")
+        require_identity(saved_identity, self.identity,
+                         f"checkpoint {self.path} was written for another model or configuration",
+                         "refusing to resume. Delete it or choose another run directory")
         self.base_loss = data["base_loss"]
         self.steps = [SearchStep(s["removed"], s["loss"], {int(k): v for k, v in s["candidate_losses"].items()},
                                  s["seconds"]) for s in steps]

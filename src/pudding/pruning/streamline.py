@@ -289,10 +289,9 @@ def train_replacement(model, index: int, train: _Pairs, val: _Pairs, settings: T
 
 def plot_training(history: dict[str, Any], title: str, path: Path) -> None:
     """Training and validation MSE against step, as a PNG."""
-    import matplotlib
+    from pudding.core.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot([r["step"] for r in history["steps"]], [r["train_mse"] for r in history["steps"]], label="train (batch)",

@@ -211,10 +211,9 @@ def _matched(name: str, k: int, right: torch.Tensor, breaks: list[float], mean_k
 
 def plot_curve(curve: dict[str, Any], path: str | Path, title: str) -> None:
     """Accuracy against mean blocks skipped: the adaptive curve, each static method, fixed-k PuDDing, dense."""
-    import matplotlib
+    from pudding.core.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from pudding.core.provenance import atomic_write_figure
 

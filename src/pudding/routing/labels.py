@@ -22,29 +22,30 @@ same ``run_dir`` scores only the sets it does not share with what is there.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
-from pudding.core.load import load_config, load_model
+from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD
+from pudding.core.identity import claim_identity
 from pudding.core.metrics import DocScores, scores_by_doc
 from pudding.core.omit import OmissionSet
 from pudding.core.provenance import (
     atomic_output,
     atomic_write_json,
-    differing_keys,
     locks_output,
     provenance,
     read_json,
 )
-from pudding.core.quantize import check_quantization, check_quantized, quantize_identity
+from pudding.core.quantize import check_quantization, quantize_identity
 from pudding.core.score import LikelihoodScorer, doc_requests
 from pudding.core.tasks import PAPER_TASKS, SPLITS, TARGET_DELIMITER, MCDoc, load_docs
 from pudding.pool.artifact import CandidatePool
 from pudding.pool.evaluator import CandidateEvaluator
+from pudding.pool.executor import Executor, ModelReplica, RaySettings, check_executor, start_executor
 
 LABELS_FILE = "labels.parquet"
 META_FILE = "labels.json"
@@ -73,39 +74,38 @@ def _features():
 
 @dataclass(frozen=True)
 class LabelConfig:
-    """Settings of ``pudding label``.
+    """Settings of ``pudding label``; each field's help text is its documentation.
 
-    Attributes:
-        pool: folder (or pool.json) of the candidate pool.
-        model: the base model; ``None`` uses the spec recorded in the pool.
-        tasks: calibration tasks (comma-separated string or tuple).
-        samples: documents per task (the seeded sample of the split; a task with fewer uses all it has).
-        split: ``calibration`` for router training, ``evaluation`` for reproduction tables.
-        shard_size: documents per checkpointed shard.
-        run_dir: where shards are kept; a rerun resumes from them.
-        out: folder for labels.parquet and labels.json.
-        quantize, quantize_head: the quantization of the model that scores (:mod:`pudding.core.quantize`); part
-            of the run's identity when it is not ``none``.
+    ``quantize`` (the model that scores) is part of the run's identity when it is not ``none``.
     """
 
-    pool: str
-    out: str
-    model: str | None = None
-    tasks: tuple[str, ...] = PAPER_TASKS
-    samples: int = 64
-    split: str = "calibration"
-    max_length: int = 256
-    max_batch_tokens: int = 512
-    shard_size: int = 16
-    reuse_prefix: bool = True
-    run_dir: str = "runs/labels"
-    progress: bool = True
-    executor: str = "local"  # or "ray": shards are scored by Ray actors (see pudding.pool.executor)
-    ray_address: str | None = None
-    ray_actors: int = 2
-    ray_gpus_per_actor: float = 0.0
-    quantize: str = "none"
-    quantize_head: bool = False
+    pool: str = field(metadata={"help": "candidate pool folder or its pool.json (pudding candidates --out)"})
+    out: str = field(metadata={"help": "folder for labels.parquet and labels.json"})
+    model: str | None = field(default=None, metadata={
+        "help": "base model; default: the spec recorded in the pool"})
+    tasks: tuple[str, ...] = field(default=PAPER_TASKS, metadata={"help": "comma-separated tasks"})
+    samples: int = field(default=64, metadata={
+        "type": "positive_int", "help": "documents per task (a seeded sample of the split; a task with fewer "
+                                        "uses all it has)"})
+    split: str = field(default="calibration", metadata={
+        "choices": SPLITS, "help": "calibration for router training, evaluation for reproduction tables"})
+    max_length: int = field(default=256, metadata={"type": "positive_int", "help": "tokens kept per request"})
+    max_batch_tokens: int = field(default=512, metadata={
+        "flag": "--batch-tokens", "type": "positive_int", "help": "padded tokens per forward pass"})
+    shard_size: int = field(default=16, metadata={"type": "positive_int", "help": "documents per checkpointed shard"})
+    reuse_prefix: bool = field(default=True, metadata={
+        "flag": "--no-prefix-reuse", "help": "recompute the dense prefix for every set (exact either way; slower)"})
+    run_dir: str = field(default="runs/labels", metadata={"help": "shard checkpoints; reruns resume"})
+    progress: bool = field(default=True, metadata={"help": "hide progress bars"})
+    executor: str = field(default="local", metadata={
+        "choices": ("local", "ray"), "help": "ray: shards are scored by Ray actors, one model replica each "
+                                             "(pudding.pool.executor; pip install pudding[ray])"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to join ('auto', 'ray://head:10001'); default: start a local one"})
+    ray_actors: int = field(default=2, metadata={"type": "positive_int", "help": "model replicas (Ray actors)"})
+    ray_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs each replica asks Ray for"})
+    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
+    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
 
     def __post_init__(self):
         check_quantization(self.quantize, self.quantize_head)
@@ -113,8 +113,7 @@ class LabelConfig:
             object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
         if not self.tasks:
             raise ConfigError("no tasks given")
-        if self.executor not in ("local", "ray"):
-            raise ConfigError(f"executor must be 'local' or 'ray', got {self.executor!r}")
+        check_executor(self.executor)
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         for name in ("samples", "max_length", "max_batch_tokens", "shard_size"):
@@ -169,15 +168,8 @@ def _read_parquet(path: Path):
 
 
 def _check_run_identity(run_dir: Path, identity: dict) -> None:
-    path = run_dir / SHARD_IDENTITY
-    if path.exists():
-        saved = read_json(path, f"{path} vanished")
-        if saved != identity:
-            raise ConfigError(f"{run_dir} holds shards of another labelling job (differs in: "
-                              f"{', '.join(differing_keys(saved, identity))}); refusing to resume. Delete it or "
-                              "pick another --run-dir")
-    else:
-        atomic_write_json(path, identity)
+    claim_identity(run_dir / SHARD_IDENTITY, identity, f"{run_dir} holds shards of another labelling job",
+                   "refusing to resume. Delete it or pick another --run-dir")
 
 
 def _shards(docs: list[MCDoc], size: int) -> list[list[MCDoc]]:
@@ -229,15 +221,12 @@ def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
     """
     pool = CandidatePool.from_pretrained(config.pool)
     docs = collect_docs(config)
-    spec = config.model or pool.model["spec"]
-    if model is None and config.executor == "ray":
-        pool.check_model(load_config(spec))  # the actors load the model; the driver only checks it
-    else:
-        if model is None:
-            model, tokenizer = load_model(spec, quantize=config.quantize, quantize_head=config.quantize_head)
-        else:
-            check_quantized(model, config.quantize, config.quantize_head)  # the identity records config.quantize
-        pool.check_model(model.config)
+    replica = ModelReplica(config.model or pool.model["spec"], config.max_batch_tokens, config.max_length,
+                           config.quantize, config.quantize_head)
+    executor = start_executor(config.executor, replica,
+                              RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor),
+                              model=model, tokenizer=tokenizer)
+    pool.check_model(executor.model_config())
     run_dir = Path(config.run_dir)
     identity = run_identity(config, pool.model["fingerprint"], docs)
     _check_run_identity(run_dir, identity)
@@ -247,7 +236,7 @@ def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
     missing = {i: todo for i, todo in missing.items() if todo}
     with tqdm(total=len(docs) * len(sets), unit="doc-set", desc="labels", disable=not config.progress) as bar:
         bar.update(len(docs) * len(sets) - sum(len(shards[i]) * len(todo) for i, todo in missing.items()))
-        for i, todo, columns in _scored_shards(config, spec, model, tokenizer, shards, missing):
+        for i, todo, columns in _scored_shards(executor, config.reuse_prefix, shards, missing):
             _save_shard(run_dir, i, todo, columns)
             if on_shard:
                 on_shard(i)
@@ -293,22 +282,13 @@ def _read_table(path: Path) -> dict[str, list]:
                           "to score it again") from None
 
 
-def _scored_shards(config: LabelConfig, spec: str, model, tokenizer, shards, missing: dict[int, list[OmissionSet]]):
-    """Yield (shard index, sets, label columns) for every shard with sets still to score, locally or on Ray."""
-    if config.executor == "ray":
-        from pudding.pool.executor import RaySettings, ray_map, start_workers
-
-        workers = start_workers(RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor), spec,
-                                config.max_batch_tokens, config.max_length, quantize=config.quantize,
-                                quantize_head=config.quantize_head)
-        order = list(missing)
-        jobs = [(shards[i], missing[i], config.reuse_prefix) for i in order]
-        for j, columns in ray_map(workers, label_shard, jobs):
-            yield order[j], missing[order[j]], columns
-        return
-    scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
-    for i, todo in missing.items():
-        yield i, todo, label_shard(scorer, shards[i], todo, config.reuse_prefix)
+def _scored_shards(executor: Executor, reuse_prefix: bool, shards, missing: dict[int, list[OmissionSet]]):
+    """Yield (shard index, sets, label columns) for every shard with sets still to score, as the executor finishes
+    them (the local one in shard order). Each shard's files are its own, so the order changes no result."""
+    order = list(missing)
+    jobs = [(shards[i], missing[i], reuse_prefix) for i in order]
+    for j, columns in executor.map(label_shard, jobs):
+        yield order[j], missing[order[j]], columns
 
 
 def label_shard(scorer: LikelihoodScorer, docs: Sequence[MCDoc], sets: Sequence[OmissionSet],

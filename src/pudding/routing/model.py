@@ -14,6 +14,11 @@ each group with those blocks omitted (the residual stream passes through) and a 
 
 **Prompt limits.** An empty prompt is refused. The router truncates a long prompt to its ``max_length``; the
 LLM does not truncate: a prompt that, with ``max_new_tokens``, exceeds the model's context is refused.
+:meth:`PuddingModel.check_length` makes these checks (a :class:`PromptError`) for ``generate`` and for the
+server, which answers its message with a 400.
+
+**Generation.** :func:`generate_batch` is the one batched generation path: ``generate`` runs it once per set
+group, and the serving engine once per batch of requests that chose the same set.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -65,20 +70,54 @@ class Generation:
     seconds: float  # wall time of the generate call of this prompt's set group
 
 
+@dataclass(frozen=True)
+class TimedGeneration:
+    """One prompt generated alone and timed (``pudding generate``, :meth:`PuddingModel.timed_generate`)."""
+
+    generation: Generation
+    seconds: float  # this prompt's generation alone
+    route_ms: float  # the router's time per prompt, routing all the prompts as one batch
+    dense_text: str | None = None  # with compare_dense: the dense model's completion, forced to the same length
+    dense_seconds: float | None = None
+
+
+class PromptError(ConfigError):
+    """A prompt the model cannot take. ``param`` names the request field at fault and ``code`` is an
+    OpenAI-style error code, so the server answers with the same message as the library raises."""
+
+    def __init__(self, message: str, param: str = "prompt", code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
 def check_prompts(texts: Sequence[str]) -> list[str]:
-    """The prompts as a list; ConfigError for an empty list, a non-string or an empty prompt."""
+    """The prompts as a list; PromptError for an empty list, a non-string or an empty prompt."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
     if not texts:
-        raise ConfigError("no prompts given")
+        raise PromptError("no prompts given")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ConfigError(f"prompt {i} is a {type(text).__name__}, not a string")
+            raise PromptError(f"prompt {i} is a {type(text).__name__}, not a string")
         if not text.strip():
-            raise ConfigError(f"prompt {i} is empty")
+            raise PromptError(f"prompt {i} is empty")
         _check_encodable(i, text)
     return texts
+
+
+def check_prompt_lengths(lengths: Sequence[int], max_new_tokens: int, context: int | None, *,
+                         max_prompt_tokens: int | None = None, name: str = "max_new_tokens") -> None:
+    """PromptError if a prompt of ``lengths[i]`` tokens is over ``max_prompt_tokens``, or with ``max_new_tokens``
+    does not fit the ``context``. ``name`` is what the caller calls ``max_new_tokens`` (the server: max_tokens)."""
+    for i, n in enumerate(lengths):
+        if max_prompt_tokens is not None and n > max_prompt_tokens:
+            raise PromptError(f"prompt {i} has {n} tokens; at most {max_prompt_tokens} are allowed",
+                              code="context_length_exceeded")
+        if context is not None and n + max_new_tokens > context:
+            raise PromptError(f"prompt {i} has {n} tokens; with {name}={max_new_tokens} at most "
+                              f"{max(context - max_new_tokens, 0)} fit the model's context of {context} tokens "
+                              "(pudding does not truncate prompts)", code="context_length_exceeded")
 
 
 def _check_encodable(index: int, text: str) -> None:
@@ -87,7 +126,7 @@ def _check_encodable(index: int, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ConfigError(f"prompt {index} is not valid UTF-8 text (an undecodable byte at character "
+        raise PromptError(f"prompt {index} is not valid UTF-8 text (an undecodable byte at character "
                           f"{error.start})") from None
 
 
@@ -165,7 +204,13 @@ class PuddingModel:
 
     @contextmanager
     def running(self, blocks: OmissionSet) -> Iterator[Any]:
-        """The LLM with ``blocks`` omitted and, if adapters are loaded, the adapter for ``blocks`` active."""
+        """The LLM with ``blocks`` omitted and, if adapters are loaded, the adapter for ``blocks`` active.
+
+        With a block store, the kept blocks are made resident first (here, so every caller gets them: the
+        library's ``generate``, the serving engine, the lm-eval plugin).
+        """
+        if self.block_store is not None:
+            self.block_store.ensure(i for i in range(len(self.block_store.block_size)) if i not in blocks)
         if self.adapters is None:
             with omit_blocks(self.model, blocks) as model:
                 yield model
@@ -222,36 +267,21 @@ class PuddingModel:
 
     # --- generation ---
 
-    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        # left padding: decoder-only generation continues from the right edge
-        return self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-
-    def check_length(self, texts: list[str], max_new_tokens: int) -> list[int]:
-        """Prompt lengths in tokens; ConfigError if one plus ``max_new_tokens`` exceeds the context."""
-        limit = context_length(self.model)
-        lengths = [len(self.tokenizer(t)["input_ids"]) for t in texts]
-        for i, n in enumerate(lengths):
-            if limit is not None and n + max_new_tokens > limit:
-                raise ConfigError(f"prompt {i} has {n} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                                  f"the model's context of {limit} tokens (pudding does not truncate prompts)")
+    def check_length(self, texts: Sequence[str], max_new_tokens: int, *, max_prompt_tokens: int | None = None,
+                     name: str = "max_new_tokens") -> list[int]:
+        """The prompts' lengths in tokens. PromptError for a prompt :func:`check_prompts` refuses, or one that
+        does not fit (:func:`check_prompt_lengths`). The one prompt check of ``generate`` and of the server."""
+        lengths = [len(self.tokenizer(t)["input_ids"]) for t in check_prompts(texts)]
+        check_prompt_lengths(lengths, max_new_tokens, context_length(self.model), max_prompt_tokens=max_prompt_tokens,
+                             name=name)
         return lengths
 
     def generate_with(self, texts: list[str], blocks: OmissionSet, **kwargs) -> tuple[list[str], list[int]]:
-        """Generate for ``texts`` with ``blocks`` omitted (one batch); the completions and their lengths."""
-        if self.block_store is not None:
-            total = len(self.block_store.block_size)
-            self.block_store.ensure(i for i in range(total) if i not in blocks)
-        batch = {k: v.to(self.model.device) for k, v in self._encode(texts).items()}
-        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        with self.running(blocks), torch.inference_mode():
-            output = self.model.generate(**batch, **kwargs)
-        new = output[:, batch["input_ids"].shape[1]:]
-        eos = self.model.generation_config.eos_token_id
-        # After its end-of-sequence token a finished row is padded: count and decode only up to it.
-        stops = {t for t in (eos if isinstance(eos, list) else [eos]) if t is not None}
-        lengths = [_completion_length(row.tolist(), stops) for row in new]
-        texts_out = [self.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, lengths)]
-        return texts_out, lengths
+        """Generate for ``texts`` with ``blocks`` omitted (one batch, :func:`generate_batch`); the completions
+        and their lengths in tokens (an end-of-sequence token counts, as in the server's usage)."""
+        rows = generate_batch(self.model, self.tokenizer, texts, self.running(blocks), **kwargs)
+        stops = eos_tokens(self.model)
+        return [completion_text(self.tokenizer, row, stops) for row in rows], [len(row) for row in rows]
 
     def generate(self, texts: str | Sequence[str], *, routes: Sequence[Route] | None = None,
                  max_new_tokens: int = 64, do_sample: bool = False, tolerance: float | None = None,
@@ -275,6 +305,71 @@ class PuddingModel:
             for i, text, n in zip(members, outputs, lengths):
                 results[i] = Generation(text, routes[i], prompt_lengths[i], n, seconds)
         return results  # type: ignore[return-value]
+
+    def timed_generate(self, prompts: Sequence[str], *, max_new_tokens: int, tolerance: float | None = None,
+                       compare_dense: bool = False) -> Iterator[TimedGeneration]:
+        """Route ``prompts`` together, then generate and time each alone, yielding each as it finishes.
+
+        A two-token warm-up runs first, so the first timing is not a cold start. ``compare_dense`` also
+        generates each completion's length with the dense model (greedy, forced to that many tokens), so the
+        two times compare the same work.
+        """
+        prompts = check_prompts(prompts)
+        if tolerance is not None:
+            self.check_tolerance(tolerance)  # before the warm-up: an artifact without a ladder fails at once
+        self.generate(prompts[:1], max_new_tokens=2)
+        start = time.perf_counter()
+        routes = self.route(prompts, tolerance=tolerance)
+        route_ms = (time.perf_counter() - start) * 1000 / len(prompts)
+        for prompt, route in zip(prompts, routes):
+            start = time.perf_counter()
+            [out] = self.generate([prompt], routes=[route], max_new_tokens=max_new_tokens)
+            seconds = time.perf_counter() - start
+            dense_text = dense_seconds = None
+            if compare_dense:
+                start = time.perf_counter()
+                dense, _ = self.generate_with([prompt], (), max_new_tokens=out.completion_tokens,
+                                              min_new_tokens=out.completion_tokens, do_sample=False)
+                dense_seconds, dense_text = time.perf_counter() - start, dense[0]
+            yield TimedGeneration(out, seconds, route_ms, dense_text, dense_seconds)
+
+    def check_set_index(self, index: int | None, flag: str = "--force-set") -> int | None:
+        """``index`` unchanged if it is None or one of the pool's sets; ConfigError naming ``flag`` otherwise."""
+        if index is not None and not 0 <= index < len(self.pool.sets):
+            raise ConfigError(f"{flag} {index} is out of range: the pool has {len(self.pool.sets)} sets")
+        return index
+
+
+def generate_batch(model, tokenizer, texts: list[str], running: AbstractContextManager, **kwargs) -> list[list[int]]:
+    """One batched ``model.generate`` of ``texts`` inside ``running`` (the set omitted, its adapter active).
+
+    Returns each row's new tokens, up to and including its end-of-sequence token. This is pudding's one
+    generation path: :meth:`PuddingModel.generate` and the serving engine both run it, so the same batch with
+    the same settings (and seed) gives the same tokens. ``kwargs`` go to ``generate``: ``max_new_tokens``, the
+    sampling settings, and the engine's streamer and per-row stopping criteria.
+    """
+    # left padding: decoder-only generation continues from the right edge
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    with running, torch.inference_mode():
+        output = model.generate(**batch, **kwargs)
+    stops = eos_tokens(model)
+    # After its end-of-sequence token a finished row is padded: keep only up to it.
+    return [row[:_completion_length(row, stops)] for row in output[:, batch["input_ids"].shape[1]:].tolist()]
+
+
+def eos_tokens(model) -> set[int]:
+    """The model's end-of-sequence token ids (its generation config holds one id, a list, or None)."""
+    eos = model.generation_config.eos_token_id
+    return {t for t in (eos if isinstance(eos, list) else [eos]) if t is not None}
+
+
+def completion_text(tokenizer, tokens: list[int], stops: set[int]) -> str:
+    """The text of a completion's ``tokens``, without the end-of-sequence token that may close them."""
+    if tokens and tokens[-1] in stops:
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def _completion_length(tokens: list[int], stops: set[int]) -> int:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,36 +52,33 @@ VAL_FRACTION = 0.2  # share of questions held out for validation
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of ``pudding train-router``.
+    """Settings of ``pudding train-router``; each field's help text is its documentation."""
 
-    Attributes:
-        labels: folder of a label artifact (``pudding label``).
-        pool: the pool those labels were computed for.
-        router: a key of :data:`pudding.routing.router.ROUTERS`.
-        backbone: encoder spec for ``encoder`` / ``embed-mlp`` (``default`` = the embedded MiniLM).
-        epochs, batch_size, lr: optimisation; ``encoder_lr`` is the fine-tuned backbone's rate.
-        val_fraction: share of questions held out for validation.
-        out: the PuDDing artifact folder to write.
-    """
-
-    labels: str
-    pool: str
-    out: str
-    router: str = "embed-mlp"
-    loss: str = "mse"
-    backbone: str = "default"
-    hidden: int = 256
-    max_length: int = 128
-    epochs: int | None = None  # None: 60 for frozen encoders, 4 for the fine-tuned one
-    batch_size: int = 32
-    lr: float = 1e-3
-    encoder_lr: float = 3e-5
-    weight_decay: float = 0.01
-    val_fraction: float = VAL_FRACTION
-    seed: int = 0
-    target: str = "tl"
-    safe: bool = False
-    progress: bool = True
+    labels: str = field(metadata={"help": "label folder (pudding label --out)"})
+    pool: str = field(metadata={"help": "the pool the labels were computed for"})
+    out: str = field(metadata={"help": "PuDDing artifact folder to write"})
+    router: str = field(default="embed-mlp", metadata={
+        "help": "encoder, embed-mlp or llm-embed (pudding.routing.router.ROUTERS)"})
+    loss: str = field(default="mse", metadata={"choices": LOSSES, "help": "regression (mse) or classification (ce)"})
+    backbone: str = field(default="default", metadata={
+        "help": "encoder for encoder/embed-mlp ('default': the embedded MiniLM)"})
+    hidden: int = field(default=256, metadata={"type": "positive_int", "help": "MLP head width"})
+    max_length: int = field(default=128, metadata={"type": "positive_int", "help": "prompt tokens the router reads"})
+    epochs: int | None = field(default=None, metadata={
+        "type": "positive_int", "help": "default: 60 for frozen encoders, 4 for the fine-tuned one"})
+    batch_size: int = field(default=32, metadata={"type": "positive_int", "help": "prompts per optimiser step"})
+    lr: float = field(default=1e-3, metadata={"help": "head learning rate"})
+    encoder_lr: float = field(default=3e-5, metadata={"help": "the fine-tuned backbone's learning rate (encoder)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    val_fraction: float = field(default=VAL_FRACTION, metadata={"help": "share of questions held out for validation"})
+    seed: int = field(default=0, metadata={"help": "initialisation and batch-order seed"})
+    target: str = field(default="tl", metadata={
+        "choices": TARGETS, "help": "label each set by the gold's mean log-likelihood (tl, the paper), its metric "
+                                    "margin over the best wrong choice, or its softmax probability among the choices"})
+    safe: bool = field(default=False, metadata={
+        "help": "safe routing: keep the best single set unless another is predicted to beat it by a threshold "
+                "tuned on the validation prompts"})
+    progress: bool = field(default=True, metadata={"help": "hide progress bars"})
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -349,10 +346,9 @@ def _tuned(scores: torch.Tensor, correct: torch.Tensor, default: int) -> tuple[f
 
 
 def plot_history(history: list[dict], title: str, path: Path) -> None:
-    import matplotlib
+    from pudding.core.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [r["epoch"] for r in history]
     fig, (loss_ax, agree_ax) = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -3,8 +3,10 @@
 The HTTP layer (:mod:`pudding.serving.server`) routes each request once and submits a :class:`Job` here. Jobs wait in
 one queue per (omission set, sampling settings). The worker takes the queue whose oldest job is oldest,
 waits at most ``batch_window`` seconds from that job's arrival for peers of the same set to join, and runs
-one batched ``generate`` with that set omitted. A job never waits for a batch of another set to *form*;
-it only waits for the model, which runs one batch at a time.
+one batched ``generate`` with that set omitted: :func:`pudding.routing.model.generate_batch`, the path
+``PuddingModel.generate`` runs too, so a request's completion equals the library's for the same prompts.
+A job never waits for a batch of another set to *form*; it only waits for the model, which runs one batch
+at a time.
 
 Tokens reach each job as they are produced (a streamer that splits the batch by row). A job whose client
 went away is cancelled: still queued, it is dropped; running, its row is stopped by a stopping criterion at
@@ -29,6 +31,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from pudding.core.omit import OmissionSet, omit_blocks
+from pudding.routing.model import eos_tokens, generate_batch
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,8 @@ class _RowText:
     def add(self, token: int, eos: set[int]) -> None:
         if self.finish:
             return
-        if token in eos:
+        if token in eos:  # counted, as generate_batch counts it, but never part of the text
+            self.tokens.append(token)
             self.finish = "stop"
             self._flush(final=True)
             return
@@ -170,8 +174,7 @@ class SetBatchingEngine:
         self.queues: dict[tuple, deque[Job]] = {}
         self.wakeup = asyncio.Event()
         self.stats = EngineStats()
-        eos = model.generation_config.eos_token_id
-        self.eos = {t for t in (eos if isinstance(eos, list) else [eos]) if t is not None}
+        self.eos = eos_tokens(model)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -227,13 +230,10 @@ class SetBatchingEngine:
         rows = [_RowText(self.tokenizer, job.stop, job.max_tokens, emitter(job)) for job in jobs]
         error = None
         try:  # tokenizing inside too: an exception that escaped this thread would end the worker for good
-            batch = self.tokenizer([j.prompt for j in jobs], return_tensors="pt", padding=True, padding_side="left")
-            batch = {k: v.to(self.model.device) for k, v in batch.items()}
-            with self.runner(jobs[0].blocks), torch.inference_mode():
-                self.model.generate(**batch, max_new_tokens=max(j.max_tokens for j in jobs),
-                                    pad_token_id=self.tokenizer.pad_token_id, streamer=_BatchStreamer(rows, self.eos),
-                                    stopping_criteria=StoppingCriteriaList([_StopRows(jobs, rows)]),
-                                    **jobs[0].sampling.kwargs)
+            # the library's own batched path; the rows get their tokens from the streamer as they come
+            generate_batch(self.model, self.tokenizer, [j.prompt for j in jobs], self.runner(jobs[0].blocks),
+                           max_new_tokens=max(j.max_tokens for j in jobs), streamer=_BatchStreamer(rows, self.eos),
+                           stopping_criteria=StoppingCriteriaList([_StopRows(jobs, rows)]), **jobs[0].sampling.kwargs)
         except Exception as exc:  # reported to every job of the batch; the engine keeps serving
             error = f"{type(exc).__name__}: {exc}"
         self.stats.batches += 1

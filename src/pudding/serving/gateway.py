@@ -13,10 +13,10 @@ import json
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import Request  # at module level: FastAPI resolves the (postponed) handler annotations here
 
 from pudding.core.errors import ConfigError
-from pudding.routing.model import PuddingModel
+from pudding.core.extras import require
+from pudding.routing.model import PromptError, PuddingModel
 from pudding.serving.server import (
     BLOCKS_HEADER,
     SET_HEADER,
@@ -25,6 +25,9 @@ from pudding.serving.server import (
     _RequestGuard,
     chat_router_text,
 )
+
+# At module level: FastAPI resolves the (postponed) handler annotations here.
+Request = require("fastapi", "serve").Request
 
 
 def parse_backends(specs: list[str], pudding: PuddingModel) -> dict[int, str]:
@@ -51,7 +54,7 @@ def parse_backends(specs: list[str], pudding: PuddingModel) -> dict[int, str]:
 def create_gateway(pudding: PuddingModel, backends: dict[int, str], settings: ServeSettings | None = None,
                    timeout: float = 600.0):
     """A FastAPI app that routes each request and proxies it to ``backends[chosen set]``."""
-    import httpx
+    httpx = require("httpx", "serve")
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -89,9 +92,10 @@ def create_gateway(pudding: PuddingModel, backends: dict[int, str], settings: Se
         return prompt
 
     def choose(text: str) -> int:
-        if not text.strip():
-            raise OpenAIError(400, "the prompt is empty", param="prompt")
-        [route] = pudding.route([text])
+        try:  # the library's prompt checks (pudding.routing.model.check_prompts), as in `pudding serve`
+            [route] = pudding.route([text])
+        except PromptError as error:
+            raise OpenAIError(400, str(error), param=error.param, code=error.code) from None
         scores = torch.tensor(route.scores)
         return max(available, key=lambda i: scores[i].item())
 

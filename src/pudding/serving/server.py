@@ -29,15 +29,22 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastapi import Request  # at module level: FastAPI resolves the (postponed) handler annotations here
-from starlette.requests import ClientDisconnect
-from starlette.responses import StreamingResponse
-
 from pudding.core.errors import ConfigError
-from pudding.core.load import context_length
+from pudding.core.extras import require
 from pudding.routing.adaptive import TOLERANCE_HEADER
-from pudding.routing.model import PuddingModel, Route
+from pudding.routing.model import PromptError, PuddingModel, Route, check_prompts
 from pudding.serving.engine import Job, Sampling, SetBatchingEngine
+
+# At module level: FastAPI resolves the (postponed) handler annotations here. This module is the server, so without
+# the serve extra importing it is the one-line error naming the install (pudding.core.extras).
+Request = require("fastapi", "serve").Request
+APIRouter = require("fastapi", "serve").APIRouter
+RequestValidationError = require("fastapi.exceptions", "serve").RequestValidationError
+JSONResponse = require("fastapi.responses", "serve").JSONResponse
+Response = require("fastapi.responses", "serve").Response
+StarletteHTTPException = require("starlette.exceptions", "serve").HTTPException
+ClientDisconnect = require("starlette.requests", "serve").ClientDisconnect
+StreamingResponse = require("starlette.responses", "serve").StreamingResponse
 
 SET_HEADER = "X-Pudding-Set"
 BLOCKS_HEADER = "X-Pudding-Omitted-Blocks"
@@ -176,6 +183,7 @@ class _Prepared:
 
 
 def _metrics():
+    require("prometheus_client", "serve")
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
     registry = CollectorRegistry()
@@ -335,298 +343,357 @@ class _Stream(StreamingResponse):
             self.close()
 
 
-def create_app(pudding: PuddingModel, settings: ServeSettings | None = None):
-    """The FastAPI application serving ``pudding``."""
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+class _Server:
+    """What the handlers share, as ``app.state.pudding``: the model, the settings, the metrics, the concurrency
+    slots and, while the app runs, the engine and the prep thread."""
 
-    settings = settings or ServeSettings()
-    registry, metric = _metrics()
-    slots = _Slots(settings.max_concurrency)
-    names = [e.name for e in pudding.pool.sets]
-    context = context_length(pudding.model)
-    state: dict[str, Any] = {}
+    def __init__(self, pudding: PuddingModel, settings: ServeSettings):
+        sets = len(pudding.pool.sets)
+        if settings.force_set is not None and not 0 <= settings.force_set < sets:  # else a 500 on every request
+            raise ConfigError(f"force_set {settings.force_set} is out of range: the pool has sets 0..{sets - 1}")
+        self.pudding, self.settings = pudding, settings
+        self.registry, self.metric = _metrics()
+        self.slots = _Slots(settings.max_concurrency)
+        self.engine: SetBatchingEngine | None = None
+        self.prep: ThreadPoolExecutor | None = None
 
-    @asynccontextmanager
-    async def lifespan(app):
-        engine = SetBatchingEngine(pudding.model, pudding.tokenizer, batch_window=settings.batch_window_ms / 1000,
-                                   max_batch_size=settings.max_batch_size,
-                                   on_batch=lambda blocks, size: metric["batch"].observe(size),
-                                   runner=pudding.running)  # omits the set and applies its healing adapter
-        engine.start()
-        # One thread tokenizes and routes every request, off the event loop: the tokenizers are not
-        # thread-safe, and the router is a torch model. The engine decodes on its own thread.
-        state["engine"], state["prep"] = engine, ThreadPoolExecutor(1, thread_name_prefix="pudding-prep")
-        yield
-        await engine.stop()
-        state["prep"].shutdown(wait=False, cancel_futures=True)
-
-    app = FastAPI(title="pudding", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.settings = settings
-
-    def count(endpoint: str, status: int | str) -> None:
+    def count(self, endpoint: str, status: int | str) -> None:
         # "other" for unknown paths: any path a client makes up would otherwise become a series of its own
-        metric["requests"].labels(endpoint if endpoint in ENDPOINTS else "other", str(status)).inc()
+        self.metric["requests"].labels(endpoint if endpoint in ENDPOINTS else "other", str(status)).inc()
 
-    def error_response(error: OpenAIError, endpoint: str = "other") -> JSONResponse:
-        count(endpoint, error.status)
+    def error_response(self, error: OpenAIError, endpoint: str = "other") -> JSONResponse:
+        self.count(endpoint, error.status)
         return JSONResponse(error.body(), status_code=error.status)
 
-    def client_gone(endpoint: str) -> None:
-        count(endpoint, CLIENT_CLOSED)
+    def too_large(self, endpoint: str) -> JSONResponse:
+        return self.error_response(OpenAIError(413, f"request body over {self.settings.max_body_bytes} bytes"),
+                                   endpoint)
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(request, error: OpenAIError):
-        return error_response(error, request.url.path)
+    def client_gone(self, endpoint: str) -> None:
+        self.count(endpoint, CLIENT_CLOSED)
 
-    @app.exception_handler(_ClientGone)
-    async def _gone(request, error):
-        client_gone(request.url.path)
-        return Response(status_code=CLIENT_CLOSED)  # sent to nobody: the connection is closed
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, error: RequestValidationError):
-        first = error.errors()[0] if error.errors() else {}
-        if first.get("type") == "json_invalid":
-            return error_response(OpenAIError(400, "the request body is not valid JSON"), request.url.path)
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(OpenAIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}",
-                                          param=where), request.url.path)
+def _server(request: Request) -> _Server:
+    return request.app.state.pudding
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, error):
-        return error_response(OpenAIError(error.status_code, str(error.detail),
-                                          "not_found_error" if error.status_code == 404 else "invalid_request_error"),
-                              request.url.path)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request, error):
-        return error_response(OpenAIError(500, f"internal error: {type(error).__name__}", "server_error"),
-                              request.url.path)
+@asynccontextmanager
+async def _lifespan(app):
+    server: _Server = app.state.pudding
+    pudding, settings = server.pudding, server.settings
+    server.engine = SetBatchingEngine(pudding.model, pudding.tokenizer, batch_window=settings.batch_window_ms / 1000,
+                                      max_batch_size=settings.max_batch_size,
+                                      on_batch=lambda blocks, size: server.metric["batch"].observe(size),
+                                      runner=pudding.running)  # omits the set and applies its healing adapter
+    server.engine.start()
+    # One thread tokenizes and routes every request, off the event loop: the tokenizers are not
+    # thread-safe, and the router is a torch model. The engine decodes on its own thread.
+    server.prep = ThreadPoolExecutor(1, thread_name_prefix="pudding-prep")
+    yield
+    await server.engine.stop()
+    server.prep.shutdown(wait=False, cancel_futures=True)
 
-    def too_large(endpoint: str) -> JSONResponse:
-        return error_response(OpenAIError(413, f"request body over {settings.max_body_bytes} bytes"), endpoint)
 
-    app.add_middleware(_RequestGuard, max_bytes=settings.max_body_bytes, too_large=too_large,
-                       client_gone=client_gone)
+def create_app(pudding: PuddingModel, settings: ServeSettings | None = None):
+    """The FastAPI application serving ``pudding``: this module's handlers, sharing one :class:`_Server`."""
+    require("prometheus_client", "serve")  # /metrics
+    from fastapi import FastAPI
 
-    def choose(router_texts: list[str], tolerance: float | None = None) -> list[Route]:
-        if settings.force_set is not None:
-            entry = pudding.pool.sets[settings.force_set]
-            return [Route(settings.force_set, entry.blocks, entry.name, []) for _ in router_texts]
-        return pudding.route(router_texts, tolerance=tolerance)
-
-    def max_tokens_of(body) -> int:
-        value = body.max_completion_tokens or body.max_tokens or 16
-        if value > settings.max_tokens_limit:
-            raise OpenAIError(400, f"max_tokens is {value}; this server allows at most {settings.max_tokens_limit}",
-                              param="max_tokens")
-        return value
-
-    def check_request(body, prompts: int) -> None:
-        """The checks that need no tokenizer, made before the request takes any slot."""
-        where = lone_surrogate(body.model_dump(exclude_none=True))
-        if where:
-            raise OpenAIError(400, f"{where} contains a lone UTF-16 surrogate, which is not valid Unicode",
-                              param=where)
-        if prompts == 0:
-            raise OpenAIError(400, "the prompt list is empty", param="prompt")
-        # A list can never need more slots than exist: cap it there too, or it would get a 429 forever.
-        cap = min(settings.max_prompts_per_request, settings.max_concurrency)
-        if prompts > cap:
-            raise OpenAIError(400, f"the prompt list has {prompts} prompts; this server takes at most {cap} per "
-                                   "request", param="prompt")
-        if body.stream and prompts != 1:
-            raise OpenAIError(400, "streaming supports one prompt per request", param="prompt")
-        if body.tolerance is not None:
-            if settings.force_set is not None:
-                raise OpenAIError(400, "this server serves one fixed set; tolerance needs routing", param="tolerance")
-            try:
-                pudding.check_tolerance(body.tolerance)
-            except ConfigError as error:
-                raise OpenAIError(400, str(error), param="tolerance") from None
-
-    def prepare(prompt: str, router_text: str, max_tokens: int) -> _Prepared:
-        if not prompt.strip() or not router_text.strip():
-            raise OpenAIError(400, "the prompt is empty", param="prompt")
-        n = len(pudding.tokenizer(prompt)["input_ids"])
-        limit = settings.max_prompt_tokens or (context - max_tokens if context else None)
-        if limit is not None and n > limit:
-            raise OpenAIError(400, f"the prompt has {n} tokens; with max_tokens={max_tokens} at most {limit} are "
-                                   "allowed", param="prompt", code="context_length_exceeded")
-        if context and n + max_tokens > context:
-            raise OpenAIError(400, f"prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                                   f"context of {context}", param="max_tokens", code="context_length_exceeded")
-        return _Prepared(prompt, router_text, n)
-
-    async def prepare_all(texts: Callable[[], list[tuple[str, str]]], max_tokens: int,
-                          tolerance: float | None = None) -> tuple[list[_Prepared], list[Route]]:
-        """On the prep thread: build the (prompt, router text) pairs, count and check their tokens, route."""
-        def work():
-            prepared = [prepare(prompt, router_text, max_tokens) for prompt, router_text in texts()]
-            return prepared, choose([p.router_text for p in prepared], tolerance)
-
-        return await asyncio.get_running_loop().run_in_executor(state["prep"], work)
-
-    def stops(body) -> tuple[str, ...]:
-        stop = body.stop
-        return tuple(s for s in ([stop] if isinstance(stop, str) else stop or []) if s)
-
-    def route_info(route: Route) -> dict:
-        info = {"set": route.name, "set_index": route.set_index, "blocks": list(route.blocks)}
-        return info if route.tolerance is None else {**info, "k": len(route.blocks), "tolerance": route.tolerance}
-
-    def headers(route: Route) -> dict:
-        found = {SET_HEADER: route.name, BLOCKS_HEADER: ",".join(map(str, route.blocks))}
-        return found if route.tolerance is None else {**found, TOLERANCE_HEADER: repr(route.tolerance)}
-
-    def job_of(prepared: _Prepared, route: Route, max_tokens: int, body) -> Job:
-        return Job(prepared.prompt, route.blocks, max_tokens, Sampling(body.temperature, body.top_p), stops(body))
-
-    async def run_jobs(jobs: list[Job], request: Request) -> list[dict]:
-        for job in jobs:
-            state["engine"].submit(job)
-        results = await _finals(jobs, request.receive)
-        failed = next((r["error"] for r in results if r.get("error")), None)
-        if failed:
-            raise OpenAIError(500, f"generation failed: {failed}", "server_error")
-        return results
-
-    async def handle(request: Request, body, endpoint: str, texts: Callable[[], list[tuple[str, str]]],
-                     prompts: int, chat: bool):
-        """Route, generate and answer. Holds one concurrency slot per prompt (a stream hands its slot on)."""
-        check_request(body, prompts)
-        max_tokens = max_tokens_of(body)
-        slots.take(prompts)
-        handed_on = False
-        try:
-            started = time.perf_counter()
-            prepared, routes = await prepare_all(texts, max_tokens, body.tolerance)
-            for route in routes:
-                metric["sets"].labels(route.name).inc()
-            metric["tokens"].labels("prompt").inc(sum(p.prompt_tokens for p in prepared))
-            request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            jobs = [job_of(p, r, max_tokens, body) for p, r in zip(prepared, routes)]
-            if body.stream:
-                response = stream_response(body, endpoint, prepared[0], routes[0], jobs[0], request_id, chat, started)
-                handed_on = True
-                return response
-            results = await run_jobs(jobs, request)
-        finally:
-            if not handed_on:
-                slots.give(prompts)
-        count(endpoint, 200)
-        metric["latency"].labels(endpoint).observe(time.perf_counter() - started)
-        return JSONResponse(answer(results, prepared, routes, request_id, chat), headers=headers(routes[0]))
-
-    def answer(results: list[dict], prepared: list[_Prepared], routes: list[Route], request_id: str,
-               chat: bool) -> dict:
-        completion = sum(r["completion_tokens"] for r in results)
-        metric["tokens"].labels("completion").inc(completion)
-        prompt_tokens = sum(p.prompt_tokens for p in prepared)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                 "total_tokens": prompt_tokens + completion}
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                        "finish_reason": r["finish_reason"]} for i, r in enumerate(results)]
-        else:
-            choices = [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
-                       for i, r in enumerate(results)]
-        return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": settings.model_name, "choices": choices, "usage": usage,
-                "pudding": route_info(routes[0]) if len(routes) == 1 else [route_info(r) for r in routes]}
-
-    def stream_response(body, endpoint, prepared, route, job, request_id, chat, started) -> _Stream:
-        outcome: dict[str, int] = {}  # the status to count; none set means the client left first
-
-        def close() -> None:
-            job.cancelled.set()  # a no-op when the job is done; stops its row when the client left
-            slots.give(1)
-            count(endpoint, outcome.get("status", CLIENT_CLOSED))
-            if outcome.get("status") == 200:
-                metric["latency"].labels(endpoint).observe(time.perf_counter() - started)
-
-        return _Stream(stream(body, prepared, route, job, request_id, chat, outcome), close,
-                       media_type="text/event-stream", headers=headers(route))
-
-    async def stream(body, prepared, route, job, request_id, chat, outcome: dict) -> AsyncIterator[str]:
-        state["engine"].submit(job)
-        kind_name = "chat.completion.chunk" if chat else "text_completion"
-        created = int(time.time())
-
-        def event(payload: dict) -> str:
-            return "data: " + json.dumps(payload) + "\n\n"
-
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                content = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": content, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            return event({"id": request_id, "object": kind_name, "created": created, "model": settings.model_name,
-                          "choices": [choice], "pudding": route_info(route)})
-
-        if chat:
-            yield chunk(None, None, first=True)
-        while True:
-            kind, info = await job.events.get()
-            if kind == "token":
-                yield chunk(info, None)
-                continue
-            if info.get("error"):
-                outcome["status"] = 500
-                yield event(OpenAIError(500, f"generation failed: {info['error']}", "server_error").body())
-                return
-            metric["tokens"].labels("completion").inc(info["completion_tokens"])
-            yield chunk(None, info["finish_reason"])
-            if body.stream_options and body.stream_options.include_usage:
-                usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": info["completion_tokens"],
-                         "total_tokens": prepared.prompt_tokens + info["completion_tokens"]}
-                yield event({"id": request_id, "object": kind_name, "created": created,
-                             "model": settings.model_name, "choices": [], "usage": usage})
-            outcome["status"] = 200
-            yield "data: [DONE]\n\n"
-            return
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        return await handle(request, body, "/v1/completions", lambda: [(p, p) for p in prompts], len(prompts),
-                            chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
-        if getattr(pudding.tokenizer, "chat_template", None) is None:
-            raise OpenAIError(400, "this model's tokenizer has no chat template; use /v1/completions")
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
-
-        def texts() -> list[tuple[str, str]]:  # on the prep thread: the template may be long to render
-            prompt = pudding.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return [(prompt, chat_router_text(messages))]
-
-        return await handle(request, body, "/v1/chat/completions", texts, 1, chat=True)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "pudding", "sets": names}]}
-
-    @app.get("/health")
-    async def health():
-        engine = state.get("engine")
-        return {"status": "ok", "batches": engine.stats.batches if engine else 0}
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
+    settings = settings or ServeSettings()
+    server = _Server(pudding, settings)
+    app = FastAPI(title="pudding", lifespan=_lifespan, docs_url=None, redoc_url=None)
+    app.state.settings, app.state.pudding = settings, server
+    for error, handler in _ERROR_HANDLERS.items():
+        app.add_exception_handler(error, handler)
+    app.add_middleware(_RequestGuard, max_bytes=settings.max_body_bytes, too_large=server.too_large,
+                       client_gone=server.client_gone)
+    app.include_router(_routes)
     return app
 
 
-def run_server(app, host: str = "127.0.0.1", port: int = 8000) -> None:
-    import uvicorn
+# --- errors: every one an OpenAI-style body, counted in /metrics -----------------------------------------------
 
+
+async def _on_openai_error(request: Request, error: OpenAIError):
+    return _server(request).error_response(error, request.url.path)
+
+
+async def _on_client_gone(request: Request, error: _ClientGone):
+    _server(request).client_gone(request.url.path)
+    return Response(status_code=CLIENT_CLOSED)  # sent to nobody: the connection is closed
+
+
+async def _on_invalid(request: Request, error: RequestValidationError):
+    first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid":
+        return _server(request).error_response(OpenAIError(400, "the request body is not valid JSON"),
+                                               request.url.path)
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return _server(request).error_response(
+        OpenAIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where), request.url.path)
+
+
+async def _on_http_error(request: Request, error: StarletteHTTPException):
+    type_ = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return _server(request).error_response(OpenAIError(error.status_code, str(error.detail), type_), request.url.path)
+
+
+async def _on_unexpected(request: Request, error: Exception):
+    return _server(request).error_response(OpenAIError(500, f"internal error: {type(error).__name__}", "server_error"),
+                                           request.url.path)
+
+
+_ERROR_HANDLERS = {OpenAIError: _on_openai_error, _ClientGone: _on_client_gone, RequestValidationError: _on_invalid,
+                   StarletteHTTPException: _on_http_error, Exception: _on_unexpected}
+
+
+# --- the endpoints ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Call:
+    """One completion request, as its endpoint parsed it."""
+
+    endpoint: str
+    body: Any  # a CompletionRequest or a ChatRequest
+    prompts: int
+    texts: Callable[[], list[tuple[str, str]]]  # the (LLM prompt, router text) pairs; run on the prep thread
+    chat: bool = False
+
+
+_routes = APIRouter()
+
+
+@_routes.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    return await _complete(request, _Call("/v1/completions", body, len(prompts), lambda: [(p, p) for p in prompts]))
+
+
+@_routes.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    tokenizer = _server(request).pudding.tokenizer
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise OpenAIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+
+    def texts() -> list[tuple[str, str]]:  # on the prep thread: the template may be long to render
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return [(prompt, chat_router_text(messages))]
+
+    return await _complete(request, _Call("/v1/chat/completions", body, 1, texts, chat=True))
+
+
+@_routes.get("/v1/models")
+async def models(request: Request):
+    server = _server(request)
+    return {"object": "list", "data": [{"id": server.settings.model_name, "object": "model", "created": 0,
+                                        "owned_by": "pudding", "sets": [e.name for e in server.pudding.pool.sets]}]}
+
+
+@_routes.get("/health")
+async def health(request: Request):
+    engine = _server(request).engine
+    return {"status": "ok", "batches": engine.stats.batches if engine else 0}
+
+
+@_routes.get("/metrics")
+async def metrics(request: Request):
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(_server(request).registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- a completion: check, route, generate, answer -------------------------------------------------------------
+
+
+async def _complete(request: Request, call: _Call):
+    """Route, generate and answer. Holds one concurrency slot per prompt (a stream hands its slot on)."""
+    server, body = _server(request), call.body
+    _check_request(server, body, call.prompts)
+    max_tokens = _max_tokens(server, body)
+    server.slots.take(call.prompts)
+    handed_on = False
+    try:
+        started = time.perf_counter()
+        prepared, routes = await asyncio.get_running_loop().run_in_executor(server.prep, _prepare, server, call,
+                                                                            max_tokens)
+        for route in routes:
+            server.metric["sets"].labels(route.name).inc()
+        server.metric["tokens"].labels("prompt").inc(sum(p.prompt_tokens for p in prepared))
+        request_id = f"{'chatcmpl' if call.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        jobs = [Job(p.prompt, r.blocks, max_tokens, Sampling(body.temperature, body.top_p), _stops(body))
+                for p, r in zip(prepared, routes)]
+        if body.stream:
+            response = _stream_response(server, call, prepared[0], routes[0], jobs[0], request_id, started)
+            handed_on = True
+            return response
+        results = await _run_jobs(server, jobs, request)
+    finally:
+        if not handed_on:
+            server.slots.give(call.prompts)
+    server.count(call.endpoint, 200)
+    server.metric["latency"].labels(call.endpoint).observe(time.perf_counter() - started)
+    return JSONResponse(_answer(server, call, results, prepared, routes, request_id), headers=_headers(routes[0]))
+
+
+def _check_request(server: _Server, body, prompts: int) -> None:
+    """The checks that need no tokenizer, made before the request takes any slot."""
+    settings = server.settings
+    where = lone_surrogate(body.model_dump(exclude_none=True))
+    if where:
+        raise OpenAIError(400, f"{where} contains a lone UTF-16 surrogate, which is not valid Unicode", param=where)
+    if prompts == 0:
+        raise OpenAIError(400, "the prompt list is empty", param="prompt")
+    # A list can never need more slots than exist: cap it there too, or it would get a 429 forever.
+    cap = min(settings.max_prompts_per_request, settings.max_concurrency)
+    if prompts > cap:
+        raise OpenAIError(400, f"the prompt list has {prompts} prompts; this server takes at most {cap} per "
+                               "request", param="prompt")
+    if body.stream and prompts != 1:
+        raise OpenAIError(400, "streaming supports one prompt per request", param="prompt")
+    if body.tolerance is not None:
+        if settings.force_set is not None:
+            raise OpenAIError(400, "this server serves one fixed set; tolerance needs routing", param="tolerance")
+        try:
+            server.pudding.check_tolerance(body.tolerance)
+        except ConfigError as error:
+            raise OpenAIError(400, str(error), param="tolerance") from None
+
+
+def _max_tokens(server: _Server, body) -> int:
+    value = body.max_completion_tokens or body.max_tokens or 16
+    if value > server.settings.max_tokens_limit:
+        raise OpenAIError(400, f"max_tokens is {value}; this server allows at most {server.settings.max_tokens_limit}",
+                          param="max_tokens")
+    return value
+
+
+def _prepare(server: _Server, call: _Call, max_tokens: int) -> tuple[list[_Prepared], list[Route]]:
+    """On the prep thread: build the (prompt, router text) pairs, check and count their tokens, route them.
+
+    The prompt checks are the library's own (:meth:`PuddingModel.check_length`), so ``generate`` and the
+    server refuse the same prompts with the same message.
+    """
+    pairs = call.texts()
+    router_texts = [text for _, text in pairs]
+    try:
+        check_prompts(router_texts)  # a chat whose user messages are empty has nothing to route on
+        lengths = server.pudding.check_length([prompt for prompt, _ in pairs], max_tokens, name="max_tokens",
+                                              max_prompt_tokens=server.settings.max_prompt_tokens)
+        routes = _choose(server, router_texts, call.body.tolerance)
+    except PromptError as error:
+        raise OpenAIError(400, str(error), param=error.param, code=error.code) from None
+    return [_Prepared(prompt, text, n) for (prompt, text), n in zip(pairs, lengths)], routes
+
+
+def _choose(server: _Server, router_texts: list[str], tolerance: float | None = None) -> list[Route]:
+    force = server.settings.force_set
+    if force is not None:
+        entry = server.pudding.pool.sets[force]
+        return [Route(force, entry.blocks, entry.name, []) for _ in router_texts]
+    return server.pudding.route(router_texts, tolerance=tolerance)
+
+
+def _stops(body) -> tuple[str, ...]:
+    stop = body.stop
+    return tuple(s for s in ([stop] if isinstance(stop, str) else stop or []) if s)
+
+
+async def _run_jobs(server: _Server, jobs: list[Job], request: Request) -> list[dict]:
+    for job in jobs:
+        server.engine.submit(job)
+    results = await _finals(jobs, request.receive)
+    failed = next((r["error"] for r in results if r.get("error")), None)
+    if failed:
+        raise OpenAIError(500, f"generation failed: {failed}", "server_error")
+    return results
+
+
+def _route_info(route: Route) -> dict:
+    info = {"set": route.name, "set_index": route.set_index, "blocks": list(route.blocks)}
+    return info if route.tolerance is None else {**info, "k": len(route.blocks), "tolerance": route.tolerance}
+
+
+def _headers(route: Route) -> dict:
+    found = {SET_HEADER: route.name, BLOCKS_HEADER: ",".join(map(str, route.blocks))}
+    return found if route.tolerance is None else {**found, TOLERANCE_HEADER: repr(route.tolerance)}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _answer(server: _Server, call: _Call, results: list[dict], prepared: list[_Prepared], routes: list[Route],
+            request_id: str) -> dict:
+    completion = sum(r["completion_tokens"] for r in results)
+    server.metric["tokens"].labels("completion").inc(completion)
+    if call.chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                    "finish_reason": r["finish_reason"]} for i, r in enumerate(results)]
+    else:
+        choices = [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+                   for i, r in enumerate(results)]
+    return {"id": request_id, "object": "chat.completion" if call.chat else "text_completion",
+            "created": int(time.time()), "model": server.settings.model_name, "choices": choices,
+            "usage": _usage(sum(p.prompt_tokens for p in prepared), completion),
+            "pudding": _route_info(routes[0]) if len(routes) == 1 else [_route_info(r) for r in routes]}
+
+
+# --- streaming -------------------------------------------------------------------------------------------------
+
+
+def _stream_response(server: _Server, call: _Call, prepared: _Prepared, route: Route, job: Job, request_id: str,
+                     started: float) -> _Stream:
+    outcome: dict[str, int] = {}  # the status to count; none set means the client left first
+
+    def close() -> None:
+        job.cancelled.set()  # a no-op when the job is done; stops its row when the client left
+        server.slots.give(1)
+        server.count(call.endpoint, outcome.get("status", CLIENT_CLOSED))
+        if outcome.get("status") == 200:
+            server.metric["latency"].labels(call.endpoint).observe(time.perf_counter() - started)
+
+    return _Stream(_stream_events(server, call, prepared, route, job, request_id, outcome), close,
+                   media_type="text/event-stream", headers=_headers(route))
+
+
+async def _stream_events(server: _Server, call: _Call, prepared: _Prepared, route: Route, job: Job,
+                         request_id: str, outcome: dict) -> AsyncIterator[str]:
+    server.engine.submit(job)
+    head = {"id": request_id, "object": "chat.completion.chunk" if call.chat else "text_completion",
+            "created": int(time.time()), "model": server.settings.model_name}
+    if call.chat:
+        yield _chunk(head, route, None, None, chat=True, first=True)
+    kind, info = await job.events.get()
+    while kind == "token":
+        yield _chunk(head, route, info, None, call.chat)
+        kind, info = await job.events.get()
+    if info.get("error"):
+        outcome["status"] = 500
+        yield _event(OpenAIError(500, f"generation failed: {info['error']}", "server_error").body())
+        return
+    server.metric["tokens"].labels("completion").inc(info["completion_tokens"])
+    yield _chunk(head, route, None, info["finish_reason"], call.chat)
+    if call.body.stream_options and call.body.stream_options.include_usage:
+        yield _event({**head, "choices": [], "usage": _usage(prepared.prompt_tokens, info["completion_tokens"])})
+    outcome["status"] = 200
+    yield "data: [DONE]\n\n"
+
+
+def _event(payload: dict) -> str:
+    return "data: " + json.dumps(payload) + "\n\n"
+
+
+def _chunk(head: dict, route: Route, delta: str | None, finish: str | None, chat: bool, first: bool = False) -> str:
+    if chat:
+        content = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+        choice = {"index": 0, "delta": content, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+    return _event({**head, "choices": [choice], "pudding": _route_info(route)})
+
+
+def run_server(app, host: str = "127.0.0.1", port: int = 8000) -> None:
+    uvicorn = require("uvicorn", "serve")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,11 @@
+"""Config-field metadata of the settings several stages share, declared once (see :mod:`pudding.cli_config`).
+
+A stage's config uses them as ``quantize: str = field(default="none", metadata=QUANTIZE_FIELD)``; the CLI reads
+them from this file's source, so they are literals only. This module imports nothing: configs of torch-free
+modules (the bench's parent process) use it too.
+"""
+
+# pudding.core.quantize.QUANTIZATIONS's keys (tests/test_cli_config.py checks), spelled out to keep torch out.
+QUANTIZE_FIELD = {"help": "int8: int8 weights and per-token int8 activations in the blocks' linear layers, on CPU "
+                          "(docs/QUANTIZATION.md)", "choices": ("none", "int8")}
+QUANTIZE_HEAD_FIELD = {"help": "with --quantize: the LM head too (else fp32)"}
