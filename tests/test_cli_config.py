@@ -14,7 +14,9 @@ from pudding.cli_config import _NO_DEFAULT, config_fields
 
 VERBS = build_parser().verbs
 CONFIG_VERBS = {name: p.get_default("config_target") for name, p in VERBS.items() if p.get_default("config_target")}
-TARGETS = sorted(set(CONFIG_VERBS.values()))
+# verbs with one config per variant (compress --method), with the configs nested in them (TrainSettings)
+VARIANT_VERBS = {name: p.get_default("config_targets") for name, p in VERBS.items() if p.get_default("config_targets")}
+TARGETS = sorted(set(CONFIG_VERBS.values()) | {t for targets in VARIANT_VERBS.values() for t in targets})
 
 
 def _imported(target: str):
@@ -24,7 +26,10 @@ def _imported(target: str):
 
 def test_the_converted_verbs_are_generated():
     assert {"eval", "candidates", "baselines", "importance", "label", "train-router", "reproduce",
-            "bench"} <= set(CONFIG_VERBS)
+            "bench", "heal", "serve"} <= set(CONFIG_VERBS)
+    assert set(VARIANT_VERBS["compress"]) == {"pudding.pruning.laco:LacoConfig",
+                                              "pudding.pruning.streamline:StreamlineConfig",
+                                              "pudding.pruning.streamline:TrainSettings"}
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -46,6 +51,9 @@ def test_every_config_field_is_a_flag_or_internal_with_a_reason(target):
     exposed = set()
     for verb, verb_target in CONFIG_VERBS.items():
         if verb_target == target:
+            exposed |= {a.dest for a in VERBS[verb]._actions}
+    for verb, verb_targets in VARIANT_VERBS.items():
+        if target in verb_targets:
             exposed |= {a.dest for a in VERBS[verb]._actions}
     for spec in config_fields(target):
         if spec.internal:
@@ -134,6 +142,76 @@ def test_literal_choices_match_their_registries():
 def test_every_verbs_help_stays_free_of_torch():
     """The flags come from the configs' source, not from importing them: each verb's --help is instant."""
     code = ("import sys, pudding.cli as c; p = c.build_parser()\n"
-            "for v in p.verbs.values(): v.format_help()\n"
+            "helps = {name: v.format_help() for name, v in p.verbs.items()}\n"
+            "assert '--max-batch-size' in helps['serve'] and '--train-steps' in helps['compress']\n"
+            "assert '{local,ray}' in helps['label']\n"
             "sys.exit(int('torch' in sys.modules or 'transformers' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_registry_is_read_as_its_names():
+    """``"choices": tuple(EXECUTORS)`` follows the registry (a dict of classes) without importing it."""
+    from pudding.pool.executor import EXECUTORS
+
+    for target in ("pudding.pruning.candidates:PoolConfig", "pudding.routing.labels:LabelConfig"):
+        executor = {s.name: s for s in config_fields(target)}["executor"]
+        assert executor.metadata["choices"] == tuple(EXECUTORS) == ("local", "ray")
+
+
+def test_serve_settings_come_from_their_flags():
+    from pudding.cli_config import build_config
+    from pudding.serving.server import ServeSettings
+
+    assert build_config(build_parser().parse_args(["serve"])) == ServeSettings()
+    args = build_parser().parse_args(["serve", "--max-batch-size", "4", "--force-set", "2", "--batch-window-ms", "0",
+                                      "--served-model-name", "x", "--max-prompt-tokens", "100", "--port", "9000"])
+    assert build_config(args) == ServeSettings(max_batch_size=4, force_set=2, batch_window_ms=0.0, model_name="x",
+                                               max_prompt_tokens=100)
+    assert (args.port, args.host) == (9000, "127.0.0.1")
+
+
+def _compress(*argv):
+    from pudding.cli import _compress_config
+
+    return _compress_config(build_parser().parse_args(["compress", "--out", "x", *argv]))[0]
+
+
+def test_compress_flags_build_each_methods_config():
+    from pudding.pruning.laco import LacoConfig
+    from pudding.pruning.streamline import StreamlineConfig, TrainSettings
+
+    assert _compress("--method", "laco") == LacoConfig(out="x")
+    assert _compress("--method", "streamline") == StreamlineConfig(out="x")
+    assert _compress("--method", "laco", "--k", "2", "--merge-layers", "3", "--rule", "released_code",
+                     "--barriers", "2,1", "--batch-tokens", "64", "--no-progress") == \
+        LacoConfig(out="x", k=2, merge_layers=3, rule="released_code", barriers=(2, 1), max_batch_tokens=64,
+                   progress=False)
+    assert _compress("--method", "streamline", "--train-steps", "5", "--lr", "0.1", "--seed", "3") == \
+        StreamlineConfig(out="x", train=TrainSettings(steps=5, lr=0.1, seed=3))
+    assert _compress("--method", "streamline", "--no-train", "--samples", "4") == \
+        StreamlineConfig(out="x", train=None, samples=4)
+
+
+def test_compress_refuses_every_flag_of_the_other_method():
+    from pudding.core.errors import ConfigError
+
+    flags = build_parser().verbs["compress"].get_default("variant_flags")
+    checked = 0
+    for name, flag in flags.items():
+        for method in {"laco", "streamline"} - set(flag.owners):
+            valued = not flag.spec.is_bool and "nested" not in flag.spec.metadata
+            argv = ["--method", method, flag.spec.flag] + (["rdsc" if name == "rule" else "1"] if valued else [])
+            with pytest.raises(ConfigError, match=f"^{flag.spec.flag} does not apply to --method {method}$"):
+                _compress(*argv)
+            checked += 1
+    assert checked >= 16  # laco's 5 and streamline's --no-train with its 10 TrainSettings flags
+
+
+def test_a_field_shared_by_variants_must_be_declared_alike():
+    import argparse
+
+    from pudding.cli_config import add_variant_flags
+
+    with pytest.raises(LookupError, match="declared unlike"):  # both have `model`, with other help texts
+        add_variant_flags(argparse.ArgumentParser(), {"a": "pudding.routing.labels:LabelConfig",
+                                                      "b": "pudding.evaluation.zero_shot:EvalConfig"}, "--x")

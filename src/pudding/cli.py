@@ -12,7 +12,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pudding.cli_config import add_config_flags, add_shared_flag, build_config
+from pudding.cli_config import (
+    add_config_flags,
+    add_shared_flag,
+    add_variant_flags,
+    build_config,
+    build_variant_config,
+)
 from pudding.cli_config import positive_int as _positive_int
 from pudding.core.errors import ConfigError, PuddingError
 
@@ -205,12 +211,12 @@ def _tolerance(text: str) -> float:
         raise argparse.ArgumentTypeError(message) from None
 
 
-# Flags of `pudding compress` that belong to one method only: dest -> (method, config field or train field).
-_COMPRESS_ONLY = {"merge_layers": ("laco", "merge_layers"), "interval": ("laco", "interval"),
-                  "threshold": ("laco", "threshold"), "relax_step": ("laco", "relax_step"), "rule": ("laco", "rule"),
-                  "train_steps": ("streamline", "steps"), "train_samples": ("streamline", "train_samples"),
-                  "val_samples": ("streamline", "val_samples"), "lr": ("streamline", "lr"),
-                  "seed": ("streamline", "seed")}
+def _compress_targets() -> dict[str, str]:
+    # The methods' configs, from the registry's source (pudding.pruning.compress imports torch).
+    from pudding.cli_config import read_constant
+
+    registry = read_constant("pudding.pruning.compress", "COMPRESSORS")
+    return {method: f"{module}:{config}" for method, (module, config, _) in registry.items()}
 
 
 def _add_compress(sub) -> None:
@@ -218,56 +224,19 @@ def _add_compress(sub) -> None:
                             description="Merge blocks (LaCo) or replace a run by one trained block (LLM-Streamline) "
                                         "on calibration text, and save the model as a standard HF checkpoint with "
                                         "compress.json beside it; score it with `pudding eval --model OUT`.")
+    # No argparse choices: an unknown method is the registry's own one-line error (pudding.pruning.compress).
     parser.add_argument("--method", required=True, help="laco or streamline (docs/MERGE_BASELINES.md)")
-    parser.add_argument("--model", default="default", help="'default', a .gguf file, a model folder or a hub id")
-    parser.add_argument("--k", type=_positive_int, default=6, help="blocks the result has fewer than the model")
-    parser.add_argument("--samples", type=_positive_int, default=16, help="calibration documents (BoolQ passages)")
-    parser.add_argument("--max-length", type=_positive_int, default=256, help="tokens kept per passage")
-    parser.add_argument("--batch-tokens", type=_positive_int, default=512, help="padded tokens per forward pass")
-    parser.add_argument("--barriers", default="1,1", help="blocks protected at the start and the end, e.g. 1,1")
-    parser.add_argument("--out", required=True, help="checkpoint folder (must be empty or absent)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    laco = parser.add_argument_group("laco (defaults: LacoConfig)")
-    laco.add_argument("--merge-layers", type=_positive_int, help="C: blocks per merge (base + C-1 collapsed)")
-    laco.add_argument("--interval", type=_positive_int, help="I: how far the merge base moves after a merge")
-    laco.add_argument("--threshold", type=float, help="T: the similarity a merge must exceed")
-    laco.add_argument("--relax-step", type=float, help="least threshold decrease per extra sweep to reach k")
-    laco.add_argument("--rule", help="rdsc (the paper's equation 1) or released_code")
-    stream = parser.add_argument_group("streamline (defaults: TrainSettings)")
-    stream.add_argument("--no-train", action="store_true", help="remove the most similar k-run, no replacement")
-    stream.add_argument("--train-steps", type=_positive_int, help="optimiser steps for the replacement block")
-    stream.add_argument("--train-samples", type=_positive_int, help="documents the replacement is trained on")
-    stream.add_argument("--val-samples", type=_positive_int, help="held-out documents (best state, reported MSE)")
-    stream.add_argument("--lr", type=float, help="peak learning rate")
-    stream.add_argument("--seed", type=int, help="batch-order seed")
+    # LacoConfig, StreamlineConfig and its TrainSettings: shared fields are one flag, a method's own fields are
+    # refused for the other method, and --no-train or the TrainSettings flags build StreamlineConfig.train.
+    add_variant_flags(parser, _compress_targets(), "--method")
     parser.set_defaults(handler=_run_compress)
 
 
 def _compress_config(args):
-    from dataclasses import replace
-
     from pudding.pruning.compress import get_compressor
 
     config_class, entry = get_compressor(args.method)
-    given = {dest: getattr(args, dest) for dest in _COMPRESS_ONLY if getattr(args, dest) is not None}
-    wrong = [dest for dest in given if _COMPRESS_ONLY[dest][0] != args.method]
-    wrong += ["no_train"] if args.no_train and args.method != "streamline" else []
-    if wrong:
-        raise ConfigError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
-    if args.no_train and given:
-        raise ConfigError(f"--{next(iter(given)).replace('_', '-')} sets up training, which --no-train skips")
-    try:
-        barriers = tuple(int(b) for b in args.barriers.split(","))
-    except ValueError:
-        raise ConfigError(f"--barriers must be two integers like 1,1, got {args.barriers!r}") from None
-    common = dict(model=args.model, k=args.k, samples=args.samples, max_length=args.max_length,
-                  max_batch_tokens=args.batch_tokens, barriers=barriers, out=args.out, progress=not args.no_progress)
-    if args.method == "laco":
-        return config_class(**common, **given), entry
-    from pudding.pruning.streamline import TrainSettings
-
-    train = None if args.no_train else replace(TrainSettings(), **{_COMPRESS_ONLY[d][1]: v for d, v in given.items()})
-    return config_class(**common, train=train), entry
+    return build_variant_config(args, args.method, config_class), entry
 
 
 def _run_compress(args) -> int:
@@ -473,16 +442,8 @@ def _add_serve(sub) -> None:
                                         "batching requests that chose the same set. Binds to 127.0.0.1 by default.")
     parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
-    parser.add_argument("--port", type=_port, default=8000)
-    parser.add_argument("--batch-window-ms", type=float, default=10.0, help="wait for same-set peers this long")
-    parser.add_argument("--max-batch-size", type=_positive_int, default=16)
-    parser.add_argument("--max-concurrency", type=_positive_int, default=64,
-                        help="prompts in flight (a list of n prompts takes n); more get 429")
-    parser.add_argument("--max-prompts-per-request", type=_positive_int, default=64,
-                        help="longest prompt list accepted; longer gets 400")
-    parser.add_argument("--max-tokens-limit", type=_positive_int, default=1024, help="largest max_tokens accepted")
-    parser.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000)
-    parser.add_argument("--force-set", type=int, default=None, help="serve one fixed set (a gateway backend)")
+    parser.add_argument("--port", type=_port, default=8000, help="port to bind (default: 8000)")
+    add_config_flags(parser, "pudding.serving.server:ServeSettings")  # host and port are run_server's, not settings
     parser.add_argument("--gateway", action="store_true", help="run only the router and forward to --backend servers")
     parser.add_argument("--backend", action="append", default=[], metavar="SET=URL",
                         help="gateway backend serving one set (index or name), e.g. 3=http://10.0.0.5:8000")
@@ -494,12 +455,9 @@ def _add_serve(sub) -> None:
 def _run_serve(args) -> int:
     from pudding.core.errors import ConfigError
     from pudding.routing.model import PuddingModel
-    from pudding.serving.server import ServeSettings, create_app, run_server
+    from pudding.serving.server import create_app, run_server
 
-    settings = ServeSettings(batch_window_ms=args.batch_window_ms, max_batch_size=args.max_batch_size,
-                             max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit,
-                             max_body_bytes=args.max_body_bytes, max_prompts_per_request=args.max_prompts_per_request,
-                             force_set=args.force_set)
+    settings = build_config(args)
     if args.gateway:
         from pudding.serving.gateway import create_gateway, parse_backends
 

@@ -27,7 +27,12 @@ The metadata keys (all optional except ``help``/``internal``):
   names are comma-separated strings);
 - ``choices``, ``metavar``: as in argparse; ``required``: the flag is required although the field has a default;
 - ``append``: the flag may be repeated; its values become a tuple (not given: the field's default);
-- ``one_of``: a group name; exactly one flag of the fields in that group must be given.
+- ``one_of``: a group name; exactly one flag of the fields in that group must be given;
+- ``nested`` (a class name of the same module) and ``what``: the field holds a config of its own, whose fields are
+  flags too; the field's flag sets it to None (:func:`add_variant_flags`, ``StreamlineConfig.train``).
+
+Besides literals and constants, a value may be ``tuple(REGISTRY)`` (the names of a module-level dict, whatever
+it maps them to: ``"choices": tuple(EXECUTORS)``) or ``CONSTANT["key"]`` (one entry of a dict constant).
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def positive_int(text: str) -> int:
 
 
 def omission(text: str) -> str:
-    # Parsed later by the config, so a malformed set gets the same one-line error as every other bad input.
-    return "" if text.strip().lower() in ("none", "dense") else text
+    # Parsed later by the config (pudding.core.omit, which also reads none/dense), so a malformed set gets the
+    # same one-line error as every other bad input.
+    return text
 
 
 def int_pair(text: str) -> tuple[int, int]:
@@ -114,28 +120,51 @@ def _module_tree(module: str) -> ast.Module:
         return ast.parse(handle.read(), spec.origin)
 
 
-def _constant(module: str, name: str) -> Any:
-    """The value of the module-level constant ``name`` of ``module``, followed through imports."""
+def _definition(module: str, name: str) -> tuple[str, ast.expr]:
+    """``(module, expression)`` that assigns the module-level name ``name`` of ``module``, followed through imports."""
     for node in _module_tree(module).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            return _value(module, node.value)
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
-            return _value(module, node.value)
+            return module, node.value
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name \
+                and node.value is not None:
+            return module, node.value
         if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pudding"):
             for alias in node.names:
                 if (alias.asname or alias.name) == name:
-                    return _constant(node.module, alias.name)
+                    return _definition(node.module, alias.name)
     raise LookupError(f"{module}.{name} is not a module-level constant")
 
 
+def _constant(module: str, name: str) -> Any:
+    """The value of the module-level constant ``name`` of ``module``, followed through imports."""
+    return _value(*_definition(module, name))
+
+
+def read_constant(module: str, name: str) -> Any:
+    """A registry or other constant of ``module`` read from its source, without importing it (and torch)."""
+    return _constant(module, name)
+
+
 def _value(module: str, node: ast.expr) -> Any:
-    """A literal, a module constant, or a tuple/list/dict of those; LookupError for anything else."""
+    """A literal, a module constant, or a tuple/list/dict of those; LookupError for anything else.
+
+    ``tuple(REGISTRY)`` is the names of a module-level dict literal, whatever it maps them to (classes,
+    functions): ``"choices": tuple(EXECUTORS)`` follows the registry itself, and the module stays unimported.
+    """
     if isinstance(node, ast.Name):
         return _constant(module, node.id)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "tuple" \
+            and len(node.args) == 1 and isinstance(node.args[0], ast.Name) and not node.keywords:
+        where, target = _definition(module, node.args[0].id)
+        if isinstance(target, ast.Dict) and None not in target.keys:
+            return tuple(_value(where, key) for key in target.keys)
+        return tuple(_value(where, target))
     if isinstance(node, ast.Tuple):
         return tuple(_value(module, e) for e in node.elts)
     if isinstance(node, ast.List):
         return [_value(module, e) for e in node.elts]
+    if isinstance(node, ast.Subscript):  # COMMON_FIELDS["k"]: one entry of a dict constant
+        return _value(module, node.value)[_value(module, node.slice)]
     if isinstance(node, ast.Dict) and None not in node.keys:
         return {_value(module, k): _value(module, v) for k, v in zip(node.keys, node.values)}
     try:
@@ -192,14 +221,20 @@ def _shown(default: Any) -> str:
     return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
-def _add_flag(parser, spec: FieldSpec, owner: str) -> None:
+def _add_flag(parser, spec: FieldSpec, owner: str, only: str | None = None) -> None:
+    """``only``: the flag belongs to some of a verb's configs (:func:`add_variant_flags`); it then defaults to
+    None, "not given", so that the others can refuse it, and its help names the config's default."""
     meta = spec.metadata
     if "help" not in meta:
         raise LookupError(f"{owner}.{spec.name} has neither a help text nor an internal reason")
     text = meta["help"]
+    if only is not None:
+        shown = "" if spec.default in (None, _NO_DEFAULT) or spec.is_bool else f"; default: {_shown(spec.default)}"
+        text = f"{text} ({only} only{shown})"
     if spec.is_bool:
         action = "store_false" if spec.default is True else "store_true"
-        parser.add_argument(spec.flag, dest=spec.name, action=action, help=text)
+        extra = {} if only is None else {"default": None}
+        parser.add_argument(spec.flag, dest=spec.name, action=action, help=text, **extra)
         return
     # argparse names the value after dest; name it after the flag, as a hand-written flag would be
     metavar = None if "choices" in meta else spec.flag.lstrip("-").replace("-", "_").upper()
@@ -209,6 +244,8 @@ def _add_flag(parser, spec: FieldSpec, owner: str) -> None:
             kwargs[key] = meta[key]
     if meta.get("append"):
         kwargs.update(action="append", default=None)
+    elif only is not None:
+        kwargs["default"] = None
     elif spec.default is _NO_DEFAULT or meta.get("required"):
         kwargs["required"] = True
     elif "one_of" in meta:  # one of a required group: its default is "not this one"
@@ -226,6 +263,8 @@ def add_config_flags(parser, target: str, *, skip: tuple[str, ...] = ()) -> tupl
     names, groups = [], {}
     for spec in config_fields(target):
         if not spec.internal and spec.name not in skip:
+            if "nested" in spec.metadata:
+                raise LookupError(f"{target}.{spec.name}: a nested config's flags come from add_variant_flags")
             group = spec.metadata.get("one_of")
             if group is not None and group not in groups:
                 groups[group] = parser.add_mutually_exclusive_group(required=True)
@@ -257,3 +296,89 @@ def build_config(args: argparse.Namespace, **fixed: Any):
             continue
         values[name] = value
     return config_class(**values, **fixed)
+
+
+# --- a verb whose config class is chosen by a flag (`pudding compress --method`) ---------------------------
+
+
+@dataclass(frozen=True)
+class _VariantFlag:
+    spec: FieldSpec
+    owners: tuple[str, ...]  # the variants whose config has the field (all of them: a shared flag)
+    nested_in: str | None = None  # the field of ``nested`` metadata this field's config is built into
+
+
+def _nested_target(target: str, spec: FieldSpec) -> str:
+    # ``nested`` names a config class of the same module (the field's annotation is ``Class | None``).
+    module = target.partition(":")[0]
+    return spec.metadata["nested"] if ":" in spec.metadata["nested"] else f"{module}:{spec.metadata['nested']}"
+
+
+def add_variant_flags(parser, targets: dict[str, str], selector: str) -> None:
+    """Flags for a verb with one config class per variant, chosen by the flag ``selector`` (which the verb adds;
+    ``targets`` maps each variant to its ``"module:Class"``, e.g. from a registry read by :func:`read_constant`).
+
+    A field several variants' configs have is one flag, declared once: their declarations (metadata, default)
+    must agree, else LookupError. A field of some variants only is a flag that defaults to None ("not given"),
+    which :func:`build_variant_config` refuses for the other variants. A field with ``nested`` metadata holds a
+    config of its own (``StreamlineConfig.train: TrainSettings | None``): its flag (``--no-train``) sets it to
+    None, and that config's fields are flags too, of the same variants; ``what`` says what they set up.
+    """
+    flags: dict[str, _VariantFlag] = {}
+
+    def declare(spec: FieldSpec, owner: str, variant: str, nested_in: str | None = None) -> None:
+        if spec.internal:
+            return
+        known = flags.get(spec.name)
+        if known is None:
+            flags[spec.name] = _VariantFlag(spec, (variant,), nested_in)
+        elif (known.spec.metadata, known.spec.default, known.nested_in) != (spec.metadata, spec.default, nested_in):
+            raise LookupError(f"{owner}.{spec.name} is declared unlike the same field of {known.owners[0]}'s config")
+        else:
+            flags[spec.name] = _VariantFlag(known.spec, (*known.owners, variant), nested_in)
+
+    nested_targets = []
+    for variant, target in targets.items():
+        for spec in config_fields(target):
+            declare(spec, target, variant)
+            if "nested" in spec.metadata:
+                nested_targets.append(_nested_target(target, spec))
+                for inner in config_fields(nested_targets[-1]):
+                    declare(inner, nested_targets[-1], variant, nested_in=spec.name)
+    for name, flag in flags.items():
+        only = None if len(flag.owners) == len(targets) else f"{selector} {'/'.join(flag.owners)}"
+        if "nested" in flag.spec.metadata:
+            parser.add_argument(flag.spec.flag, dest=name, action="store_true", default=None,
+                                help=flag.spec.metadata["help"] + (f" ({only} only)" if only else ""))
+        else:
+            _add_flag(parser, flag.spec, "/".join(targets.values()), only=only)
+    parser.set_defaults(config_variants=dict(targets), variant_flags=flags, variant_selector=selector,
+                        config_targets=tuple(dict.fromkeys([*targets.values(), *nested_targets])))
+
+
+def build_variant_config(args: argparse.Namespace, variant: str, config_class: type):
+    """The config of ``variant`` (``config_class``, which the verb resolved, e.g. through its registry) from the
+    flags of :func:`add_variant_flags`. ConfigError (one line) for a flag of another variant, or for a nested
+    config's flag beside the flag that turns that config off."""
+    from pudding.core.errors import ConfigError
+
+    flags, selector = args.variant_flags, args.variant_selector
+    for name, flag in flags.items():
+        if variant not in flag.owners and getattr(args, name) is not None:
+            raise ConfigError(f"{flag.spec.flag} does not apply to {selector} {variant}")
+    mine = {name: flag for name, flag in flags.items() if variant in flag.owners}
+    values = {name: getattr(args, name) for name, flag in mine.items()
+              if flag.nested_in is None and "nested" not in flag.spec.metadata and getattr(args, name) is not None}
+    for name, flag in mine.items():
+        if "nested" not in flag.spec.metadata:
+            continue
+        inner = {n: getattr(args, n) for n, f in mine.items() if f.nested_in == name and getattr(args, n) is not None}
+        if getattr(args, name):  # off
+            if inner:
+                raise ConfigError(f"{mine[next(iter(inner))].spec.flag} sets up {flag.spec.metadata['what']}, "
+                                  f"which {flag.spec.flag} skips")
+            values[name] = None
+        else:  # the nested config's own defaults, with what was given
+            module, _, class_name = _nested_target(args.config_variants[variant], flag.spec).partition(":")
+            values[name] = getattr(importlib.import_module(module), class_name)(**inner)
+    return config_class(**values)

@@ -23,6 +23,7 @@ from pudding.core.quantize import check_quantization, quantize_identity
 from pudding.core.tasks import PAPER_TASKS, MCDoc, get_task, load_docs
 from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource, deduplicate
 from pudding.pool.executor import (
+    EXECUTORS,
     Executor,
     LocalExecutor,
     ModelReplica,
@@ -64,8 +65,8 @@ class PoolConfig:
         "required": True, "help": "folder the pool artifact (pool.json) is written to"})
     progress: bool = field(default=True, metadata={"help": "hide progress bars"})
     executor: str = field(default="local", metadata={
-        "choices": ("local", "ray"), "help": "ray: spread each step's candidates over Ray actors, one model "
-                                             "replica each (identical results; pip install pudding[ray])"})
+        "choices": tuple(EXECUTORS), "help": "ray: spread each step's candidates over Ray actors, one model "
+                                               "replica each (identical results; pip install pudding[ray])"})
     ray_address: str | None = field(default=None, metadata={
         "help": "Ray cluster to join ('auto', 'ray://head:10001'); default: start a local one"})
     ray_actors: int = field(default=2, metadata={"type": "positive_int", "help": "model replicas (Ray actors)"})

@@ -37,6 +37,18 @@ COMPRESSORS: dict[str, tuple[str, str, str]] = {
     "streamline": ("pudding.pruning.streamline", "StreamlineConfig", "streamline"),
 }
 
+# Config-field metadata (help texts, flags: pudding.cli_config) of the settings every compressor's config has,
+# declared once: `pudding compress` makes one flag of each, whatever the --method.
+COMMON_FIELDS: dict[str, dict[str, Any]] = {
+    "model": {"help": "'default', a .gguf file, a model folder or a hub id"},
+    "k": {"type": "positive_int", "help": "blocks the result has fewer than the model"},
+    "barriers": {"help": "blocks protected at the start and the end, e.g. 1,1"},
+    "samples": {"type": "positive_int", "help": "calibration documents (BoolQ passages)"},
+    "max_length": {"type": "positive_int", "help": "tokens kept per passage"},
+    "max_batch_tokens": {"flag": "--batch-tokens", "type": "positive_int", "help": "padded tokens per forward pass"},
+    "out": {"required": True, "help": "checkpoint folder (must be empty or absent)"},
+}
+
 
 def get_compressor(method: str) -> tuple[type, Callable]:
     """``(config class, entry function)`` of ``method``; UnknownNameError listing the known methods."""
@@ -48,14 +60,20 @@ def get_compressor(method: str) -> tuple[type, Callable]:
 
 
 def check_common(k: int | None, samples: int, max_length: int, max_batch_tokens: int,
-                 barriers: Sequence[int]) -> tuple[int, int]:
-    """Validate the settings every compressor shares (no model needed); return ``barriers`` as a pair."""
+                 barriers: Sequence[int] | str) -> tuple[int, int]:
+    """Validate the settings every compressor shares (no model needed); return ``barriers`` as a pair (given
+    as a sequence or as the text ``"1,1"``)."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ConfigError(f"k must be a positive integer, got {k!r}")
     for name, value in (("samples", samples), ("max_length", max_length), ("max_batch_tokens", max_batch_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     pair = tuple(barriers)
+    if isinstance(barriers, str):  # "1,1", as the CLI passes it; text that is not two integers is refused below
+        try:
+            pair = tuple(int(b) for b in barriers.split(","))
+        except ValueError:
+            pair = (barriers,)
     if len(pair) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in pair):
         raise ConfigError(f"barriers must be two non-negative integers like (1, 1), got {barriers!r}")
     return pair  # type: ignore[return-value]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ from pudding.core.omit import get_blocks, omit_blocks, prune_blocks
 from pudding.core.provenance import locks_output
 from pudding.core.score import PackedBatch
 from pudding.pruning.compress import (
+    COMMON_FIELDS,
     base_model_record,
     calibration_text,
     check_common,
@@ -102,36 +103,30 @@ def merge_into(base: nn.Module, others: Sequence[nn.Module], rule: str = "rdsc")
 
 @dataclass(frozen=True)
 class LacoConfig:
-    """Settings of ``pudding compress --method laco``.
+    """Settings of ``pudding compress --method laco``; each field's help text is its documentation (its flag's).
 
-    Attributes:
-        model: model spec (see :func:`pudding.core.load.load_model`).
-        k: blocks to remove in total; None runs the paper's single sweep (as many as the threshold allows).
-        merge_layers: the paper's C, blocks per merge (the base and the C-1 collapsed into it).
-        interval: the paper's I, how far the merge base moves down after an accepted merge.
-        threshold: the paper's T, the similarity a merge must exceed to be kept.
-        relax_step: with ``k`` set, the least a sweep that ends short of k lowers the threshold by.
-        barriers: blocks never merged at the start and at the end (the paper's L = barriers[0],
-            H = n - barriers[1], exclusive).
-        rule: ``rdsc`` (the paper's equation 1) or ``released_code`` (what the authors' notebook computes).
-        samples: calibration documents (BoolQ passages) for the similarity.
-        max_length: tokens kept per passage; max_batch_tokens: padded tokens per forward pass.
-        out: folder the checkpoint is written to (None: build only, in memory).
+    ``k=None`` (no flag) runs the paper's single sweep, as many merges as the threshold allows. The barriers
+    give the paper's L = barriers[0] and H = n - barriers[1] (exclusive). ``out=None``: build only, in memory.
     """
 
-    model: str = DEFAULT_MODEL
-    k: int | None = 6
-    merge_layers: int = 4
-    interval: int = 2
-    threshold: float = 0.65
-    relax_step: float = 0.05
-    barriers: tuple[int, int] = (1, 1)
-    rule: str = "rdsc"
-    samples: int = 16
-    max_length: int = 256
-    max_batch_tokens: int = 512
-    out: str | None = None
-    progress: bool = True
+    model: str = field(default=DEFAULT_MODEL, metadata=COMMON_FIELDS["model"])
+    k: int | None = field(default=6, metadata=COMMON_FIELDS["k"])
+    merge_layers: int = field(default=4, metadata={
+        "type": "positive_int", "help": "the paper's C: blocks per merge (the base and the C-1 collapsed into it)"})
+    interval: int = field(default=2, metadata={
+        "type": "positive_int", "help": "the paper's I: how far the merge base moves down after a merge"})
+    threshold: float = field(default=0.65, metadata={"help": "the paper's T: the similarity a merge must exceed"})
+    relax_step: float = field(default=0.05, metadata={
+        "help": "the least a sweep that ends short of k lowers the threshold by"})
+    barriers: tuple[int, int] = field(default=(1, 1), metadata=COMMON_FIELDS["barriers"])
+    rule: str = field(default="rdsc", metadata={
+        "choices": tuple(MERGE_RULES), "help": "rdsc (the paper's equation 1) or released_code (what the "
+                                               "authors' notebook computes)"})
+    samples: int = field(default=16, metadata=COMMON_FIELDS["samples"])
+    max_length: int = field(default=256, metadata=COMMON_FIELDS["max_length"])
+    max_batch_tokens: int = field(default=512, metadata=COMMON_FIELDS["max_batch_tokens"])
+    out: str | None = field(default=None, metadata=COMMON_FIELDS["out"])
+    progress: bool = field(default=True, metadata={"help": "hide progress bars"})
 
     def __post_init__(self):
         object.__setattr__(self, "barriers", check_common(self.k, self.samples, self.max_length,

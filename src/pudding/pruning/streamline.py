@@ -42,6 +42,7 @@ from pudding.core.omit import get_blocks, prune_blocks
 from pudding.core.provenance import atomic_write_figure, atomic_write_json, locks_output
 from pudding.core.score import PackedBatch
 from pudding.pruning.compress import (
+    COMMON_FIELDS,
     base_model_record,
     block_states,
     calibration_text,
@@ -58,33 +59,29 @@ TRAINING_FILE = "training.json"
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How the replacement block is trained (MSE on hidden states, AdamW, cosine schedule with warm-up).
+    """How the replacement block is trained (MSE on hidden states, AdamW, cosine schedule with warm-up); each
+    field's help text is its documentation (its ``pudding compress --method streamline`` flag's).
 
     The defaults are the authors' optimiser settings (lr 2e-4 decaying to 5e-5, weight decay 1e-3, gradient
     clipping at 5, keep the best state on held-out data) with a budget that fits this 2-core CPU for
     SmolLM2-135M in 5-8 minutes uncontended (docs/MERGE_BASELINES.md: measured steps, estimated total).
-
-    Attributes:
-        steps: optimiser steps; one step is one packed batch of training text.
-        lr, min_lr: peak and final learning rate of the cosine schedule.
-        warmup_steps: linear warm-up steps.
-        weight_decay, grad_clip: AdamW weight decay and the gradient-norm clip.
-        train_samples: calibration documents (BoolQ passages) the block is trained on.
-        val_samples: further documents, disjoint from those, that pick the best state and report the MSE.
-        eval_every: steps between validation measurements.
-        seed: seeds the batch order.
     """
 
-    steps: int = 400
-    lr: float = 2e-4
-    min_lr: float = 5e-5
-    warmup_steps: int = 10
-    weight_decay: float = 1e-3
-    grad_clip: float = 5.0
-    train_samples: int = 256
-    val_samples: int = 32
-    eval_every: int = 25
-    seed: int = 0
+    steps: int = field(default=400, metadata={
+        "flag": "--train-steps", "type": "positive_int",
+        "help": "optimiser steps for the replacement block; one step is one packed batch of training text"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate of the cosine schedule"})
+    min_lr: float = field(default=5e-5, metadata={"help": "final learning rate of the cosine schedule"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=5.0, metadata={"help": "gradient-norm clip"})
+    train_samples: int = field(default=256, metadata={
+        "type": "positive_int", "help": "calibration documents (BoolQ passages) the block is trained on"})
+    val_samples: int = field(default=32, metadata={
+        "type": "positive_int", "help": "further, disjoint documents: pick the best state, report the MSE"})
+    eval_every: int = field(default=25, metadata={
+        "type": "positive_int", "help": "steps between validation measurements"})
+    seed: int = field(default=0, metadata={"help": "seeds the batch order"})
 
     def __post_init__(self):
         for name in ("steps", "train_samples", "val_samples", "eval_every"):
@@ -106,27 +103,20 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class StreamlineConfig:
-    """Settings of ``pudding compress --method streamline``.
+    """Settings of ``pudding compress --method streamline``; each field's help text is its documentation (its
+    flag's). ``k`` is net, after the replacement block; ``out=None``: build only, in memory."""
 
-    Attributes:
-        model: model spec (see :func:`pudding.core.load.load_model`).
-        k: blocks the result has fewer than the original (net, after the replacement block).
-        train: how to train the replacement block; None removes the most similar k-run with no replacement.
-        samples: calibration documents (BoolQ passages) over which the run similarity is measured.
-        barriers: blocks protected at the start and at the end, as for the other baselines.
-        max_length: tokens kept per passage; max_batch_tokens: padded tokens per forward pass.
-        out: folder the checkpoint is written to (None: build only, in memory).
-    """
-
-    model: str = DEFAULT_MODEL
-    k: int = 6
-    train: TrainSettings | None = field(default_factory=TrainSettings)
-    samples: int = 16
-    barriers: tuple[int, int] = (1, 1)
-    max_length: int = 256
-    max_batch_tokens: int = 512
-    out: str | None = None
-    progress: bool = True
+    model: str = field(default=DEFAULT_MODEL, metadata=COMMON_FIELDS["model"])
+    k: int = field(default=6, metadata=COMMON_FIELDS["k"])
+    train: TrainSettings | None = field(default_factory=TrainSettings, metadata={
+        "nested": "TrainSettings", "flag": "--no-train", "what": "training",
+        "help": "remove the most similar k-run, with no replacement block (no training)"})
+    samples: int = field(default=16, metadata=COMMON_FIELDS["samples"])
+    barriers: tuple[int, int] = field(default=(1, 1), metadata=COMMON_FIELDS["barriers"])
+    max_length: int = field(default=256, metadata=COMMON_FIELDS["max_length"])
+    max_batch_tokens: int = field(default=512, metadata=COMMON_FIELDS["max_batch_tokens"])
+    out: str | None = field(default=None, metadata=COMMON_FIELDS["out"])
+    progress: bool = field(default=True, metadata={"help": "hide progress bars"})
 
     def __post_init__(self):
         if self.k is None:

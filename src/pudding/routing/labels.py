@@ -45,7 +45,14 @@ from pudding.core.score import LikelihoodScorer, doc_requests
 from pudding.core.tasks import PAPER_TASKS, SPLITS, TARGET_DELIMITER, MCDoc, load_docs
 from pudding.pool.artifact import CandidatePool
 from pudding.pool.evaluator import CandidateEvaluator
-from pudding.pool.executor import Executor, ModelReplica, RaySettings, check_executor, start_executor
+from pudding.pool.executor import (
+    EXECUTORS,
+    Executor,
+    ModelReplica,
+    RaySettings,
+    check_executor,
+    start_executor,
+)
 
 LABELS_FILE = "labels.parquet"
 META_FILE = "labels.json"
@@ -98,8 +105,8 @@ class LabelConfig:
     run_dir: str = field(default="runs/labels", metadata={"help": "shard checkpoints; reruns resume"})
     progress: bool = field(default=True, metadata={"help": "hide progress bars"})
     executor: str = field(default="local", metadata={
-        "choices": ("local", "ray"), "help": "ray: shards are scored by Ray actors, one model replica each "
-                                             "(pudding.pool.executor; pip install pudding[ray])"})
+        "choices": tuple(EXECUTORS), "help": "ray: shards are scored by Ray actors, one model replica each "
+                                               "(pudding.pool.executor; pip install pudding[ray])"})
     ray_address: str | None = field(default=None, metadata={
         "help": "Ray cluster to join ('auto', 'ray://head:10001'); default: start a local one"})
     ray_actors: int = field(default=2, metadata={"type": "positive_int", "help": "model replicas (Ray actors)"})

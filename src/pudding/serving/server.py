@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pudding.core.errors import ConfigError
@@ -60,17 +60,26 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Server limits and batching (every limit answers with an OpenAI-style error, not a crash)."""
+    """Server limits and batching (every limit answers with an OpenAI-style error, not a crash); each field's
+    help text is its documentation (its ``pudding serve`` flag's, pudding.cli_config)."""
 
-    model_name: str = "pudding"
-    batch_window_ms: float = 10.0
-    max_batch_size: int = 16
-    max_body_bytes: int = 1_000_000
-    max_prompt_tokens: int | None = None  # default: the model's context minus max_tokens
-    max_tokens_limit: int = 1024
-    max_concurrency: int = 64  # prompts in flight: a request with a list of n prompts takes n
-    max_prompts_per_request: int = 64  # a longer prompt list gets a 400
-    force_set: int | None = None  # serve one fixed set (a gateway backend), no routing
+    model_name: str = field(default="pudding", metadata={
+        "flag": "--served-model-name", "help": "the model id in /v1/models and in every response"})
+    batch_window_ms: float = field(default=10.0, metadata={"help": "wait for same-set peers this long"})
+    max_batch_size: int = field(default=16, metadata={
+        "type": "positive_int", "help": "prompts generated together in one batch"})
+    max_body_bytes: int = field(default=1_000_000, metadata={
+        "type": "positive_int", "help": "largest request body; larger gets 413"})
+    max_prompt_tokens: int | None = field(default=None, metadata={
+        "type": "positive_int", "help": "longest prompt in tokens (default: the model's context minus max_tokens)"})
+    max_tokens_limit: int = field(default=1024, metadata={
+        "type": "positive_int", "help": "largest max_tokens accepted"})
+    max_concurrency: int = field(default=64, metadata={
+        "type": "positive_int", "help": "prompts in flight (a list of n prompts takes n); more get 429"})
+    max_prompts_per_request: int = field(default=64, metadata={
+        "type": "positive_int", "help": "longest prompt list accepted; longer gets 400"})
+    force_set: int | None = field(default=None, metadata={
+        "help": "serve one fixed set, no routing (a gateway backend)"})
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_body_bytes", "max_tokens_limit", "max_concurrency",
