@@ -9,3 +9,8 @@ modules (the bench's parent process) use it too.
 QUANTIZE_FIELD = {"help": "int8: int8 weights and per-token int8 activations in the blocks' linear layers, on CPU "
                           "(docs/QUANTIZATION.md)", "choices": ("none", "int8")}
 QUANTIZE_HEAD_FIELD = {"help": "with --quantize: the LM head too (else fp32)"}
+
+# The Ray cluster settings of the stages that can spread their work over Ray actors (candidates, label).
+RAY_ADDRESS_FIELD = {"help": "Ray cluster to join ('auto', 'ray://head:10001'); default: start a local one"}
+RAY_ACTORS_FIELD = {"type": "positive_int", "help": "model replicas (Ray actors)"}
+RAY_GPUS_FIELD = {"help": "GPUs each replica asks Ray for"}

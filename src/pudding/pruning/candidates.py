@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD
+from pudding.core.fields import (
+    QUANTIZE_FIELD,
+    QUANTIZE_HEAD_FIELD,
+    RAY_ACTORS_FIELD,
+    RAY_ADDRESS_FIELD,
+    RAY_GPUS_FIELD,
+)
 from pudding.core.load import DEFAULT_MODEL, load_config, model_fingerprint, model_name
 from pudding.core.omit import check_k, validate_omission
 from pudding.core.provenance import locks_output, provenance
@@ -67,10 +73,9 @@ class PoolConfig:
     executor: str = field(default="local", metadata={
         "choices": tuple(EXECUTORS), "help": "ray: spread each step's candidates over Ray actors, one model "
                                                "replica each (identical results; pip install pudding[ray])"})
-    ray_address: str | None = field(default=None, metadata={
-        "help": "Ray cluster to join ('auto', 'ray://head:10001'); default: start a local one"})
-    ray_actors: int = field(default=2, metadata={"type": "positive_int", "help": "model replicas (Ray actors)"})
-    ray_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs each replica asks Ray for"})
+    ray_address: str | None = field(default=None, metadata=RAY_ADDRESS_FIELD)
+    ray_actors: int = field(default=2, metadata=RAY_ACTORS_FIELD)
+    ray_gpus_per_actor: float = field(default=0.0, metadata=RAY_GPUS_FIELD)
     quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
     quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
 

@@ -29,7 +29,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD
+from pudding.core.fields import (
+    QUANTIZE_FIELD,
+    QUANTIZE_HEAD_FIELD,
+    RAY_ACTORS_FIELD,
+    RAY_ADDRESS_FIELD,
+    RAY_GPUS_FIELD,
+)
 from pudding.core.identity import claim_identity
 from pudding.core.metrics import DocScores, scores_by_doc
 from pudding.core.omit import OmissionSet
@@ -107,10 +113,9 @@ class LabelConfig:
     executor: str = field(default="local", metadata={
         "choices": tuple(EXECUTORS), "help": "ray: shards are scored by Ray actors, one model replica each "
                                                "(pudding.pool.executor; pip install pudding[ray])"})
-    ray_address: str | None = field(default=None, metadata={
-        "help": "Ray cluster to join ('auto', 'ray://head:10001'); default: start a local one"})
-    ray_actors: int = field(default=2, metadata={"type": "positive_int", "help": "model replicas (Ray actors)"})
-    ray_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs each replica asks Ray for"})
+    ray_address: str | None = field(default=None, metadata=RAY_ADDRESS_FIELD)
+    ray_actors: int = field(default=2, metadata=RAY_ACTORS_FIELD)
+    ray_gpus_per_actor: float = field(default=0.0, metadata=RAY_GPUS_FIELD)
     quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
     quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
 
