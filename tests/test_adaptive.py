@@ -60,25 +60,28 @@ def test_choice_rule_without_dense_uses_the_best_set_at_the_smallest_k():
     assert choose_by_tolerance(scores, depths, -0.2).tolist() == [1, 0]  # nothing fits: best at k=3
 
 
-def _brute_force(row: list[float], depths: list[int], tolerance: float) -> int:
+def _brute_force(row: list[float], depths: list[int], tolerance: float, available: list[int] | None = None) -> int:
+    available = list(range(len(row))) if available is None else available
     shallow = min(depths)
-    reference = max(s for s, d in zip(row, depths) if d == shallow)
-    fits = [i for i, s in enumerate(row) if reference - s <= tolerance]
+    reference = max(s for s, d in zip(row, depths) if d == shallow)  # over every set, served or not
+    fits = [i for i in available if reference - row[i] <= tolerance]
     if not fits:
-        fits = [i for i, d in enumerate(depths) if d == shallow]
-        return max(fits, key=lambda i: (row[i], -i))
+        fewest = min(depths[i] for i in available)
+        return max((i for i in available if depths[i] == fewest), key=lambda i: (row[i], -i))
     deepest = max(depths[i] for i in fits)
     return max((i for i in fits if depths[i] == deepest), key=lambda i: (row[i], -i))
 
 
-def test_choice_rule_matches_a_loop_on_random_predictions_with_ties():
+@pytest.mark.parametrize("restricted", [False, True], ids=["every set", "some sets available"])
+def test_choice_rule_matches_a_loop_on_random_predictions_with_ties(restricted):
     rng = random.Random(0)
     for _ in range(200):
         depths = [rng.choice([0, 3, 6, 9]) for _ in range(rng.randint(2, 7))]
         rows = [[round(rng.uniform(-1, 0.2), 1) for _ in depths] for _ in range(5)]  # rounded: many ties
         tolerance = rng.choice([0.0, 0.1, 0.3, 2.0, -0.2])
-        got = choose_by_tolerance(torch.tensor(rows, dtype=torch.float64), depths, tolerance).tolist()
-        assert got == [_brute_force(r, depths, tolerance) for r in rows], (rows, depths, tolerance)
+        available = sorted(rng.sample(range(len(depths)), rng.randint(1, len(depths)))) if restricted else None
+        got = choose_by_tolerance(torch.tensor(rows, dtype=torch.float64), depths, tolerance, available).tolist()
+        assert got == [_brute_force(r, depths, tolerance, available) for r in rows], (rows, depths, tolerance)
 
 
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), "0.5", True, None])
@@ -351,6 +354,46 @@ def test_server_refuses_tolerance_without_a_ladder_or_with_a_fixed_set(flat, lad
     with TestClient(create_app(ladder, ServeSettings(force_set=1))) as client:
         response = client.post("/v1/completions", json=body)
         assert response.status_code == 400 and "one fixed set" in response.json()["error"]["message"]
+
+
+def test_gateway_routes_by_tolerance_among_the_served_sets(fixed, flat):
+    from test_serve import _Server
+
+    from pudding.serving.gateway import create_gateway
+
+    served = [0, 2, 3]  # dense, (3,) and (2, 3); not (2,), (1, 4) or (1, 2, 3)
+    servers = {i: _Server(create_app(fixed, ServeSettings(force_set=i))) for i in served}
+    urls = {i: server.__enter__() for i, server in servers.items()}
+    try:
+        with TestClient(create_gateway(fixed, urls)) as gateway, TestClient(create_app(fixed)) as direct:
+            for prompt, scores in PREDICTIONS.items():
+                request = {"prompt": prompt, "max_tokens": 4, "temperature": 0}
+                response = gateway.post("/v1/completions", json={**request, "tolerance": 0.25})
+                assert response.status_code == 200, response.text  # the backend never saw the field
+                expected = _brute_force(scores, [len(b) for b, _ in LADDER], 0.25, served)
+                info = response.json()["pudding"]
+                assert info["set_index"] == expected and info["tolerance"] == 0.25 and info["k"] == len(info["blocks"])
+                assert response.headers[TOLERANCE_HEADER] == "0.25"
+                # the same text as `pudding serve` forced to that set
+                forced = TestClient(create_app(fixed, ServeSettings(force_set=expected)))
+                with forced:
+                    assert response.json()["choices"] == forced.post("/v1/completions", json=request).json()["choices"]
+            # "Sarah ..." goes to (1, 2, 3) from `pudding serve`, which has no backend here: (3,) is the deepest
+            # served set within the tolerance, measured from the same dense reference
+            sarah = {"prompt": "Sarah was a much better surgeon", "max_tokens": 2, "tolerance": 0.25}
+            assert direct.post("/v1/completions", json=sarah).json()["pudding"]["blocks"] == [1, 2, 3]
+            assert gateway.post("/v1/completions", json=sarah).json()["pudding"]["blocks"] == [3]
+            plain = gateway.post("/v1/completions", json={"prompt": "A revolving door is", "max_tokens": 2})
+            assert plain.status_code == 200 and TOLERANCE_HEADER not in plain.headers
+            assert "tolerance" not in plain.json()["pudding"]
+            bad = gateway.post("/v1/completions", json={**sarah, "tolerance": -1})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "tolerance"
+        with TestClient(create_gateway(flat, {0: "http://127.0.0.1:9"})) as gateway:
+            refused = gateway.post("/v1/completions", json={"prompt": "A door", "tolerance": 0.1})
+            assert refused.status_code == 400 and "depth ladder" in refused.json()["error"]["message"]
+    finally:
+        for server in servers.values():
+            server.__exit__()
 
 
 # --- the measurement ----------------------------------------------------------------------------------------

@@ -52,24 +52,34 @@ def reference_scores(scores: torch.Tensor, depths: Sequence[int]) -> torch.Tenso
     return scores.masked_fill(~shallow, -math.inf).max(1).values
 
 
-def choose_by_tolerance(scores: torch.Tensor, depths: Sequence[int], tolerance: float) -> torch.Tensor:
+def choose_by_tolerance(scores: torch.Tensor, depths: Sequence[int], tolerance: float,
+                        available: Sequence[int] | None = None) -> torch.Tensor:
     """The set each prompt routes to under ``tolerance``: the deepest set (most blocks skipped) whose predicted
     drop from the reference (:func:`reference_scores`) is at most ``tolerance``; among the deepest, the best
-    predicted score (then the first index). A row where nothing fits (only possible for a negative tolerance
-    or NaN predictions: the reference set itself always fits) gets the best set at the smallest depth.
+    predicted score (then the first index). A row where nothing fits (only possible for a negative tolerance,
+    NaN predictions, or when the reference set is not ``available``) gets the best set at the smallest depth.
 
-    ``scores``: (prompts, sets) predicted scores; ``depths``: each set's k. Returns (prompts,) set indices.
+    ``scores``: (prompts, sets) predicted scores; ``depths``: each set's k; ``available``: the indices that may
+    be chosen (default all). The reference is always taken over every set, so a tolerance means the same
+    drop whichever sets a deployment serves (the gateway serves only the sets that have a backend).
+    Returns (prompts,) set indices.
 
     >>> choose_by_tolerance(torch.tensor([[0.0, -0.1, -0.5]]), [0, 3, 6], 0.2).tolist()
     [1]
+    >>> choose_by_tolerance(torch.tensor([[0.0, -0.1, -0.5]]), [0, 3, 6], 0.2, available=[0, 2]).tolist()
+    [0]
     """
     depth = torch.as_tensor(depths, dtype=torch.long).expand_as(scores)
-    fits = (reference_scores(scores, depths)[:, None] - scores) <= tolerance
+    can = torch.ones(scores.shape[1], dtype=torch.bool)
+    if available is not None:
+        can = torch.zeros_like(can)
+        can[list(available)] = True
+    fits = ((reference_scores(scores, depths)[:, None] - scores) <= tolerance) & can
     deepest = torch.where(fits, depth, -1).max(1, keepdim=True).values
-    allowed = fits & (depth == deepest)
-    fallback = depth == depth.min()
-    allowed = torch.where(fits.any(1, keepdim=True), allowed, fallback)
-    return scores.masked_fill(~allowed, -math.inf).argmax(1)
+    chosen = fits & (depth == deepest)
+    fallback = can & (depth == depth.masked_fill(~can, torch.iinfo(torch.long).max).min(1, keepdim=True).values)
+    chosen = torch.where(fits.any(1, keepdim=True), chosen, fallback)
+    return scores.masked_fill(~chosen, -math.inf).argmax(1)
 
 
 def check_adaptive(depths: Sequence[int], loss: str) -> None:

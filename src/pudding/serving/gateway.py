@@ -5,6 +5,11 @@ Each backend is any OpenAI-compatible server holding the statically pruned model
 The router picks the best set *among those that have a backend*, so a deployment may serve a subset of
 the pool. Requests and responses pass through unchanged (streams included), except that a non-streaming
 JSON answer gains the ``pudding`` field and every answer the ``X-Pudding-*`` headers, as from ``pudding serve``.
+
+With a depth-ladder artifact a request may carry ``tolerance`` (adaptive depth, as in ``pudding serve``): the
+deepest *served* set whose predicted drop from the reference is within it. The reference is the dense (or
+shallowest) prediction over the whole ladder, served or not, so a tolerance means the same drop behind the
+gateway as from ``pudding serve``. The field is removed before forwarding: a backend serves one fixed set.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 
 from pudding.core.errors import ConfigError
 from pudding.core.extras import require
+from pudding.routing.adaptive import TOLERANCE_HEADER, choose_by_tolerance
 from pudding.routing.model import PromptError, PuddingModel
 from pudding.serving.server import (
     BLOCKS_HEADER,
@@ -60,6 +66,7 @@ def create_gateway(pudding: PuddingModel, backends: dict[int, str], settings: Se
 
     settings = settings or ServeSettings()
     available = sorted(backends)
+    depths = [entry.k for entry in pudding.pool.sets]
     state = {}
 
     @asynccontextmanager
@@ -91,13 +98,26 @@ def create_gateway(pudding: PuddingModel, backends: dict[int, str], settings: Se
             raise OpenAIError(400, "the gateway forwards one string prompt per request", param="prompt")
         return prompt
 
-    def choose(text: str) -> int:
+    def tolerance_of(body: dict) -> float | None:
+        if body.get("tolerance") is None:  # absent or an explicit null: no tolerance, as in `pudding serve`
+            return None
+        try:
+            return pudding.check_tolerance(body["tolerance"])
+        except ConfigError as error:
+            raise OpenAIError(400, str(error), param="tolerance") from None
+
+    def choose(text: str, tolerance: float | None) -> int:
         try:  # the library's prompt checks (pudding.routing.model.check_prompts), as in `pudding serve`
             [route] = pudding.route([text])
         except PromptError as error:
             raise OpenAIError(400, str(error), param=error.param, code=error.code) from None
-        scores = torch.tensor(route.scores)
-        return max(available, key=lambda i: scores[i].item())
+        scores = torch.tensor([route.scores])
+        if tolerance is not None:
+            return choose_by_tolerance(scores, depths, tolerance, available).item()
+        # The router's own rule (argmax, or safe routing's default set) among the served sets only.
+        unserved = torch.ones(scores.shape[1], dtype=torch.bool)
+        unserved[available] = False
+        return pudding.router.choose(scores.masked_fill(unserved, -torch.inf)).item()
 
     async def forward(request: Request, path: str):
         raw = await request.body()  # within the size limit: _RequestGuard counted it as it arrived
@@ -105,16 +125,20 @@ def create_gateway(pudding: PuddingModel, backends: dict[int, str], settings: Se
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
-            if "tolerance" in body:  # its backends each serve one set: refused, not silently ignored
-                raise OpenAIError(400, "the gateway does not route by tolerance; serve the ladder artifact with "
-                                       "`pudding serve`", param="tolerance")
-            index = choose(router_text(path, body))
+            tolerance = tolerance_of(body)
+            index = choose(router_text(path, body), tolerance)
         except ValueError:
             return fail(OpenAIError(400, "the request body is not a valid JSON object"))
         except OpenAIError as error:
             return fail(error)
         entry = pudding.pool.sets[index]
         headers = {SET_HEADER: entry.name, BLOCKS_HEADER: ",".join(map(str, entry.blocks))}
+        info = {"set": entry.name, "set_index": index, "blocks": list(entry.blocks)}
+        if tolerance is not None:
+            headers[TOLERANCE_HEADER] = repr(tolerance)
+            info.update(k=entry.k, tolerance=tolerance)
+        if "tolerance" in body:  # a backend serving one fixed set would refuse it
+            raw = json.dumps({key: value for key, value in body.items() if key != "tolerance"}).encode()
         client = state["client"]
         upstream = client.build_request("POST", f"{backends[index]}{path}", content=raw,
                                         headers={"content-type": "application/json"})
@@ -137,7 +161,7 @@ def create_gateway(pudding: PuddingModel, backends: dict[int, str], settings: Se
         try:
             answer = json.loads(content)
             if response.status_code == 200 and isinstance(answer, dict):
-                answer["pudding"] = {"set": entry.name, "set_index": index, "blocks": list(entry.blocks)}
+                answer["pudding"] = info
             return JSONResponse(answer, status_code=response.status_code, headers=headers)
         except ValueError:
             return Response(content, status_code=response.status_code, headers=headers,
