@@ -2,7 +2,13 @@
 
     .venv/bin/python benchmarks/bench_quantize.py --model default --limit 100 --output results/smollm2/quantize.json
 
-For each ``--quantize`` method (fp32 is always the reference) on the same documents:
+Each variant of ``--methods`` is a ``--quantize`` method, optionally with the ``--quantize-skip`` suffixes kept
+fp32 after a colon: the default compares ``int8``, ``int8`` with every ``down_proj`` in fp32, ``int8-smooth``
+(SmoothQuant) and both together:
+
+    .venv/bin/python benchmarks/bench_quantize.py --limit 100 --output results/smollm2/quantize-variants.json
+
+For each variant (fp32 is always the reference) on the same documents:
 
 - fidelity: mean and maximum absolute difference of every choice's summed log-likelihood, the share of
   documents whose predicted answer (the task's own metric) agrees with fp32, and accuracy with its standard
@@ -11,7 +17,7 @@ For each ``--quantize`` method (fp32 is always the reference) on the same docume
   they pick the same blocks, and the rank correlation of the first step's candidate losses;
 - speed: scorer tokens/s, timed interleaved (each round runs every variant in a rotated order, so drift on a
   shared machine hits them alike) and reported as the median of the per-round paired ratios with its range;
-  the greedy-search step time; resident weight bytes.
+  the greedy-search step time (``--search-k 0`` leaves the search out); resident weight bytes.
 
 ``pudding bench --quantize`` gives pre-fill and decode latencies. Writes one JSON with provenance.
 """
@@ -28,7 +34,7 @@ import torch
 from pudding.core.load import load_model
 from pudding.core.metrics import METRICS, aggregate, scores_by_doc
 from pudding.core.provenance import atomic_write_json, provenance
-from pudding.core.quantize import quantize_model, weight_bytes
+from pudding.core.quantize import quantize_model, skip_names, weight_bytes
 from pudding.core.score import LikelihoodScorer, doc_requests, encode_request
 from pudding.core.tasks import PAPER_TASKS, get_task, load_docs
 from pudding.pool.evaluator import CandidateEvaluator
@@ -44,6 +50,24 @@ def _spearman(a: list[float], b: list[float]) -> float:
             result[index] = float(rank)
         return result
     return float(torch.corrcoef(torch.tensor([ranks(a), ranks(b)]))[0, 1])
+
+
+DEFAULT_VARIANTS = "int8,int8:down_proj,int8-smooth,int8-smooth:down_proj"
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """``"int8-smooth:down_proj;o_proj"`` -> ``("int8-smooth", ("down_proj", "o_proj"))``."""
+    method, _, skip = text.partition(":")
+    return method.strip(), skip_names(skip.replace(";", ","))
+
+
+def summary(per_task: dict) -> dict:
+    """Over all tasks: the mean of the per-task mean |dLL|, the largest |dLL|, agreement over every document."""
+    documents = sum(r["documents"] for r in per_task.values())
+    return {"mean_abs_ll_diff": statistics.fmean(r["mean_abs_ll_diff"] for r in per_task.values()),
+            "max_abs_ll_diff": max(r["max_abs_ll_diff"] for r in per_task.values()),
+            "answer_agreement": sum(r["answer_agreement"] * r["documents"] for r in per_task.values()) / documents,
+            "documents": documents}
 
 
 def fidelity(reference: dict, candidate: dict) -> dict:
@@ -108,7 +132,9 @@ def interleaved_speed(scorers: dict, requests: list, tokens: int, rounds: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--methods", default="int8", help="comma-separated --quantize methods")
+    parser.add_argument("--methods", default=DEFAULT_VARIANTS,
+                        help="comma-separated variants: a --quantize method, then optionally ':' and the layer "
+                             "suffixes kept fp32, ';'-separated (int8-smooth:down_proj)")
     parser.add_argument("--head", action="store_true", help="quantize the LM head too")
     parser.add_argument("--tasks", default=",".join(PAPER_TASKS))
     parser.add_argument("--limit", type=int, default=100, help="evaluation documents per task")
@@ -116,15 +142,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--search-task", default="arc_easy")
     parser.add_argument("--search-docs", type=int, default=16)
-    parser.add_argument("--search-k", type=int, default=2)
+    parser.add_argument("--search-k", type=int, default=2, help="0: no search comparison")
     parser.add_argument("--batch-tokens", type=int, default=512)
     parser.add_argument("--output", default="results/smollm2/quantize.json")
     args = parser.parse_args()
 
     fp32, tokenizer = load_model(args.model)
     models = {"fp32": fp32}
-    for method in args.methods.split(","):
-        models[method] = quantize_model(copy.deepcopy(fp32), method, head=args.head)
+    quantize_seconds = {}
+    for variant in args.methods.split(","):
+        method, skip = parse_variant(variant)
+        start = time.perf_counter()
+        models[variant] = quantize_model(copy.deepcopy(fp32), method, head=args.head, skip=skip, tokenizer=tokenizer)
+        quantize_seconds[variant] = round(time.perf_counter() - start, 2)  # SmoothQuant's calibration included
     scorers = {n: LikelihoodScorer(m, tokenizer, max_batch_tokens=args.batch_tokens) for n, m in models.items()}
     tasks = args.tasks.split(",")
 
@@ -136,6 +166,7 @@ def main() -> None:
             requests = [r for d in docs for r in doc_requests(d)]
             scored[name][task] = (docs, scorer.score(requests, progress=f"{name} {task}"))
     report = {"fidelity": {n: fidelity(scored["fp32"], scored[n]) for n in models if n != "fp32"},
+              "quantize_seconds": quantize_seconds,
               "accuracy_fp32": {t: vars(aggregate(scores_by_doc(*scored["fp32"][t]), get_task(t).metric))
                                 for t in tasks},
               "weight_bytes": {n: weight_bytes(m) for n, m in models.items()}}
@@ -145,8 +176,10 @@ def main() -> None:
     tokens = sum(len(e.context) + len(e.continuation)
                  for e in (encode_request(tokenizer, r, scorers["fp32"].add_bos) for r in speed_requests))
     report["speed"] = interleaved_speed(scorers, speed_requests, tokens, args.rounds)
-    report["search"] = search_comparison(models, tokenizer, args.search_task, args.search_docs, args.search_k,
-                                         args.batch_tokens)
+    report["summary"] = {n: summary(per_task) for n, per_task in report["fidelity"].items()}
+    if args.search_k > 0:
+        report["search"] = search_comparison(models, tokenizer, args.search_task, args.search_docs, args.search_k,
+                                             args.batch_tokens)
     report.update(config=vars(args), threads=torch.get_num_threads(), provenance=provenance())
     atomic_write_json(args.output, report)
     _print(report, tasks)
@@ -167,6 +200,14 @@ def _print(report: dict, tasks: list[str]) -> None:
     for name, row in report["speed"].items():
         print(f"{name:12s} {row['tokens_per_s']:8.1f} tok/s  x{row['speedup_vs_fp32_median']} "
               f"{row['speedup_vs_fp32_range']}")
+    print("\nside by side: mean over tasks of mean|dLL|, max|dLL|, agreement over all documents, speed, weights")
+    for name, row in report["summary"].items():
+        print(f"{name:24s} {row['mean_abs_ll_diff']:7.3f} {row['max_abs_ll_diff']:7.3f} "
+              f"{row['answer_agreement']:6.3f} "
+              f"(N={row['documents']})  x{report['speed'][name]['speedup_vs_fp32_median']:<6} "
+              f"{report['weight_bytes'][name] / 2**20:6.0f} MiB")
+    if "search" not in report:
+        return
     print("\ngreedy search")
     for name, row in report["search"].items():
         print(f"{name:12s} removes {row['removal_order']} same={row['same_blocks']} "

@@ -8,22 +8,26 @@ from pudding.cli import main
 from pudding.core.errors import ConfigError
 from pudding.core.load import model_fingerprint
 from pudding.evaluation.bench import BenchConfig, run_bench
-from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
+from pudding.pool.artifact import DENSE_SOURCE, CandidatePool, PoolEntry, SetSource
 from pudding.routing.model import PuddingModel
 from pudding.routing.router import RouterConfig, build_router
+
+
+def _save_artifact(folder, tiny_dir, sets, depth_in_name=False):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    entries = tuple(PoolEntry(s, (SetSource("greedy", "t", "tl", list(s), [], [], 0.0) if s else DENSE_SOURCE,),
+                              depth_in_name=depth_in_name) for s in sets)
+    pool = CandidatePool(entries, {"spec": tiny_dir, "name": "tiny", "fingerprint": model_fingerprint(model.config)})
+    torch.manual_seed(0)
+    router = build_router(RouterConfig("llm-embed", len(sets), "llm", hidden=8), llm=model, llm_tokenizer=tokenizer)
+    PuddingModel(model, tokenizer, pool, router).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("bench")
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    sets = [(1, 2), (3, 4)]
-    entries = tuple(PoolEntry(s, (SetSource("greedy", "t", "tl", list(s), [], [], 0.0),)) for s in sets)
-    pool = CandidatePool(entries, {"spec": tiny_dir, "name": "tiny", "fingerprint": model_fingerprint(model.config)})
-    torch.manual_seed(0)
-    router = build_router(RouterConfig("llm-embed", 2, "llm", hidden=8), llm=model, llm_tokenizer=tokenizer)
-    PuddingModel(model, tokenizer, pool, router).save_pretrained(root / "artifact")
+    _save_artifact(root / "artifact", tiny_dir, [(1, 2), (3, 4)])
     return root
 
 
@@ -88,3 +92,33 @@ def test_bench_reports_an_oversized_length_as_one_clean_line_before_running(arti
                  "--cache-dir", str(artifact / "cache"), "--out", str(artifact / "out2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pudding: error: prompt lengths") and len(err.strip().splitlines()) == 1
+
+
+def test_bench_with_a_tolerance_times_the_depth_it_reaches(artifact, tiny_dir):
+    _save_artifact(artifact / "ladder", tiny_dir, [(), (2,), (2, 3), (1, 2, 3)], depth_in_name=True)
+    settings = dict(lengths="16", new_tokens=3, repeats=1, threads=1, cache_dir=str(artifact / "cache-ladder"))
+    # a tolerance beyond any predicted drop admits the deepest set: k=3 of 6 blocks
+    report = run_bench(BenchConfig(model=str(artifact / "ladder"), tolerance=1e6, out=str(artifact / "deep"),
+                                   **settings))
+    assert report["variants"]["routed"]["omitted"] == report["variants"]["static"]["omitted"] == [1, 2, 3]
+    assert report["ratios"]["compute_limit"] == pytest.approx(6 / 3)
+    assert "tolerance 1e+06 routes the bench prompt to a set of k=3" in (artifact / "deep" / "bench.md").read_text()
+    # tolerance 0 admits no predicted drop from the dense reference: whatever the library routes that prompt to
+    from pudding.evaluation.bench import _prompt_ids
+
+    pudding = PuddingModel.from_pretrained(artifact / "ladder")
+    text = pudding.tokenizer.decode(_prompt_ids(pudding.tokenizer, 128)[0])
+    [expected] = pudding.route([text], tolerance=0)
+    shallow = run_bench(BenchConfig(model=str(artifact / "ladder"), tolerance=0, out=None, **settings))
+    assert shallow["variants"]["routed"]["omitted"] == list(expected.blocks)
+    assert shallow["variants"]["static"]["omitted"] == list(expected.blocks)
+
+
+def test_bench_refuses_a_tolerance_the_artifact_cannot_route_before_loading_it(artifact, capsys):
+    with pytest.raises(ConfigError, match="depth ladder"):
+        run_bench(BenchConfig(model=str(artifact / "artifact"), tolerance=0.1, lengths="16", new_tokens=4, out=None))
+    with pytest.raises(ConfigError, match=">= 0"):
+        BenchConfig(tolerance=-1.0)
+    assert main(["bench", "--model", str(artifact / "artifact"), "--tolerance", "0.1", "--lengths", "16",
+                 "--new-tokens", "4"]) == 2
+    assert "depth ladder" in capsys.readouterr().err

@@ -260,6 +260,12 @@ def test_another_budget_reuses_nothing_and_a_mismatched_own_folder_is_refused(ti
     reproduce(config("tiny-b", results / "tiny-b-again" / "k2"))
     again = json.loads((results / "tiny-b-again" / "k2" / "stages.json").read_text())["artifacts"]
     assert all("reused" in entry for entry in again.values()), again
+    for name in ("pool", "baselines"):  # each run's folder holds the pool and baselines its tables used
+        reused = CandidatePool.from_pretrained(again[name]["reused"])
+        copied = CandidatePool.from_pretrained(results / "tiny-b-again" / "k2" / name)
+        assert again[name]["reused"] != str(results / "tiny-b-again" / "k2" / name)
+        assert [e.blocks for e in copied.sets] == [e.blocks for e in reused.sets] and copied.sets
+        assert copied.provenance == reused.provenance
     # a run whose own folder holds another budget's artifacts is refused, naming what differs
     with pytest.raises(ConfigError, match=r"differs in: .*samples"):
         reproduce(config("tiny-b", results / "tiny" / "k2"))

@@ -96,10 +96,11 @@ def _add_quantize_options(parser) -> None:
     add_shared_flag(parser, "quantize", "pudding.core.fields", "QUANTIZE_FIELD", default="none")
     add_shared_flag(parser, "quantize_head", "pudding.core.fields", "QUANTIZE_HEAD_FIELD", annotation="bool",
                     default=False)
+    add_shared_flag(parser, "quantize_skip", "pudding.core.fields", "QUANTIZE_SKIP_FIELD", default=())
 
 
 def _quantize(args) -> dict:
-    return {"quantize": args.quantize, "quantize_head": args.quantize_head}
+    return {"quantize": args.quantize, "quantize_head": args.quantize_head, "quantize_skip": args.quantize_skip}
 
 
 POOL_CONFIG = "pudding.pruning.candidates:PoolConfig"

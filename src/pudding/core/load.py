@@ -114,20 +114,21 @@ def load_config(spec: str):
 
 def load_model(
     spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-    quantize: str = "none", quantize_head: bool = False,
+    quantize: str = "none", quantize_head: bool = False, quantize_skip: str | tuple[str, ...] = (),
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``spec`` as ``(model, tokenizer)``: the model in eval mode, the tokenizer with a pad token.
 
     ``dtype`` defaults to fp32 for GGUF files (de-quantized) and to the checkpoint's own dtype otherwise.
     ``quantize`` (see :data:`pudding.core.quantize.QUANTIZATIONS`) replaces the blocks' linear layers once the
-    model is on ``device`` (and the LM head's too with ``quantize_head``); ``int8`` runs on CPU only.
+    model is on ``device`` (and the LM head's too with ``quantize_head``), except those whose names end with
+    one of ``quantize_skip`` (``"down_proj"``); ``int8`` and ``int8-smooth`` run on CPU only.
 
     Example::
 
         model, tokenizer = load_model("default")   # SmolLM2-135M-Instruct, 30 blocks
         model, tokenizer = load_model("default", quantize="int8")  # int8 blocks, fp32 embeddings and head
     """
-    check_quantization(quantize, quantize_head, device)  # a bad setting fails before the weights are read
+    check_quantization(quantize, quantize_head, device, skip=quantize_skip)  # fails before the weights are read
     load_config(spec)  # fail fast on an unsupported architecture or a missing model
     source = resolve_model_source(spec)
     common = dict(gguf_file=source.gguf_file, local_files_only=_cache_only(source))
@@ -136,7 +137,7 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source.location, **common)
     ensure_pad_token(tokenizer)
     model = model.to(device).eval()
-    return quantize_model(model, quantize, head=quantize_head), tokenizer
+    return quantize_model(model, quantize, head=quantize_head, skip=quantize_skip, tokenizer=tokenizer), tokenizer
 
 
 def load_tokenizer(spec: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

@@ -15,6 +15,11 @@ Methods (``QUANTIZATIONS``):
   is then per token and the same whatever else is in the batch. The fbgemm kernel is the fast int8 GEMM that
   runs on AVX2 CPUs; torchao's per-token path uses ``torch._int_mm``, which has no fast kernel on CPUs
   without VNNI and ran 16x slower than fp32 here (see ``benchmarks/bench_quantize.py``).
+- ``int8-smooth``: ``int8`` after SmoothQuant's outlier migration (:mod:`pudding.core.smooth`), calibrated on
+  the tasks' calibration prompts.
+
+``skip`` (``--quantize-skip``) keeps the linear layers whose names end with the given suffixes (``down_proj``)
+in fp32.
 
 Left out, measured on this 2-core AVX2 machine with torchao 0.18: its per-token int8 path (``torch._int_mm``,
 36x slower than an fp32 matmul of the same shape here) and its int8 weight-only path (no faster than fp32 on
@@ -28,7 +33,7 @@ SmolLM2 ties it to the embedding matrix, so quantizing it keeps a second copy of
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +41,7 @@ from torch import nn
 
 from pudding.core.errors import ConfigError, UnknownNameError
 from pudding.core.omit import get_blocks
+from pudding.core.smooth import SMOOTH_ALPHA, is_linear, matches, smooth_model
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class Quantization:
     name: str
     description: str
     replace: Callable[[nn.Module], nn.Module] | None  # None: leave the model as it is
+    smooth: float | None = None  # SmoothQuant's alpha, if the outliers are migrated first
 
 
 def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,10 +75,17 @@ class PerTokenInt8Linear(nn.Module):
         quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
         self._packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.register_buffer("bias", bias, persistent=False)
+        # SmoothQuant's 1/s where no norm absorbed it (pudding.core.smooth.InputScaledLinear)
+        input_scale = getattr(module, "input_scale", None)
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().clone(),
+                             persistent=False)
+        self.smoothed = bool(getattr(module, "smoothed", False))
         self.weight_bytes = self.out_features * self.in_features + 4 * self.out_features  # int8 + fp32 scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
+        if self.input_scale is not None:
+            rows = rows * self.input_scale
         scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
         anchor = rows.new_zeros(1, self.in_features)
         anchor[0, 0], anchor[0, -1] = 1.0, -1.0
@@ -89,19 +103,24 @@ class PerTokenInt8Linear(nn.Module):
         memo[id(self)] = copied
         nn.Module.__init__(copied)
         copied.in_features, copied.out_features = self.in_features, self.out_features
-        copied._packed, copied.weight_bytes = self._packed, self.weight_bytes
-        copied.register_buffer("bias", None if self.bias is None else self.bias.clone(), persistent=False)
+        copied._packed, copied.weight_bytes, copied.smoothed = self._packed, self.weight_bytes, self.smoothed
+        for name in ("bias", "input_scale"):
+            value = getattr(self, name)
+            copied.register_buffer(name, None if value is None else value.clone(), persistent=False)
         copied.train(self.training)
         return copied
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-token"
+        smoothed = ", smoothed" if self.smoothed else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-token{smoothed}"
 
 
 QUANTIZATIONS: dict[str, Quantization] = {
     q.name: q for q in (
         Quantization("none", "the model as loaded", None),
         Quantization("int8", "int8 weights per channel, int8 activations per token (fbgemm)", PerTokenInt8Linear),
+        Quantization("int8-smooth", "int8 after SmoothQuant outlier migration (alpha 0.5, calibration prompts)",
+                     PerTokenInt8Linear, SMOOTH_ALPHA),
     )
 }
 
@@ -113,10 +132,6 @@ def get_quantization(name: str) -> Quantization:
     return QUANTIZATIONS[name]
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 def _cpu_only(devices: set[str]) -> ConfigError:
     return ConfigError(f"--quantize int8 runs on CPU (fbgemm) only; the model is on {', '.join(sorted(devices))}. "
                        "On GPU load a quantized checkpoint through transformers (bitsandbytes, AWQ, GPTQ) instead")
@@ -124,83 +139,139 @@ def _cpu_only(devices: set[str]) -> ConfigError:
 
 def _check_device(model: nn.Module, method: Quantization) -> None:
     devices = {p.device.type for p in model.parameters()}
-    if method.name == "int8" and devices != {"cpu"}:
+    if method.replace is PerTokenInt8Linear and devices != {"cpu"}:
         raise _cpu_only(devices)
 
 
-def check_quantization(method: str, head: bool = False, device: str | torch.device | None = None) -> Quantization:
-    """Validate a ``--quantize`` setting before any weight is read: the method, ``head`` (which needs a method)
-    and, if given, the device the model will be on. One-line ConfigError (UnknownNameError) otherwise."""
+def skip_names(skip: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``--quantize-skip`` as a tuple of layer-name suffixes: ``"down_proj,o_proj"`` or a sequence of names."""
+    names = (skip or "").split(",") if isinstance(skip, str) or skip is None else list(skip)
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"quantize_skip must be layer-name suffixes like down_proj, got {skip!r}")
+    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    bad = [n for n in names if not all(part.isidentifier() for part in n.split("."))]
+    if bad:
+        raise ConfigError(f"--quantize-skip takes layer-name suffixes like down_proj or mlp.down_proj, got {bad[0]!r}")
+    return names
+
+
+def check_quantization(method: str, head: bool = False, device: str | torch.device | None = None, *,
+                       skip: str | Sequence[str] = ()) -> Quantization:
+    """Validate a ``--quantize`` setting before any weight is read: the method, ``head`` and ``skip`` (which need
+    a method) and, if given, the device the model will be on. One-line ConfigError (UnknownNameError) otherwise."""
     quantization = get_quantization(method)
     if not isinstance(head, bool):
         raise ConfigError(f"quantize_head must be true or false, got {head!r}")
     if head and quantization.replace is None:
         raise ConfigError("--quantize-head quantizes the LM head too, so it needs a --quantize method (e.g. int8)")
-    if device is not None and quantization.name == "int8" and torch.device(device).type != "cpu":
+    if skip_names(skip) and quantization.replace is None:
+        raise ConfigError("--quantize-skip keeps some quantized layers in fp32, so it needs a --quantize method "
+                          "(e.g. int8)")
+    if device is not None and quantization.replace is PerTokenInt8Linear and torch.device(device).type != "cpu":
         raise _cpu_only({torch.device(device).type})
     return quantization
 
 
-def quantize_identity(method: str, head: bool = False) -> dict:
+def quantize_identity(method: str, head: bool = False, skip: str | Sequence[str] = ()) -> dict:
     """What a quantization adds to a resumable stage's identity (search checkpoints, label shards, reuse).
 
     Empty for ``none``, so every identity written before quantization existed still matches an fp32 run;
-    otherwise the method, and ``quantize_head`` when the head is quantized too.
+    otherwise the method, ``quantize_head`` when the head is quantized too, and ``quantize_skip`` (sorted)
+    when layers stay fp32: an ``int8`` identity without either is what it was before they existed.
     """
     if get_quantization(method).replace is None:
         return {}
-    return {"quantize": method, **({"quantize_head": True} if head else {})}
+    skip = sorted(skip_names(skip))
+    return {"quantize": method, **({"quantize_head": True} if head else {}),
+            **({"quantize_skip": skip} if skip else {})}
 
 
 def quantization_of(model: nn.Module) -> tuple[str, bool]:
     """``(method, head)`` of a model as it is now: ``("int8", False)`` after ``quantize_model(m, "int8")``."""
-    quantized = any(isinstance(m, PerTokenInt8Linear) for m in model.modules())
+    layers = [m for m in model.modules() if isinstance(m, PerTokenInt8Linear)]
+    method = "none" if not layers else "int8-smooth" if any(m.smoothed for m in layers) else "int8"
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    return ("int8" if quantized else "none"), isinstance(head, PerTokenInt8Linear)
+    return method, isinstance(head, PerTokenInt8Linear)
 
 
-def check_quantized(model: nn.Module, method: str, head: bool = False) -> None:
+def kept_fp32(model: nn.Module) -> tuple[str, ...]:
+    """The names (inside their block) of the blocks' linear layers a quantized model keeps in fp32, sorted."""
+    if quantization_of(model)[0] == "none":
+        return ()
+    return tuple(sorted({name for block in get_blocks(model) for name, m in block.named_modules() if is_linear(m)}))
+
+
+def check_quantized(model: nn.Module, method: str, head: bool = False, skip: str | Sequence[str] = ()) -> None:
     """ConfigError unless ``model`` (one a caller passed in, not loaded by the stage) is quantized as declared:
     a stage records its ``quantize`` setting next to its results, so the two must agree."""
     found, wanted = quantization_of(model), (method, head and method != "none")
-    if found != wanted:
-        raise ConfigError(f"the model passed in is quantized as {_describe(*found)}, but the configuration says "
-                          f"{_describe(*wanted)}; quantize it with pudding.core.quantize.quantize_model first, or "
-                          "let the stage load the model")
+    skip = skip_names(skip) if method != "none" else ()
+    kept = kept_fp32(model)
+    if found != wanted or (found[0] != "none" and kept != _matching(model, skip)):
+        raise ConfigError(f"the model passed in is quantized as {_describe(*found, kept)}, but the configuration "
+                          f"says {_describe(*wanted, skip)}; quantize it with pudding.core.quantize.quantize_model "
+                          "first, or let the stage load the model")
 
 
-def _describe(method: str, head: bool) -> str:
-    return method + (" with the LM head" if head else "")
+def _matching(model: nn.Module, skip: Sequence[str]) -> tuple[str, ...]:
+    names = {name for block in get_blocks(model) for name, m in block.named_modules()
+             if is_linear(m) or isinstance(m, PerTokenInt8Linear)}
+    return tuple(sorted(n for n in names if matches(n, skip)))
 
 
-def quantize_model(model: nn.Module, method: str, *, head: bool = False) -> nn.Module:
+def _describe(method: str, head: bool, kept: Sequence[str] = ()) -> str:
+    return method + (" with the LM head" if head else "") + (f" keeping {','.join(kept)} fp32" if kept else "")
+
+
+def quantize_model(model: nn.Module, method: str, *, head: bool = False, skip: str | Sequence[str] = (),
+                   tokenizer=None, calibration: Sequence[str] | None = None) -> nn.Module:
     """Replace every linear layer inside the decoder blocks (and the LM head if ``head``) in place.
 
-    Returns ``model``. ``method="none"`` leaves it untouched. Quantize *before* omitting blocks: omission
-    only re-lists the blocks, so it is exact on the quantized model.
+    Returns ``model``. ``method="none"`` leaves it untouched. Layers whose names inside the block end with one
+    of ``skip`` (``"down_proj"``) stay fp32. ``int8-smooth`` first runs :func:`pudding.core.smooth.smooth_model`
+    on ``calibration`` texts (default: the tasks' calibration prompts), which needs the ``tokenizer``.
+    Quantize *before* omitting blocks: omission only re-lists the blocks, so it is exact on the quantized model.
     """
     quantization = get_quantization(method)
+    skip = skip_names(skip)
     if quantization.replace is None:
+        if skip:
+            check_quantization(method, skip=skip)
         return model
     _check_device(model, quantization)
+    _check_skip(model, skip)
+    if quantization.smooth is not None:
+        if tokenizer is None:
+            raise ConfigError(f"--quantize {method} calibrates on prompts, so quantize_model needs the tokenizer")
+        smooth_model(model, tokenizer, calibration, alpha=quantization.smooth, skip=skip)
     for block in get_blocks(model):
-        _replace_linears(block, quantization.replace)
+        _replace_linears(block, quantization.replace, skip)
     if head:
         _replace_head(model, quantization.replace)
     return model
 
 
-def _replace_linears(owner: nn.Module, replace: Callable[[nn.Module], nn.Module]) -> None:
+def _check_skip(model: nn.Module, skip: Sequence[str]) -> None:
+    names = {name for block in get_blocks(model) for name, m in block.named_modules() if is_linear(m)}
+    unknown = [s for s in skip if not any(matches(n, (s,)) for n in names)]
+    if unknown:
+        raise ConfigError(f"--quantize-skip {unknown[0]!r} names no linear layer in the blocks; they have: "
+                          f"{', '.join(sorted(names))}")
+
+
+def _replace_linears(owner: nn.Module, replace: Callable[[nn.Module], nn.Module], skip: Sequence[str] = (),
+                     prefix: str = "") -> None:
     for name, child in list(owner.named_children()):
-        if _is_linear(child):
-            setattr(owner, name, replace(child))
+        if is_linear(child):
+            if not matches(prefix + name, skip):
+                setattr(owner, name, replace(child))
         else:
-            _replace_linears(child, replace)
+            _replace_linears(child, replace, skip, f"{prefix}{name}.")
 
 
 def _replace_head(model: nn.Module, replace: Callable[[nn.Module], nn.Module]) -> None:
     head = model.get_output_embeddings()
-    if head is None or not _is_linear(head):
+    if head is None or not is_linear(head):
         raise ConfigError(f"{type(model).__name__} has no linear LM head to quantize")
     # A tied head shares its weight with the input embedding; the quantized copy unties them, and the
     # embedding keeps the fp32 matrix. The config is left as loaded: it describes the network every artifact
@@ -213,7 +284,8 @@ def weight_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for module in model.modules():
         if isinstance(module, PerTokenInt8Linear):  # its bias is an fp32 buffer beside the packed int8 matrix
-            total += module.weight_bytes + (0 if module.bias is None else _tensor_bytes(module.bias))
+            total += module.weight_bytes + sum(_tensor_bytes(t) for t in (module.bias, module.input_scale)
+                                               if t is not None)
             continue
         for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
             if tensor is None or id(tensor) in seen:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError, PuddingError
-from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD
+from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD, QUANTIZE_SKIP_FIELD
 from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
 
 VARIANTS = ("dense", "static", "routed")
@@ -58,17 +58,26 @@ class BenchConfig:
     out: str | None = field(default="results/bench", metadata={"help": "folder for bench.json and bench.md"})
     quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
     quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
+    quantize_skip: tuple[str, ...] = field(default=(), metadata=QUANTIZE_SKIP_FIELD)
+    tolerance: float | None = field(default=None, metadata={
+        "type": "float", "help": "adaptive depth (a depth-ladder artifact): route the prompts with this "
+                                     "tolerance, so static and routed run the depth it reaches"})
 
     def __post_init__(self):
-        from pudding.core.quantize import check_quantization
+        from pudding.core.quantize import check_quantization, skip_names
 
-        check_quantization(self.quantize, self.quantize_head)
+        check_quantization(self.quantize, self.quantize_head, skip=self.quantize_skip)
+        object.__setattr__(self, "quantize_skip", skip_names(self.quantize_skip))
         if isinstance(self.lengths, str):
             object.__setattr__(self, "lengths", parse_lengths(self.lengths))
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be at least 1, got {self.repeats}")
         if self.new_tokens < 1 or self.threads < 1 or not self.lengths or min(self.lengths) < 1:
             raise ConfigError("new_tokens, threads and every length must be positive")
+        if self.tolerance is not None:
+            from pudding.routing.adaptive import check_tolerance
+
+            object.__setattr__(self, "tolerance", check_tolerance(self.tolerance))
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -137,6 +146,7 @@ class _Variant:
     texts: dict[int, str]
     prompts: dict[int, Any]
     load_seconds: float
+    tolerance: float | None = None
 
     def run(self, ids, new_tokens: int) -> dict[str, float]:
         import torch
@@ -146,7 +156,8 @@ class _Variant:
         total = self.model.config.num_hidden_layers
         timing = {"router": 0.0, "switch": 0.0}
         if self.name == "routed":
-            timing["router"] = _timed(lambda: self.pudding.route([self.texts[ids.shape[1]]]))
+            timing["router"] = _timed(lambda: self.pudding.route([self.texts[ids.shape[1]]],
+                                                                  tolerance=self.tolerance))
             if self.store is not None:
                 timing["switch"] = self.store.ensure([i for i in range(total) if i not in self.blocks]).seconds
         mask = torch.ones_like(ids)
@@ -181,20 +192,23 @@ def _load_variant(variant: str, config: BenchConfig) -> _Variant:
         pudding = PuddingModel.from_pretrained(folder, model=model, tokenizer=load_tokenizer(spec), adapters="none")
     else:
         pudding = PuddingModel.from_pretrained(folder, adapters="none", quantize=config.quantize,
-                                               quantize_head=config.quantize_head)
+                                               quantize_head=config.quantize_head,
+                                               quantize_skip=config.quantize_skip)
     model, tokenizer = pudding.model, pudding.tokenizer
     load_seconds = time.perf_counter() - load_start
     check_lengths(config, context_length(model))
     prompts = {n: _prompt_ids(tokenizer, n) for n in sorted(set(config.lengths) | {128})}
     texts = {n: tokenizer.decode(ids[0]) for n, ids in prompts.items()}
-    [route] = pudding.route([texts[128]])
+    # Every variant routes the same 128-token prompt, so static prunes the very set routed runs.
+    [route] = pudding.route([texts[128]], tolerance=config.tolerance)
     if variant == "dense" and not quantized:
         write_cache(model, config.cache_dir)  # for the routed run; idempotent (fp32 only: int8 layers hold no tensors)
     if variant == "static":
         prune_blocks(model, route.blocks, inplace=True)
     if store is not None:
         store.ensure([i for i in range(model.config.num_hidden_layers) if i not in route.blocks])
-    return _Variant(variant, pudding, model, store, route.blocks, route.name, texts, prompts, load_seconds)
+    return _Variant(variant, pudding, model, store, route.blocks, route.name, texts, prompts, load_seconds,
+                    config.tolerance)
 
 
 def _measure_variant(variant: str, config: BenchConfig) -> dict[str, Any]:
@@ -365,7 +379,13 @@ def _check_before_running(config: BenchConfig) -> None:
     from pudding.routing.model import read_config
 
     folder = DEFAULT_ARTIFACT if config.model == "default" else Path(config.model)
-    check_lengths(config, context_length(load_config(read_config(folder)["base_model"]["spec"])))
+    artifact = read_config(folder)
+    check_lengths(config, context_length(load_config(artifact["base_model"]["spec"])))
+    if config.tolerance is not None:  # refused here, not after a process has loaded the model
+        from pudding.pool.artifact import CandidatePool
+        from pudding.routing.adaptive import check_adaptive
+
+        check_adaptive([e.k for e in CandidatePool.from_pretrained(folder).sets], artifact["router"].get("loss"))
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
@@ -395,9 +415,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     variants = report["variants"]
     lengths = list(variants["dense"]["prefill_seconds"])
     quantize = report["config"].get("quantize", "none")
+    tolerance = report["config"].get("tolerance")
+    routed_k = len(report["interleaved"]["blocks"]["routed"])
     lines = [f"# pudding bench{'' if quantize == 'none' else f', {quantize} model'} ({report['provenance']['date']}, "
              f"commit {report['provenance']['git'].get('commit', '?')[:10]})",
              "", f"Command: `{' '.join(report['provenance']['command'])}`", "",
+             *([f"Adaptive depth: tolerance {tolerance:g} routes the bench prompt to a set of k={routed_k} "
+                f"blocks, which static prunes too.", ""] if tolerance is not None else []),
              "| variant | " + " | ".join(f"pre-fill {n} tok (ms)" for n in lengths)
              + f" | {report['config']['new_tokens']} tokens (s) | router (ms) | set switch (ms) | weights (MB) "
                "| peak RSS (MB) |",

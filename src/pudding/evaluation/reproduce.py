@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD
+from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD, QUANTIZE_SKIP_FIELD
 from pudding.core.identity import find_reusable, identity_differences
 from pudding.core.load import load_model, model_fingerprint, model_name
 from pudding.core.provenance import atomic_write_json, atomic_write_text, locks_output, provenance, read_json
-from pudding.core.quantize import check_quantization, quantize_identity
+from pudding.core.quantize import check_quantization, quantize_identity, skip_names
 from pudding.core.tasks import PAPER_TASKS
 from pudding.evaluation.report import plot_accuracy_vs_k, plot_convergence, plot_omission_rates, render_report
 from pudding.evaluation.tables import (
@@ -101,10 +101,10 @@ POOL_SIZES = (1, 2, 3, 5, 8)  # sizes tried for the pool chosen on calibration d
 class ReproduceConfig:
     """Settings of ``pudding reproduce``; each field's help text is its documentation.
 
-    A given ``pool``'s identity is recorded instead of the search's. ``quantize`` (and ``quantize_head``)
-    quantize the LLM of every stage that runs it: the searches, the baselines (without ``taylor``, which needs
-    weight gradients), the labels, the scores and the importance map; such a run gets folders of its own
-    (``<budget>-int8``), and nothing fp32 is reused for it.
+    A given ``pool``'s identity is recorded instead of the search's. ``quantize`` (with ``quantize_head`` and
+    ``quantize_skip``) quantize the LLM of every stage that runs it: the searches, the baselines (without
+    ``taylor``, which needs weight gradients), the labels, the scores and the importance map; such a run gets
+    folders of its own (``<budget>-int8``), and nothing fp32 is reused for it.
     """
 
     model: str = field(default="default", metadata={"help": "base model spec"})
@@ -131,9 +131,11 @@ class ReproduceConfig:
     progress: bool = field(default=True, metadata={"help": "hide progress bars"})
     quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
     quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
+    quantize_skip: tuple[str, ...] = field(default=(), metadata=QUANTIZE_SKIP_FIELD)
 
     def __post_init__(self):
-        check_quantization(self.quantize, self.quantize_head)
+        check_quantization(self.quantize, self.quantize_head, skip=self.quantize_skip)
+        object.__setattr__(self, "quantize_skip", skip_names(self.quantize_skip))
         if self.budget not in BUDGETS:
             raise ConfigError(f"unknown budget {self.budget!r}; known: {', '.join(BUDGETS)}")
         if self.router_seeds < 1:
@@ -177,7 +179,8 @@ class ReproduceConfig:
         run's folders, and its accuracy-against-k plot, stay apart from the fp32 ones."""
         if self.quantize == "none":
             return self.budget
-        return f"{self.budget}-{self.quantize}" + ("-head" if self.quantize_head else "")
+        return (f"{self.budget}-{self.quantize}" + ("-head" if self.quantize_head else "")
+                + ("-keep-" + "+".join(sorted(self.quantize_skip)) if self.quantize_skip else ""))
 
     @property
     def baseline_methods(self) -> tuple[str, ...]:
@@ -208,7 +211,8 @@ def pool_identity(pool: CandidatePool) -> dict[str, Any]:
     smaller one exactly."""
     keys = ("tasks", "objectives", "samples", "max_length", "barriers", "methods")
     # A quantized search adds its method; an fp32 one adds nothing, so pools made before quantization match.
-    quantized = quantize_identity(pool.config.get("quantize", "none"), pool.config.get("quantize_head", False))
+    quantized = quantize_identity(pool.config.get("quantize", "none"), pool.config.get("quantize_head", False),
+                                  pool.config.get("quantize_skip", ()))
     return {"model": pool.model.get("fingerprint"), **{key: _listed(pool.config.get(key)) for key in keys},
             **quantized}
 
@@ -255,7 +259,8 @@ def importance_identity(config: dict[str, Any], fingerprint: dict) -> dict[str, 
     and the quantization (absent in maps made before quantization existed: fp32)."""
     return {"model": fingerprint, "tasks": _listed(config.get("tasks")), "samples": config.get("samples"),
             "max_length": config.get("max_length"),
-            **quantize_identity(config.get("quantize", "none"), config.get("quantize_head", False))}
+            **quantize_identity(config.get("quantize", "none"), config.get("quantize_head", False),
+                                config.get("quantize_skip", ()))}
 
 
 # --- stage 1: the artifacts the rows need --------------------------------------------------------------------
@@ -265,7 +270,7 @@ def _search_config(config: ReproduceConfig, name: str) -> PoolConfig:
     objectives = ("ppl",) if name == "baselines" else config.sizes.objectives
     return PoolConfig(model=config.model, k=config.k, samples=config.sizes.search_docs, objectives=objectives,
                       run_dir=str(config.work_dir / name), out=str(config.folder / name), progress=config.progress,
-                      quantize=config.quantize, quantize_head=config.quantize_head)
+                      quantize=config.quantize, quantize_head=config.quantize_head, quantize_skip=config.quantize_skip)
 
 
 def _pool(config: ReproduceConfig, name: str, fingerprint: dict, log: dict) -> CandidatePool:
@@ -287,8 +292,11 @@ def _pool(config: ReproduceConfig, name: str, fingerprint: dict, log: dict) -> C
         log[name] = {"reused": str(found)}
     if pool.config.get("k") != config.k:
         pool = shrink_pool(pool, config.k)
-        pool.save_pretrained(config.folder / name)
         log[name]["shrunk_to"] = config.k
+    if log[name].get("reused") != str(config.folder / name):
+        # Every run's folder holds the pool and baselines its tables used (a reused one keeps its own
+        # provenance), so each k and budget has the same self-contained layout.
+        pool.save_pretrained(config.folder / name)
     return pool
 
 
@@ -335,7 +343,7 @@ def _scores(config: ReproduceConfig, scoring_pool: CandidatePool, split: str, ta
     label_config = LabelConfig(pool=str(pool_dir), out=str(config.folder / name), tasks=tasks, samples=samples,
                                split=split, run_dir=str(config.work_dir / name.replace("/", "-")),
                                progress=config.progress, quantize=config.quantize,
-                               quantize_head=config.quantize_head)
+                               quantize_head=config.quantize_head, quantize_skip=config.quantize_skip)
     wanted = {k: v for k, v in run_identity(label_config, scoring_pool.model["fingerprint"],
                                             collect_docs(label_config)).items() if k != "shard_size"}
     found = find_reusable(config.folder / name, _found(config.reuse_root, "labels.json"),
@@ -391,7 +399,8 @@ def _router(config: ReproduceConfig, spec: RouterSpec, pools: dict[str, tuple[Ca
     if found is not None:
         log[f"router {spec.name}"] = {"reused": str(found)}
         return PuddingModel.from_pretrained(found, model=model, tokenizer=tokenizer, quantize=config.quantize,
-                                            quantize_head=config.quantize_head), found
+                                            quantize_head=config.quantize_head,
+                                            quantize_skip=config.quantize_skip), found
     log[f"router {spec.name}"] = {"built": train_config.out}
     return train_router(train_config, model=model, tokenizer=tokenizer), Path(train_config.out)
 
@@ -505,7 +514,8 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     stages, log = Stages(), {}
     sizes = config.sizes
     with stages("load model"):
-        model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head)
+        model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head,
+                                      quantize_skip=config.quantize_skip)
     fingerprint = model_fingerprint(model.config)
     with stages("pool and baselines"):
         pool = _pool(config, "pool", fingerprint, log)
@@ -608,7 +618,9 @@ def _split_table(config: ReproduceConfig, data: RoutingData, routed: dict[str, R
 def _title(config: ReproduceConfig) -> str:
     sizes = config.sizes
     precision = "" if config.quantize == "none" else (f", {config.quantize} model in every stage"
-                                                      + (" (LM head too)" if config.quantize_head else ""))
+                                                      + (" (LM head too)" if config.quantize_head else "")
+                                                      + (f" ({', '.join(config.quantize_skip)} fp32)"
+                                                         if config.quantize_skip else ""))
     return (f"# PuDDing reproduction on {_slug(config.model)}, k={config.k}{precision} (budget {config.budget}: "
             f"{sizes.paper_docs} documents per paper task, {sizes.unseen_docs} per unseen task; "
             f"{sizes.label_docs} calibration prompts per task for the routers, "
@@ -641,7 +653,8 @@ def _importance_map(config: ReproduceConfig, model) -> dict[str, Any]:
     """The block-importance map (it does not depend on k): one made for exactly this model, documents and
     quantization, next to the k folders or under ``--reuse``; else measured once next to the k folders."""
     measure = ImportanceConfig(model=config.model, samples=16, out=str(config.folder.parent / "importance"),
-                               progress=config.progress, quantize=config.quantize, quantize_head=config.quantize_head)
+                               progress=config.progress, quantize=config.quantize, quantize_head=config.quantize_head,
+                               quantize_skip=config.quantize_skip)
     wanted = importance_identity(asdict(measure), model_fingerprint(model.config))
 
     def differences(folder: Path) -> list[str]:

@@ -94,7 +94,7 @@ class _Worker:
     """One model replica; methods run inside a Ray actor."""
 
     def __init__(self, spec: str, max_batch_tokens: int, max_length: int | None, threads: int | None = None,
-                 quantize: str = "none", quantize_head: bool = False):
+                 quantize: str = "none", quantize_head: bool = False, quantize_skip: tuple[str, ...] = ()):
         import torch
 
         from pudding.core.load import load_model
@@ -102,7 +102,8 @@ class _Worker:
 
         if threads:
             torch.set_num_threads(threads)
-        model, tokenizer = load_model(spec, quantize=quantize, quantize_head=quantize_head)
+        model, tokenizer = load_model(spec, quantize=quantize, quantize_head=quantize_head,
+                                      quantize_skip=quantize_skip)
         self.scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=max_batch_tokens, max_length=max_length)
         self.evaluator = None
 
@@ -125,14 +126,14 @@ class _Worker:
 
 
 def start_workers(settings: RaySettings, spec: str, max_batch_tokens: int, max_length: int | None, *,
-                  quantize: str = "none", quantize_head: bool = False) -> list:
+                  quantize: str = "none", quantize_head: bool = False, quantize_skip: tuple[str, ...] = ()) -> list:
     """``settings.actors`` Ray actors, each holding a replica of ``spec`` (quantized as ``quantize`` says)."""
     if settings.actors < 1:
         raise ConfigError(f"need at least one Ray actor, got {settings.actors}")
     ray = init_ray(settings)
     actor = ray.remote(num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor)(_Worker)
     threads = max(1, int(settings.cpus_per_actor))
-    return [actor.remote(spec, max_batch_tokens, max_length, threads, quantize, quantize_head)
+    return [actor.remote(spec, max_batch_tokens, max_length, threads, quantize, quantize_head, quantize_skip)
             for _ in range(settings.actors)]
 
 
@@ -191,13 +192,15 @@ class ModelReplica:
     max_length: int | None
     quantize: str = "none"
     quantize_head: bool = False
+    quantize_skip: tuple[str, ...] = ()
 
     def scorer(self, model=None, tokenizer=None) -> LikelihoodScorer:
         """A scorer on ``model`` (checked to be quantized as declared), or on the model loaded from ``spec``."""
         if model is None:
-            model, tokenizer = load_model(self.spec, quantize=self.quantize, quantize_head=self.quantize_head)
-        else:
-            check_quantized(model, self.quantize, self.quantize_head)  # the stage records self.quantize
+            model, tokenizer = load_model(self.spec, quantize=self.quantize, quantize_head=self.quantize_head,
+                                          quantize_skip=self.quantize_skip)
+        else:  # the stage records self.quantize
+            check_quantized(model, self.quantize, self.quantize_head, self.quantize_skip)
         return LikelihoodScorer(model, tokenizer, max_batch_tokens=self.max_batch_tokens, max_length=self.max_length)
 
 
@@ -242,7 +245,8 @@ class RayExecutor:
         if self._workers is None:
             r = self.replica
             self._workers = start_workers(self.settings, r.spec, r.max_batch_tokens, r.max_length,
-                                          quantize=r.quantize, quantize_head=r.quantize_head)
+                                          quantize=r.quantize, quantize_head=r.quantize_head,
+                                          quantize_skip=r.quantize_skip)
         return self._workers
 
     def model_config(self):

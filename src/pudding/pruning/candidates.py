@@ -18,6 +18,7 @@ from pudding.core.errors import ConfigError
 from pudding.core.fields import (
     QUANTIZE_FIELD,
     QUANTIZE_HEAD_FIELD,
+    QUANTIZE_SKIP_FIELD,
     RAY_ACTORS_FIELD,
     RAY_ADDRESS_FIELD,
     RAY_GPUS_FIELD,
@@ -25,7 +26,7 @@ from pudding.core.fields import (
 from pudding.core.load import DEFAULT_MODEL, load_config, model_fingerprint, model_name
 from pudding.core.omit import check_k, validate_omission
 from pudding.core.provenance import locks_output, provenance
-from pudding.core.quantize import check_quantization, quantize_identity
+from pudding.core.quantize import check_quantization, quantize_identity, skip_names
 from pudding.core.tasks import PAPER_TASKS, MCDoc, get_task, load_docs
 from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource, deduplicate
 from pudding.pool.executor import (
@@ -78,10 +79,12 @@ class PoolConfig:
     ray_gpus_per_actor: float = field(default=0.0, metadata=RAY_GPUS_FIELD)
     quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
     quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
+    quantize_skip: tuple[str, ...] = field(default=(), metadata=QUANTIZE_SKIP_FIELD)
 
     def __post_init__(self):
         check_executor(self.executor)
-        check_quantization(self.quantize, self.quantize_head)
+        check_quantization(self.quantize, self.quantize_head, skip=self.quantize_skip)
+        object.__setattr__(self, "quantize_skip", skip_names(self.quantize_skip))
         for name, value in (("tasks", self.tasks), ("objectives", self.objectives)):
             items = value.split(",") if isinstance(value, str) else list(value)
             items = tuple(dict.fromkeys(i.strip() for i in items if i and i.strip()))
@@ -114,7 +117,7 @@ def _search_identity(config: PoolConfig, fingerprint: dict, task: str, objective
     return {"model": fingerprint, "task": task, "objective": objective,
             "barriers": list(config.barriers), "max_length": config.max_length,
             "samples_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16],
-            **quantize_identity(config.quantize, config.quantize_head)}
+            **quantize_identity(config.quantize, config.quantize_head, config.quantize_skip)}
 
 
 def _run_search(config: PoolConfig, executor: Executor, fingerprint, task: str, objective_name: str,
@@ -142,7 +145,7 @@ def _prepare(config: PoolConfig) -> tuple[dict, dict[str, list[MCDoc]]]:
 
 def _replica(config: PoolConfig) -> ModelReplica:
     return ModelReplica(config.model, config.max_batch_tokens, config.max_length, config.quantize,
-                        config.quantize_head)
+                        config.quantize_head, config.quantize_skip)
 
 
 @locks_output("run_dir", "out")

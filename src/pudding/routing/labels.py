@@ -32,6 +32,7 @@ from pudding.core.errors import ConfigError
 from pudding.core.fields import (
     QUANTIZE_FIELD,
     QUANTIZE_HEAD_FIELD,
+    QUANTIZE_SKIP_FIELD,
     RAY_ACTORS_FIELD,
     RAY_ADDRESS_FIELD,
     RAY_GPUS_FIELD,
@@ -46,7 +47,7 @@ from pudding.core.provenance import (
     provenance,
     read_json,
 )
-from pudding.core.quantize import check_quantization, quantize_identity
+from pudding.core.quantize import check_quantization, quantize_identity, skip_names
 from pudding.core.score import LikelihoodScorer, doc_requests
 from pudding.core.tasks import PAPER_TASKS, SPLITS, TARGET_DELIMITER, MCDoc, load_docs
 from pudding.pool.artifact import CandidatePool
@@ -118,9 +119,11 @@ class LabelConfig:
     ray_gpus_per_actor: float = field(default=0.0, metadata=RAY_GPUS_FIELD)
     quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
     quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
+    quantize_skip: tuple[str, ...] = field(default=(), metadata=QUANTIZE_SKIP_FIELD)
 
     def __post_init__(self):
-        check_quantization(self.quantize, self.quantize_head)
+        check_quantization(self.quantize, self.quantize_head, skip=self.quantize_skip)
+        object.__setattr__(self, "quantize_skip", skip_names(self.quantize_skip))
         if isinstance(self.tasks, str):
             object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
         if not self.tasks:
@@ -221,7 +224,7 @@ def run_identity(config: LabelConfig, fingerprint: dict, docs: list[MCDoc]) -> d
     # The quantization adds keys only when there is one: fp32 shards written before it existed still match.
     return {"format": LABELS_FORMAT, "model": fingerprint, "docs": [d.doc_id for d in docs],
             **{k: v for k, v in asdict(config).items() if k in ("split", "max_length", "shard_size")},
-            **quantize_identity(config.quantize, config.quantize_head)}
+            **quantize_identity(config.quantize, config.quantize_head, config.quantize_skip)}
 
 
 @locks_output("run_dir", "out")
@@ -234,7 +237,7 @@ def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
     pool = CandidatePool.from_pretrained(config.pool)
     docs = collect_docs(config)
     replica = ModelReplica(config.model or pool.model["spec"], config.max_batch_tokens, config.max_length,
-                           config.quantize, config.quantize_head)
+                           config.quantize, config.quantize_head, config.quantize_skip)
     executor = start_executor(config.executor, replica,
                               RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor),
                               model=model, tokenizer=tokenizer)

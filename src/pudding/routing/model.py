@@ -158,20 +158,21 @@ class PuddingModel:
     @classmethod
     def from_pretrained(cls, path: str | Path = "default", *, model=None, tokenizer=None,
                         router_only: bool = False, adapters: str = "auto", quantize: str = "none",
-                        quantize_head: bool = False) -> PuddingModel:
+                        quantize_head: bool = False, quantize_skip: str | tuple[str, ...] = ()) -> PuddingModel:
         """Load an artifact folder (``default``: the shipped SmolLM2 one); the LLM by its recorded spec.
 
         Pass ``model`` and ``tokenizer`` to reuse an already loaded LLM; it must match the recorded
         fingerprint. ``router_only`` skips loading the LLM (only its config is read, to check the
         fingerprint) where the router does not need it: ``route`` works, ``generate`` does not.
         ``adapters`` picks the healing adapters in ``adapters/`` (``auto``, ``per-set``, ``shared``, ``none``;
-        see :meth:`load_adapters`). ``quantize`` (and ``quantize_head``) quantize the LLM this loads (see
-        :mod:`pudding.core.quantize`); a ``model`` passed in is never modified, so with ``quantize`` other than
-        ``none`` it must already be quantized that way (``quantize_model(model, "int8")``), else ConfigError.
+        see :meth:`load_adapters`). ``quantize`` (with ``quantize_head``, ``quantize_skip``) quantize the LLM this
+        loads (see :mod:`pudding.core.quantize`); a ``model`` passed in is never modified, so with ``quantize``
+        other than ``none`` it must already be quantized that way (``quantize_model(model, "int8")``), else
+        ConfigError.
         """
-        check_quantization(quantize, quantize_head)
+        check_quantization(quantize, quantize_head, skip=quantize_skip)
         if model is not None and quantize != "none":
-            check_quantized(model, quantize, quantize_head)
+            check_quantized(model, quantize, quantize_head, quantize_skip)
         folder = DEFAULT_ARTIFACT if str(path) == "default" else Path(path)
         config = read_config(folder)
         pool = CandidatePool.from_pretrained(folder)
@@ -182,7 +183,8 @@ class PuddingModel:
         if model is None and router_only and router_config.kind != "llm-embed":
             model_config = load_config(base["spec"])
         elif model is None:
-            model, tokenizer = load_model(base["spec"], quantize=quantize, quantize_head=quantize_head)
+            model, tokenizer = load_model(base["spec"], quantize=quantize, quantize_head=quantize_head,
+                                          quantize_skip=quantize_skip)
         fingerprint = model_fingerprint(model_config if model is None else model.config)
         if fingerprint != base.get("fingerprint"):
             raise ConfigError(f"{folder} was built for {base.get('name')} {base.get('fingerprint')}; the given model "
