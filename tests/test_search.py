@@ -135,12 +135,13 @@ _CHILD = r"""
 import sys, time, json
 sys.path[:0] = [{tests!r}, {src!r}]
 import pudding.pruning.search as search
+from pudding.core.identity import StepCheckpoint
 from test_search import DOCS, OBJECTIVES, _evaluator
-original = search._Checkpoint.save
+original = StepCheckpoint.save
 def slow_save(self):
     original(self)
     time.sleep(0.5)  # widen the window in which the parent kills us, between two steps
-search._Checkpoint.save = slow_save
+StepCheckpoint.save = slow_save
 loss = lambda scores: OBJECTIVES["margin"].loss(DOCS, scores)
 result = search.greedy_search(_evaluator(), loss, k=3, checkpoint={ck!r}, identity={{"task": "t"}})
 print(json.dumps(result.removal_order))

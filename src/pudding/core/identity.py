@@ -18,8 +18,11 @@ and the recorded content is never rewritten here (artifacts written by older ver
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pudding.core.errors import ConfigError
 from pudding.core.provenance import atomic_write_json, read_json
@@ -90,3 +93,46 @@ def find_reusable(own: Path, elsewhere: Iterable[Path], differences: Callable[[P
             except ConfigError:  # unreadable or foreign: not reusable, and not ours to refuse
                 continue
     return None
+
+
+@dataclass
+class StepCheckpoint:
+    """A greedy search's progress in one JSON file: its identity, a few fixed ``fields`` (the search's base
+    loss, say) and the steps done so far, rewritten atomically after every step.
+
+    :meth:`load` refuses a file of another format, a corrupt one, or one written for another identity; each
+    step is read back by ``read_step`` and written with :func:`dataclasses.asdict`. The layout on disk is
+    ``{"format", "identity", **fields, "steps"}``, the one every search checkpoint has always had.
+    """
+
+    path: Path | None
+    identity: dict
+    format: str
+    what: str  # the kind of checkpoint, for messages ("search", "FinerCut")
+    read_step: Callable[[dict], Any]
+    fields: dict[str, Any] = field(default_factory=dict)
+    steps: list = field(default_factory=list)
+
+    def load(self) -> None:
+        """Replace ``fields`` and ``steps`` with the file's, if there is one; ConfigError as above."""
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("format") != self.format:
+                raise ValueError(f"format {data.get('format')!r}")
+            saved_identity = data["identity"]
+            fields = {name: data[name] for name in self.fields}
+            steps = [self.read_step(step) for step in data["steps"]]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"checkpoint {self.path} is corrupt or not a {self.what} checkpoint ({error}); "
+                              "delete it to start over") from None
+        require_identity(saved_identity, self.identity,
+                         f"checkpoint {self.path} was written for another model or configuration",
+                         "refusing to resume. Delete it or choose another run directory")
+        self.fields, self.steps = fields, steps
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {"format": self.format, "identity": self.identity, **self.fields,
+                                          "steps": [asdict(step) for step in self.steps]})

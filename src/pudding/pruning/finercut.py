@@ -30,7 +30,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
-from pudding.core.identity import require_identity
+from pudding.core.identity import StepCheckpoint
 from pudding.core.omit import SUBLAYERS, get_architecture, get_blocks, omit_blocks, parse_omission, removable_blocks
 from pudding.core.provenance import atomic_write_json, provenance
 from pudding.core.score import LikelihoodScorer, PackedBatch, Request
@@ -152,34 +152,8 @@ class FinerCutResult:
         return sum(s.seconds for s in self.steps)
 
 
-@dataclass
-class _Checkpoint:
-    path: Path | None
-    identity: dict
-    steps: list[FinerCutStep] = field(default_factory=list)
-
-    def load(self) -> None:
-        if self.path is None or not self.path.exists():
-            return
-        try:
-            data = json.loads(self.path.read_text())
-            if data.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"format {data.get('format')!r}")
-            saved_identity = data["identity"]
-            steps = [FinerCutStep(s["removed"], s["loss"], dict(s["candidate_losses"]), s["seconds"])
-                     for s in data["steps"]]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"checkpoint {self.path} is corrupt or not a FinerCut checkpoint ({error}); "
-                              "delete it to start over") from None
-        require_identity(saved_identity, self.identity,
-                         f"checkpoint {self.path} was written for another model or configuration",
-                         "refusing to resume. Delete it or choose another run directory")
-        self.steps = steps
-
-    def save(self) -> None:
-        if self.path is not None:
-            atomic_write_json(self.path, {"format": CHECKPOINT_FORMAT, "identity": self.identity,
-                                          "steps": [asdict(s) for s in self.steps]})
+def _read_step(step: dict) -> FinerCutStep:
+    return FinerCutStep(step["removed"], step["loss"], dict(step["candidate_losses"]), step["seconds"])
 
 
 def finercut_search(
@@ -203,7 +177,8 @@ def finercut_search(
         raise ConfigError(f"FinerCut must remove at least 1 and fewer than the {len(candidates)} removable sub-layers "
                           f"({evaluator.total_blocks} blocks, barriers {barriers[0]} first / {barriers[1]} last), "
                           f"not {n_remove}")
-    state = _Checkpoint(Path(checkpoint) if checkpoint else None, identity or {})
+    state = StepCheckpoint(Path(checkpoint) if checkpoint else None, identity or {}, CHECKPOINT_FORMAT, "FinerCut",
+                           _read_step)
     state.load()
     n_evals = sum(len(candidates) - step for step in range(n_remove))
     done = sum(len(candidates) - step for step in range(min(n_remove, len(state.steps))))

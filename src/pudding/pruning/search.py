@@ -24,19 +24,17 @@ Every step is checkpointed atomically; a restarted search replays the checkpoint
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pudding.core.errors import ConfigError, UnknownNameError
-from pudding.core.identity import require_identity
+from pudding.core.errors import UnknownNameError
+from pudding.core.identity import StepCheckpoint
 from pudding.core.metrics import margin, scores_by_doc
 from pudding.core.omit import OmissionSet, check_k, removable_blocks
-from pudding.core.provenance import atomic_write_json
 from pudding.core.score import ChoiceScore, Request
 from pudding.core.tasks import MCDoc
 from pudding.pool.evaluator import CandidateEvaluator
@@ -135,35 +133,9 @@ class SearchResult:
         return [self.base_loss, *[s.loss for s in self.steps]]
 
 
-@dataclass
-class _Checkpoint:
-    path: Path | None
-    identity: dict
-    base_loss: float | None = None
-    steps: list[SearchStep] = field(default_factory=list)
-
-    def load(self) -> None:
-        if self.path is None or not self.path.exists():
-            return
-        try:
-            data = json.loads(self.path.read_text())
-            saved_identity, steps = data["identity"], data["steps"]
-            if data.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"format {data.get('format')!r}")
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"checkpoint {self.path} is corrupt or not a search checkpoint ({error}); "
-                              "delete it to start over") from None
-        require_identity(saved_identity, self.identity,
-                         f"checkpoint {self.path} was written for another model or configuration",
-                         "refusing to resume. Delete it or choose another run directory")
-        self.base_loss = data["base_loss"]
-        self.steps = [SearchStep(s["removed"], s["loss"], {int(k): v for k, v in s["candidate_losses"].items()},
-                                 s["seconds"]) for s in steps]
-
-    def save(self) -> None:
-        if self.path is not None:
-            atomic_write_json(self.path, {"format": CHECKPOINT_FORMAT, "identity": self.identity,
-                                          "base_loss": self.base_loss, "steps": [asdict(s) for s in self.steps]})
+def _read_step(step: dict) -> SearchStep:
+    return SearchStep(step["removed"], step["loss"], {int(k): v for k, v in step["candidate_losses"].items()},
+                      step["seconds"])
 
 
 def greedy_search(
@@ -187,11 +159,12 @@ def greedy_search(
     """
     total = evaluator.total_blocks
     check_k(k, total, barriers)
-    state = _Checkpoint(Path(checkpoint) if checkpoint else None, identity or {})
+    state = StepCheckpoint(Path(checkpoint) if checkpoint else None, identity or {}, CHECKPOINT_FORMAT, "search",
+                           _read_step, {"base_loss": None})
     state.load()
     removable = removable_blocks(total, barriers)
-    if state.base_loss is None:
-        state.base_loss = loss(evaluator.evaluate([()])[0])
+    if state.fields["base_loss"] is None:
+        state.fields["base_loss"] = loss(evaluator.evaluate([()])[0])
         state.save()
     n_evals = sum(len(removable) - step for step in range(k))
     done = sum(len(removable) - step for step in range(min(k, len(state.steps))))
@@ -204,7 +177,7 @@ def greedy_search(
     steps = state.steps[:k]
     # Summed per step, so a resumed search reports its whole cost, not just the part after the restart.
     seconds = sum(s.seconds for s in steps)
-    return SearchResult(tuple(steps), state.base_loss, seconds, evaluator.stats.ratio)
+    return SearchResult(tuple(steps), state.fields["base_loss"], seconds, evaluator.stats.ratio)
 
 
 def _greedy_step(evaluator, loss, removable: list[int], removed: list[int]) -> SearchStep:
