@@ -15,7 +15,8 @@ and the atomic checkpoint writer. :data:`COMPRESSORS` maps a method name to its 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,19 @@ def block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+@contextmanager
+def _stopped_by_hooks(handles: list) -> Iterator[None]:
+    """Around a forward pass that ``handles``' hooks may end early with :class:`_Stop`: the pass stops there
+    quietly, and the hooks are removed however it ends."""
+    try:
+        yield
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _forward(model, batch: PackedBatch, **extra):
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                  use_cache=False, **extra)
@@ -140,15 +154,10 @@ def block_states(model, batch: PackedBatch, inputs: Sequence[int] = (), outputs:
         lambda m, args, kwargs, b=b: keep(("in", b), _hidden_arg(args, kwargs)), with_kwargs=True) for b in inputs]
     handles += [blocks[b].register_forward_hook(
         lambda m, args, output, b=b: keep(("out", b), block_output(output))) for b in outputs]
-    try:
+    with _stopped_by_hooks(handles):
         if wanted:
             with torch.inference_mode():
                 _forward(model, batch)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
     return states
 
 
@@ -174,13 +183,8 @@ def run_one_block(model, index: int, batch: PackedBatch, hidden_in: torch.Tensor
         handles = [block.register_forward_pre_hook(lambda m, args, kwargs: _with_hidden(args, kwargs, hidden_in),
                                                     with_kwargs=True),
                    block.register_forward_hook(stop)]
-        try:
+        with _stopped_by_hooks(handles):
             _forward(model, batch)
-        except _Stop:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
     return captured[0]
 
 
@@ -238,3 +242,18 @@ def check_out(out: str | Path | None) -> None:
     from pudding.pruning.export import _output_folder
 
     _output_folder(out)
+
+
+def prepare(config, model, tokenizer, check_blocks: Callable[[int], Any]) -> tuple[Any, Any, int, list[MCDoc]]:
+    """The start every compression method shares: check ``config.out`` and the model's block count (with
+    ``check_blocks(total)``) before anything loads, then the calibration passages, then the model unless one
+    was passed. Returns ``(model, tokenizer, total blocks, calibration docs)``."""
+    from pudding.core.load import load_config, load_model
+
+    check_out(config.out)
+    total = (model.config if model is not None else load_config(config.model)).num_hidden_layers
+    check_blocks(total)  # fail before loading the model or the data
+    docs = calibration_text(config.samples)
+    if model is None:
+        model, tokenizer = load_model(config.model)
+    return model, tokenizer, total, docs

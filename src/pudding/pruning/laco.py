@@ -41,18 +41,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError, UnknownNameError
-from pudding.core.load import DEFAULT_MODEL, load_config, load_model
+from pudding.core.load import DEFAULT_MODEL
 from pudding.core.omit import get_blocks, omit_blocks, prune_blocks
 from pudding.core.provenance import locks_output
 from pudding.core.score import PackedBatch
 from pudding.pruning.compress import (
     COMMON_FIELDS,
     base_model_record,
-    calibration_text,
     check_common,
-    check_out,
     final_hidden,
     pack_text,
+    prepare,
     save_compressed,
 )
 
@@ -277,12 +276,7 @@ def laco(config: LacoConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     Pass a loaded ``model`` and ``tokenizer`` to skip loading (the model is then changed in place). Returns the
     record also written to ``compress.json`` (with ``"model"``: the collapsed model, in memory).
     """
-    check_out(config.out)
-    total = (model.config if model is not None else load_config(config.model)).num_hidden_layers
-    config.layer_range(total)  # fail before loading the model or the data
-    docs = calibration_text(config.samples)
-    if model is None:
-        model, tokenizer = load_model(config.model)
+    model, tokenizer, total, docs = prepare(config, model, tokenizer, config.layer_range)
     start = time.perf_counter()
     result = collapse(model, pack_text(model, tokenizer, docs, config.max_length, config.max_batch_tokens), config)
     record = {"method": "laco", "k": result["removed"], "original_num_blocks": total,

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
-from pudding.core.load import DEFAULT_MODEL, load_config, load_model
+from pudding.core.load import DEFAULT_MODEL
 from pudding.core.omit import get_blocks, prune_blocks
 from pudding.core.provenance import atomic_write_figure, atomic_write_json, locks_output
 from pudding.core.score import PackedBatch
@@ -47,9 +47,9 @@ from pudding.pruning.compress import (
     block_states,
     calibration_text,
     check_common,
-    check_out,
     masked_mse,
     pack_text,
+    prepare,
     run_one_block,
     save_compressed,
 )
@@ -330,12 +330,7 @@ def streamline(config: StreamlineConfig, *, model=None, tokenizer=None) -> dict[
     Pass a loaded ``model`` and ``tokenizer`` to skip loading (the model is then changed in place). Returns the
     record also written to ``compress.json`` (with ``"model"``: the compressed model, in memory).
     """
-    check_out(config.out)
-    total = (model.config if model is not None else load_config(config.model)).num_hidden_layers
-    config.check_model(total)  # fail before loading the model or the data
-    docs = calibration_text(config.samples)
-    if model is None:
-        model, tokenizer = load_model(config.model)
+    model, tokenizer, total, docs = prepare(config, model, tokenizer, config.check_model)
     begin = time.perf_counter()
     batches = pack_text(model, tokenizer, docs, config.max_length, config.max_batch_tokens)
     similarities = run_similarities(model, batches, sorted({config.k, config.run_length}), config.barriers)
