@@ -53,6 +53,35 @@ def test_prefix_reuse_gives_the_same_scores_as_full_forwards(model_type):
         assert [round(g.logprob, 4) for g in got] == pytest.approx([w.logprob for w in want], abs=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2", "opt", "qwen2"])
+def test_a_greedy_steps_candidates_start_from_the_pass_without_the_removed_blocks(model_type):
+    # every candidate is the removed blocks {2} plus one: each starts at its own block from the pass without 2
+    omissions = [(1, 2), (2, 3), (2, 4), (2, 5), (2,), (2, 3, 4)]
+    evaluator = _evaluator(model_type, reuse=True)
+    assert [evaluator._start(o, (2,)) for o in omissions] == [1, 3, 4, None, None, 3]  # (2, 5): nothing after 5
+    with_reuse = evaluator.evaluate(omissions)
+    model = tiny_model(model_type)
+    for omitted, got in zip(omissions, with_reuse):
+        with omit_blocks(model, omitted):
+            want = score_one_by_one(model, tiny_tokenizer(), REQUESTS)
+        assert [round(g.logprob, 4) for g in got] == pytest.approx([w.logprob for w in want], abs=1e-4)
+    exact = _evaluator(model_type, reuse=False).evaluate(omissions)
+    assert [[s.logprob for s in scores] for scores in with_reuse] == [[s.logprob for s in scores] for scores in exact]
+
+
+def test_a_greedy_step_saves_more_than_the_dense_prefix_would():
+    # with block 1 removed, the dense prefix ends at block 1 for every candidate; the pass without block 1
+    # lets candidate 4 skip blocks 0, 2 and 3 as well
+    evaluator = _evaluator(batch_tokens=10_000)
+    evaluator.evaluate([(1, 3), (1, 4)])
+    rows = evaluator.batches[0].input_ids.shape[0]
+    kept = NUM_LAYERS - 2
+    # the shared pass runs blocks 0, 2, 3 (up to block 4's input); then (1, 3) runs 4, 5 and (1, 4) runs 5 of
+    # their 4 kept blocks: 6 per row, where reusing only the dense prefix (block 0) runs 1 + 3 + 3 = 7
+    assert evaluator.stats.blocks_run == rows * (3 + (kept - 2) + (kept - 3)) == rows * 6
+    assert evaluator.stats.blocks_without_reuse == rows * 2 * kept
+
+
 def test_prefix_reuse_skips_work_and_counts_it():
     evaluator = _evaluator()
     evaluator.evaluate([(3,), (4,), (3, 4)])

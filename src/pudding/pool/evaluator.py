@@ -1,10 +1,14 @@
-"""Score many omission sets on the same requests, running the dense prefix once.
+"""Score many omission sets on the same requests, running their shared prefix once.
 
-Blocks before the first omitted one compute the same hidden states for every candidate set.
-:class:`CandidateEvaluator` runs that prefix once per batch, captures each needed block's input with a
-forward pre-hook (stopping the pass early), and starts each set's forward at its first omitted block by
-injecting the captured state there. The result is bit-for-bit the same computation, minus the repeated
-prefix. The greedy search, the baselines and the labels all score through it.
+The sets scored together usually share structure: every candidate of a greedy step is the blocks removed so
+far (the *base*, here the intersection of the sets) plus one more. The hidden state entering block ``f`` is
+decided by the blocks before ``f`` alone, so for a set whose first block outside the base is ``f``, it is
+the state entering ``f`` in a pass of the model without the base. :class:`CandidateEvaluator` runs that pass
+once per batch, captures each needed block's input with a forward pre-hook (stopping the pass early), and
+starts each set's forward at block ``f`` by injecting the captured state there. The result is bit-for-bit
+the same computation, minus the repeated prefix. For sets with nothing in common (a pool's) the base is
+empty and the shared pass is the dense one. The greedy search, the baselines and the labels all score
+through it.
 """
 
 from __future__ import annotations
@@ -65,28 +69,38 @@ class CandidateEvaluator:
     def evaluate(self, omissions: Sequence[OmissionSet]) -> list[list[ChoiceScore]]:
         """For each omission set, the scores of every request (in request order)."""
         results: list[list[ChoiceScore | None]] = [[None] * self.n_requests for _ in omissions]
+        base = tuple(sorted(set.intersection(*map(set, omissions)))) if omissions else ()
+        starts = [self._start(omitted, base) for omitted in omissions]
+        needed = {f for f in starts if f is not None}
         for batch in self.batches:
             rows = batch.input_ids.shape[0]
-            states = self._block_inputs(batch, {o[0] for o in omissions if self._reusable(o)})
-            self.stats.blocks_run += rows * max(states, default=0)
-            for result, omitted in zip(results, omissions):
-                for index, score in zip(batch.indices, self._score(batch, omitted, states)):
+            states = self._block_inputs(batch, base, needed)
+            if needed:
+                self.stats.blocks_run += rows * sum(1 for b in range(max(needed)) if b not in base)
+            for result, omitted, start in zip(results, omissions, starts):
+                for index, score in zip(batch.indices, self._score(batch, omitted, start, states)):
                     result[index] = score
                 kept = self.total_blocks - len(omitted)
-                prefix = omitted[0] if self._reusable(omitted) and omitted[0] in states else 0
+                skipped = 0 if start is None else sum(1 for b in range(start) if b not in omitted)
                 self.stats.blocks_without_reuse += rows * kept
-                self.stats.blocks_run += rows * (kept - prefix)
+                self.stats.blocks_run += rows * (kept - skipped)
         return results  # type: ignore[return-value]
 
-    def _reusable(self, omitted: OmissionSet) -> bool:
-        # Reuse needs a non-empty prefix and a kept block after the first omitted one to inject into.
-        if not (self.reuse_prefix and omitted and omitted[0] > 0):
-            return False
-        blocks_from_first = self.total_blocks - omitted[0]
-        return blocks_from_first > len(omitted)
+    def _start(self, omitted: OmissionSet, base: OmissionSet) -> int | None:
+        """The block at which ``omitted`` starts from a captured state: its first block outside ``base``
+        (before it, the set and the base run the same blocks); None where reuse saves nothing or cannot
+        inject (no block before it, or no kept block from it on)."""
+        if not self.reuse_prefix:
+            return None
+        first = next((b for b in omitted if b not in base), None)
+        if first is None or first == 0:
+            return None
+        blocks_from_first = self.total_blocks - first
+        return first if blocks_from_first > sum(1 for b in omitted if b >= first) else None
 
-    def _block_inputs(self, batch: PackedBatch, needed: set[int]) -> dict[int, torch.Tensor]:
-        """Dense hidden states entering each block in ``needed``, from one pass that stops at the last one."""
+    def _block_inputs(self, batch: PackedBatch, base: OmissionSet, needed: set[int]) -> dict[int, torch.Tensor]:
+        """Hidden states entering each block in ``needed`` in the model without ``base``, from one pass that
+        stops at the last one (no block in ``needed`` is in ``base``)."""
         if not needed:
             return {}
         blocks, states, last = get_blocks(self.model), {}, max(needed)
@@ -98,9 +112,10 @@ class CandidateEvaluator:
                     raise _StopForward
             return hook
 
+        # Hooked by module, before the omission takes the base's blocks out of the list.
         handles = [blocks[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in sorted(needed)]
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), omit_blocks(self.model, base):
                 self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False)
         except _StopForward:
@@ -110,16 +125,16 @@ class CandidateEvaluator:
                 handle.remove()
         return states
 
-    def _score(self, batch: PackedBatch, omitted: OmissionSet, states: dict[int, torch.Tensor]) -> list[ChoiceScore]:
-        first = omitted[0] if omitted else None
-        if not self._reusable(omitted) or first not in states:
+    def _score(self, batch: PackedBatch, omitted: OmissionSet, start: int | None,
+               states: dict[int, torch.Tensor]) -> list[ChoiceScore]:
+        if start is None:
             with omit_blocks(self.model, omitted):
                 return self.scorer.score_packed(batch)
-        # Skip the prefix too, and feed its cached output into the first kept block (the residual stream
-        # passes through the omitted blocks, so the prefix output is exactly that block's input).
-        with omit_blocks(self.model, tuple(range(first)) + omitted):
+        # Skip the prefix too, and feed the captured state into the first kept block from ``start`` on (the
+        # residual stream passes through omitted blocks, so that state is exactly that block's input).
+        with omit_blocks(self.model, tuple(sorted({*range(start), *omitted}))):
             handle = get_blocks(self.model)[0].register_forward_pre_hook(
-                lambda module, args, kwargs: _with_hidden_states(args, kwargs, states[first]), with_kwargs=True)
+                lambda module, args, kwargs: _with_hidden_states(args, kwargs, states[start]), with_kwargs=True)
             try:
                 return self.scorer.score_packed(batch)
             finally:
