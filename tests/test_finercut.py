@@ -10,10 +10,11 @@ import torch
 
 from pudding.cli import main
 from pudding.core.errors import ConfigError
-from pudding.core.omit import omit_blocks
+from pudding.core.omit import omit_blocks, parse_omission
 from pudding.core.score import LikelihoodScorer, Request
 from pudding.evaluation.zero_shot import EvalConfig, evaluate
 from pudding.pool.artifact import CandidatePool
+from pudding.pool.evaluator import start_block
 from pudding.pruning.candidates import PoolConfig, build_baselines
 from pudding.pruning.finercut import (
     SUBBLOCK_FILE,
@@ -71,6 +72,21 @@ def test_divergence_matches_an_independent_reference_model():
     assert skipped > 1e-6
 
 
+def test_sets_sharing_removed_sub_layers_start_from_the_pass_without_them():
+    # a greedy step's candidates: the removed {2.attn, 3} plus one sub-layer each, some in the removed blocks
+    removed = ["2.attn", 3]
+    sets = [[*removed, c] for c in ("1.attn", "1.mlp", "2.mlp", "4.attn", "4.mlp")]
+    keys = [parse_omission(s, NUM_LAYERS).key for s in sets]
+    # 2.attn and 2.mlp make block 2 whole, so what all five share is block 3
+    assert [start_block(k, [3], NUM_LAYERS) for k in keys] == [1, 1, 2, 2, 2]
+    assert [start_block(k, removed, NUM_LAYERS) for k in keys] == [1, 1, 2, 4, 4]
+    assert start_block(parse_omission(removed, NUM_LAYERS).key, removed, NUM_LAYERS) is None
+    evaluator = _evaluator()
+    shared = evaluator.evaluate(sets)
+    alone = [evaluator.evaluate([s])[0] for s in sets]  # alone, a set shares nothing: plain forwards
+    assert shared == pytest.approx(alone, abs=1e-6) and min(shared) > 1e-6
+
+
 def test_search_respects_barriers_picks_each_steps_minimum_and_is_deterministic():
     evaluator = _evaluator()
     result = finercut_search(evaluator, 4, barriers=(1, 1))
@@ -96,10 +112,10 @@ def test_search_resumes_from_its_checkpoint_and_refuses_another_identity(tmp_pat
     assert saved["format"] == "pudding.finercut-checkpoint/1" and len(saved["steps"]) == 2
     evaluator, calls = _evaluator(), []
     original = evaluator.evaluate
-    monkeypatch.setattr(evaluator, "evaluate", lambda sets: calls.append(len(sets)) or original(sets))
+    monkeypatch.setattr(evaluator, "evaluate", lambda sets, **kw: calls.append(len(sets)) or original(sets, **kw))
     resumed = finercut_search(evaluator, 3, checkpoint=checkpoint, identity={"a": 1})
     candidates = len(sublayer_candidates(NUM_LAYERS, (1, 1)))
-    assert calls == [1] * (candidates - 2), "only the new step may be evaluated"
+    assert calls == [candidates - 2], "only the new step may be evaluated"
     assert resumed.removal_order[:2] == first.removal_order
     assert resumed.removal_order == finercut_search(_evaluator(), 3).removal_order
     assert finercut_search(_evaluator(), 1, checkpoint=checkpoint, identity={"a": 1}).steps == resumed.steps[:1]

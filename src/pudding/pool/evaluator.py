@@ -13,7 +13,8 @@ through it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,66 @@ def _with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tupl
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def block_of(item: int | str) -> int:
+    """The block an omission item touches: ``12`` and ``"12.attn"`` are both block 12."""
+    return item if isinstance(item, int) else int(str(item).split(".")[0])
+
+
+def start_block(omitted: Sequence, base: Sequence, total_blocks: int) -> int | None:
+    """Where a set can start from a pass of the model without ``base`` (a subset of it): the block of its
+    first item outside ``base``, since every block before it runs alike in both. None where that saves
+    nothing (block 0) or leaves nothing to inject into (no block from there on is even partly kept)."""
+    outside = [block_of(i) for i in omitted if i not in base]
+    if not outside or min(outside) == 0:
+        return None
+    first = min(outside)
+    whole_from_first = {i for i in omitted if isinstance(i, int) and i >= first}
+    return first if len(whole_from_first) < total_blocks - first else None
+
+
+def capture_block_inputs(model, batch: PackedBatch, base: Sequence, needed: set[int]) -> dict[int, torch.Tensor]:
+    """Hidden states entering each block in ``needed`` in ``model`` without ``base``, from one pass that stops
+    at the last one. No block in ``needed`` may be wholly in ``base`` (it would never run)."""
+    if not needed:
+        return {}
+    blocks, states, last = get_blocks(model), {}, max(needed)
+
+    def capture(index):
+        def hook(module, args, kwargs):
+            states[index] = _hidden_states_arg(args, kwargs)
+            if index == last:
+                raise _StopForward
+        return hook
+
+    # Hooked by module, before the omission takes the base's blocks out of the list.
+    handles = [blocks[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in sorted(needed)]
+    try:
+        with torch.inference_mode(), omit_blocks(model, base):
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return states
+
+
+@contextmanager
+def started_at(model, start: int, omitted: Sequence, state: torch.Tensor) -> Iterator[None]:
+    """``model`` without ``omitted`` and without every block before ``start``, its first remaining block fed
+    ``state``: the hidden state entering block ``start`` (the residual stream passes through omitted blocks,
+    so that is exactly the first remaining block's input). Forwards inside run only from ``start`` on."""
+    from_start = [i for i in omitted if block_of(i) >= start]
+    with omit_blocks(model, [*range(start), *from_start]):
+        handle = get_blocks(model)[0].register_forward_pre_hook(
+            lambda module, args, kwargs: _with_hidden_states(args, kwargs, state), with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 @dataclass
@@ -87,58 +148,18 @@ class CandidateEvaluator:
         return results  # type: ignore[return-value]
 
     def _start(self, omitted: OmissionSet, base: OmissionSet) -> int | None:
-        """The block at which ``omitted`` starts from a captured state: its first block outside ``base``
-        (before it, the set and the base run the same blocks); None where reuse saves nothing or cannot
-        inject (no block before it, or no kept block from it on)."""
-        if not self.reuse_prefix:
-            return None
-        first = next((b for b in omitted if b not in base), None)
-        if first is None or first == 0:
-            return None
-        blocks_from_first = self.total_blocks - first
-        return first if blocks_from_first > sum(1 for b in omitted if b >= first) else None
+        return start_block(omitted, base, self.total_blocks) if self.reuse_prefix else None
 
     def _block_inputs(self, batch: PackedBatch, base: OmissionSet, needed: set[int]) -> dict[int, torch.Tensor]:
-        """Hidden states entering each block in ``needed`` in the model without ``base``, from one pass that
-        stops at the last one (no block in ``needed`` is in ``base``)."""
-        if not needed:
-            return {}
-        blocks, states, last = get_blocks(self.model), {}, max(needed)
-
-        def capture(index):
-            def hook(module, args, kwargs):
-                states[index] = _hidden_states_arg(args, kwargs)
-                if index == last:
-                    raise _StopForward
-            return hook
-
-        # Hooked by module, before the omission takes the base's blocks out of the list.
-        handles = [blocks[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in sorted(needed)]
-        try:
-            with torch.inference_mode(), omit_blocks(self.model, base):
-                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return states
+        return capture_block_inputs(self.model, batch, base, needed)
 
     def _score(self, batch: PackedBatch, omitted: OmissionSet, start: int | None,
                states: dict[int, torch.Tensor]) -> list[ChoiceScore]:
         if start is None:
             with omit_blocks(self.model, omitted):
                 return self.scorer.score_packed(batch)
-        # Skip the prefix too, and feed the captured state into the first kept block from ``start`` on (the
-        # residual stream passes through omitted blocks, so that state is exactly that block's input).
-        with omit_blocks(self.model, tuple(sorted({*range(start), *omitted}))):
-            handle = get_blocks(self.model)[0].register_forward_pre_hook(
-                lambda module, args, kwargs: _with_hidden_states(args, kwargs, states[start]), with_kwargs=True)
-            try:
-                return self.scorer.score_packed(batch)
-            finally:
-                handle.remove()
+        with started_at(self.model, start, omitted, states[start]):
+            return self.scorer.score_packed(batch)
 
 
 # --- the greedy search ------------------------------------------------------------------------------------

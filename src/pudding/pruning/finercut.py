@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from pudding.core.identity import StepCheckpoint
 from pudding.core.omit import SUBLAYERS, get_architecture, get_blocks, omit_blocks, parse_omission, removable_blocks
 from pudding.core.provenance import atomic_write_json, provenance
 from pudding.core.score import LikelihoodScorer, PackedBatch, Request
+from pudding.pool.evaluator import capture_block_inputs, start_block, started_at
 
 CHECKPOINT_FORMAT = "pudding.finercut-checkpoint/1"
 SUBBLOCK_FILE = "subblock_sets.json"
@@ -102,16 +103,26 @@ class DivergenceEvaluator:
                                 position_ids=batch.position_ids, use_cache=False).logits
         return torch.log_softmax(logits[batch.attention_mask.bool()].float(), dim=-1)
 
-    def evaluate(self, omissions: Sequence) -> list[float]:
-        """For each omission set (anything :func:`pudding.core.omit.omit_blocks` takes), the mean JS divergence."""
-        losses = []
-        for omission in omissions:
-            total = 0.0
-            with omit_blocks(self.model, omission):
-                for batch, reference in zip(self.batches, self.reference):
-                    total += float(js_divergence(reference, self._log_probs(batch)).sum())
-            losses.append(total / self.n_tokens)
-        return losses
+    def evaluate(self, omissions: Sequence, on_batch: Callable[[float], Any] | None = None) -> list[float]:
+        """For each omission set (anything :func:`pudding.core.omit.parse_omission` takes), the mean JS divergence.
+
+        The sets start from one pass without the items they share (a greedy step's removed sub-layers), as in
+        :class:`pudding.pool.evaluator.CandidateEvaluator`: the same numbers, minus the repeated prefix.
+        ``on_batch(fraction)`` is called after each set's batch with that batch's share of one set (progress).
+        """
+        keys = [parse_omission(o, self.total_blocks).key for o in omissions]
+        base = [i for i in keys[0] if all(i in k for k in keys[1:])] if keys else []
+        starts = [start_block(k, base, self.total_blocks) for k in keys]
+        totals = [0.0] * len(keys)
+        for batch, reference in zip(self.batches, self.reference):
+            states = capture_block_inputs(self.model, batch, base, {f for f in starts if f is not None})
+            for index, (key, start) in enumerate(zip(keys, starts)):
+                with (omit_blocks(self.model, key) if start is None
+                      else started_at(self.model, start, key, states[start])):
+                    totals[index] += float(js_divergence(reference, self._log_probs(batch)).sum())
+                if on_batch is not None:
+                    on_batch(1 / len(self.batches))
+        return [total / self.n_tokens for total in totals]
 
 
 # --- the greedy search ------------------------------------------------------------------------------------
@@ -193,10 +204,8 @@ def finercut_search(
 def _step(evaluator: DivergenceEvaluator, candidates: list[str], removed: list[str], bar) -> FinerCutStep:
     start = time.perf_counter()
     remaining = [c for c in candidates if c not in removed]
-    losses = {}
-    for candidate in remaining:  # one set at a time, so the bar moves within a step (a step is minutes)
-        losses[candidate] = evaluator.evaluate([[*removed, candidate]])[0]
-        bar.update(1)
+    # All candidates at once, so they share the pass without the removed sub-layers; the bar moves per batch.
+    losses = dict(zip(remaining, evaluator.evaluate([[*removed, c] for c in remaining], on_batch=bar.update)))
     best = min(remaining, key=lambda c: (losses[c], candidates.index(c)))
     return FinerCutStep(best, losses[best], losses, time.perf_counter() - start)
 
