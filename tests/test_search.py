@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -80,6 +81,34 @@ def test_a_greedy_step_saves_more_than_the_dense_prefix_would():
     # their 4 kept blocks: 6 per row, where reusing only the dense prefix (block 0) runs 1 + 3 + 3 = 7
     assert evaluator.stats.blocks_run == rows * (3 + (kept - 2) + (kept - 3)) == rows * 6
     assert evaluator.stats.blocks_without_reuse == rows * 2 * kept
+
+
+def test_a_pool_of_unrelated_sets_starts_each_from_the_earlier_set_it_agrees_with_longest():
+    from pudding.pool.evaluator import BASE, plan_runs
+
+    pool = [(), (1, 4), (1, 2), (3, 4), (1, 2, 4), (2, 3)]
+    runs, base, _ = plan_runs(pool, NUM_LAYERS)
+    assert base == () and [r.omitted for r in runs] == sorted(pool)
+    starts = {r.omitted: (r.start, r.source if r.source in (None, BASE) else runs[r.source].omitted) for r in runs}
+    assert starts[()] == (None, None)
+    assert starts[(1, 2, 4)] == (4, (1, 2))  # agrees with (1, 2) on blocks 0-3: starts at 4, not at 1
+    assert starts[(1, 4)] == (2, (1, 2))  # agrees with (1, 2) below block 2 (and with (1, 2, 4) below 2 too)
+    assert starts[(3, 4)] == (3, BASE)  # nothing earlier agrees past block 3: the shared (here dense) pass
+
+
+def test_random_pools_score_exactly_as_full_forwards_and_duplicates_once():
+    rng = random.Random(0)
+    model_types = ["llama", "gpt2"]
+    for trial in range(6):
+        evaluator = _evaluator(model_types[trial % 2], reuse=True)
+        sets = [tuple(sorted(rng.sample(range(1, NUM_LAYERS - 1), rng.randint(0, 3)))) for _ in range(7)]
+        if trial % 3 == 0:  # a greedy step's shape: a shared removed block plus one more each
+            sets = [tuple(sorted({2, b})) for b in (1, 3, 4)] + sets[:2]
+        sets.append(sets[0])  # listed twice: scored once, returned twice
+        got = evaluator.evaluate(sets)
+        want = _evaluator(model_types[trial % 2], reuse=False).evaluate(sets)
+        assert [[x.logprob for x in row] for row in got] == [[x.logprob for x in row] for row in want], sets
+        assert got[-1] == got[0]
 
 
 def test_prefix_reuse_skips_work_and_counts_it():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -109,13 +109,66 @@ class ReuseStats:
         return self.blocks_without_reuse / self.blocks_run if self.blocks_run else 1.0
 
 
+BASE = -1  # a run's source: the shared pass without the sets' common blocks
+
+
+@dataclass
+class _Run:
+    """One distinct set's forward per batch: where it starts, from whose state, and what later runs read."""
+
+    omitted: OmissionSet
+    source: int | None = None  # BASE, or the index in the plan of an earlier run; None: a full forward
+    start: int | None = None  # the position it starts at (the residual stream entering block ``start``)
+    captures: dict[int, int] = field(default_factory=dict)  # position -> the block whose input holds it
+
+
+def _first_kept(omitted: Sequence[int], position: int, total: int) -> int | None:
+    return next((b for b in range(position, total) if b not in omitted), None)
+
+
+def plan_runs(omissions: Sequence[OmissionSet], total: int) -> tuple[list[_Run], OmissionSet, dict[int, int]]:
+    """The order and starting points of the forwards that score ``omissions`` (distinct, sorted sets).
+
+    The residual stream entering position ``f`` depends only on which blocks before ``f`` run. So a set ``T``
+    may start at ``f`` from any run ``S`` that agrees with it on every block before ``f`` (``f`` = the smallest
+    block in one set and not the other), if ``S`` ran the block whose input holds that state. The sources are
+    the runs before it (sorted order puts sets with long common beginnings next to each other) and one shared
+    pass without the blocks every set omits (a greedy step's removed blocks: each candidate then starts at its
+    own block). Each set takes the source that lets it start latest. Returns the runs in order, the shared
+    pass's omitted blocks, and the positions to capture in that pass (position -> block to hook).
+    """
+    base = tuple(sorted(set.intersection(*map(set, omissions)))) if omissions else ()
+    runs: list[_Run] = []
+    base_captures: dict[int, int] = {}
+    for omitted in sorted(omissions):
+        run = _Run(omitted)
+        best = start_block(omitted, base, total)
+        if best is not None:
+            run.source, run.start = BASE, best
+        for index, earlier in enumerate(runs):
+            differ = set(earlier.omitted) ^ set(omitted)
+            position = min(differ)
+            if position <= (run.start or 0) or _first_kept(omitted, position, total) is None:
+                continue
+            holder = _first_kept(earlier.omitted, position, total)  # its input is the state at ``position``
+            if holder is None or (earlier.start is not None and holder < earlier.start):
+                continue
+            run.source, run.start = index, position
+        if run.source == BASE:
+            base_captures[run.start] = _first_kept(base, run.start, total)
+        elif run.source is not None:
+            runs[run.source].captures[run.start] = _first_kept(runs[run.source].omitted, run.start, total)
+        runs.append(run)
+    return runs, base, base_captures
+
+
 class CandidateEvaluator:
-    """Scores one fixed list of requests under many omission sets, reusing the shared dense prefix.
+    """Scores one fixed list of requests under many omission sets, reusing every prefix they share.
 
     Args:
         scorer: the scorer (its model and batching settings are used).
         requests: the requests to score under every omission set.
-        reuse_prefix: run the blocks before each set's first omitted block once per batch, not once per set.
+        reuse_prefix: start each set from a shared state where one exists (:func:`plan_runs`), not from scratch.
     """
 
     def __init__(self, scorer: LikelihoodScorer, requests: Sequence[Request], reuse_prefix: bool = True):
@@ -128,38 +181,59 @@ class CandidateEvaluator:
         self.stats = ReuseStats()
 
     def evaluate(self, omissions: Sequence[OmissionSet]) -> list[list[ChoiceScore]]:
-        """For each omission set, the scores of every request (in request order)."""
-        results: list[list[ChoiceScore | None]] = [[None] * self.n_requests for _ in omissions]
-        base = tuple(sorted(set.intersection(*map(set, omissions)))) if omissions else ()
-        starts = [self._start(omitted, base) for omitted in omissions]
-        needed = {f for f in starts if f is not None}
+        """For each omission set, the scores of every request (in request order). A set listed twice is
+        scored once."""
+        distinct = list(dict.fromkeys(tuple(o) for o in omissions))
+        if self.reuse_prefix:
+            runs, base, base_captures = plan_runs(distinct, self.total_blocks)
+        else:
+            runs, base, base_captures = [_Run(o) for o in distinct], (), {}
+        scores: dict[OmissionSet, list[ChoiceScore | None]] = {run.omitted: [None] * self.n_requests for run in runs}
         for batch in self.batches:
             rows = batch.input_ids.shape[0]
-            states = self._block_inputs(batch, base, needed)
-            if needed:
-                self.stats.blocks_run += rows * sum(1 for b in range(max(needed)) if b not in base)
-            for result, omitted, start in zip(results, omissions, starts):
-                for index, score in zip(batch.indices, self._score(batch, omitted, start, states)):
-                    result[index] = score
-                kept = self.total_blocks - len(omitted)
-                skipped = 0 if start is None else sum(1 for b in range(start) if b not in omitted)
-                self.stats.blocks_without_reuse += rows * kept
+            held = capture_block_inputs(self.model, batch, base, set(base_captures.values()))
+            base_states = {position: held[block] for position, block in base_captures.items()}
+            if base_captures:
+                self.stats.blocks_run += rows * sum(1 for b in range(max(base_captures.values())) if b not in base)
+            captured: list[dict[int, torch.Tensor]] = []
+            for run in runs:
+                state = (None if run.source is None else base_states[run.start] if run.source == BASE
+                         else captured[run.source][run.start])
+                batch_scores, states = self._run(batch, run, state)
+                captured.append(states)
+                for index, score in zip(batch.indices, batch_scores):
+                    scores[run.omitted][index] = score
+                kept = self.total_blocks - len(run.omitted)
+                skipped = 0 if run.start is None else sum(1 for b in range(run.start) if b not in run.omitted)
                 self.stats.blocks_run += rows * (kept - skipped)
-        return results  # type: ignore[return-value]
+            for omitted in omissions:
+                self.stats.blocks_without_reuse += rows * (self.total_blocks - len(omitted))
+        return [scores[tuple(o)] for o in omissions]  # type: ignore[misc]
 
     def _start(self, omitted: OmissionSet, base: OmissionSet) -> int | None:
         return start_block(omitted, base, self.total_blocks) if self.reuse_prefix else None
 
-    def _block_inputs(self, batch: PackedBatch, base: OmissionSet, needed: set[int]) -> dict[int, torch.Tensor]:
-        return capture_block_inputs(self.model, batch, base, needed)
+    def _run(self, batch: PackedBatch, run: _Run, state: torch.Tensor | None
+             ) -> tuple[list[ChoiceScore], dict[int, torch.Tensor]]:
+        """Score ``batch`` under ``run``'s set, from ``state`` at its start if it has one, keeping the states
+        that later runs start from."""
+        blocks, kept = get_blocks(self.model), {}  # by original index: the omission shortens the list
 
-    def _score(self, batch: PackedBatch, omitted: OmissionSet, start: int | None,
-               states: dict[int, torch.Tensor]) -> list[ChoiceScore]:
-        if start is None:
-            with omit_blocks(self.model, omitted):
-                return self.scorer.score_packed(batch)
-        with started_at(self.model, start, omitted, states[start]):
-            return self.scorer.score_packed(batch)
+        def keep(position):
+            def hook(module, args, kwargs):
+                kept[position] = _hidden_states_arg(args, kwargs)
+            return hook
+
+        with (omit_blocks(self.model, run.omitted) if state is None
+              else started_at(self.model, run.start, run.omitted, state)):
+            # Registered after the injection hook, so a capture on the first block sees the injected state.
+            handles = [blocks[block].register_forward_pre_hook(keep(position), with_kwargs=True)
+                       for position, block in run.captures.items()]
+            try:
+                return self.scorer.score_packed(batch), kept
+            finally:
+                for handle in handles:
+                    handle.remove()
 
 
 # --- the greedy search ------------------------------------------------------------------------------------
