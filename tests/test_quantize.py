@@ -65,6 +65,13 @@ def test_omission_on_a_quantized_model_equals_it_rebuilt_without_the_blocks(mode
     # Two references: the quantized model pruned for good, and the fp32 model pruned, then quantized.
     pruned = prune_blocks(model, OMITTED)
     rebuilt = quantize_model(prune_blocks(fp32, OMITTED), "int8")
+    assert_omission_equals(model, [pruned, rebuilt])
+    assert quantization_of(model) == ("int8", False) and quantization_of(fp32) == ("none", False)
+
+
+def assert_omission_equals(model, references) -> None:
+    """``model`` with :data:`OMITTED` omitted gives each reference's logits and cached greedy generation,
+    bit for bit, and differs from ``model`` itself."""
     ids = _ids()
     args = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
@@ -72,11 +79,10 @@ def test_omission_on_a_quantized_model_equals_it_rebuilt_without_the_blocks(mode
             got = model(ids).logits
             generated = model.generate(ids, use_cache=True, **args)
         dense = model(ids).logits
-        for reference in (pruned, rebuilt):
+        for reference in references:
             assert torch.equal(got, reference(ids).logits)
             assert torch.equal(generated, reference.generate(ids, use_cache=True, **args))
     assert not torch.allclose(got, dense, atol=1e-3), "omitting blocks must change the output"
-    assert quantization_of(model) == ("int8", False) and quantization_of(fp32) == ("none", False)
 
 
 # --- fidelity -----------------------------------------------------------------------------------------------------

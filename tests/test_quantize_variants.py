@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_quantize import assert_omission_equals
 from torch import nn
 
 from pudding.cli import main
 from pudding.core import smooth
 from pudding.core.errors import ConfigError
 from pudding.core.load import load_model
-from pudding.core.omit import get_blocks, omit_blocks, prune_blocks
+from pudding.core.omit import get_blocks, prune_blocks
 from pudding.core.quantize import (
     PerTokenInt8Linear,
     check_quantized,
@@ -122,17 +123,7 @@ def test_omission_on_a_smoothed_or_partly_fp32_model_equals_it_pruned(model_type
         # quantizing gives the same model. Smoothing's statistics come from the whole model's activations, so
         # there the reference is the smoothed, quantized model pruned for good.
         references.append(_quantize(prune_blocks(fp32, OMITTED), method, skip, tokenizer))
-    ids = _ids()
-    args = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-    with torch.no_grad():
-        with omit_blocks(model, OMITTED):
-            got = model(ids).logits
-            generated = model.generate(ids, use_cache=True, **args)
-        dense = model(ids).logits
-        for reference in references:
-            assert torch.equal(got, reference(ids).logits)
-            assert torch.equal(generated, reference.generate(ids, use_cache=True, **args))
-    assert not torch.allclose(got, dense, atol=1e-3), "omitting blocks must change the output"
+    assert_omission_equals(model, references)
     assert quantization_of(model) == (method, False)
     kept = kept_fp32(model)
     assert len(kept) == len(skip) and all(smooth.matches(name, skip) for name in kept)
