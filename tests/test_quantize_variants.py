@@ -8,6 +8,7 @@ the configs and the identities, which stay as they were for fp32 and plain int8.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -195,6 +196,24 @@ def test_bad_skip_settings_get_one_line_errors(tiny_dir):
             call()
         errors.append(str(error.value))
     assert all("\n" not in e for e in errors)
+
+
+STAGE_CONFIGS = ["pudding.evaluation.zero_shot:EvalConfig", "pudding.pruning.importance:ImportanceConfig",
+                 "pudding.pruning.candidates:PoolConfig", "pudding.routing.labels:LabelConfig",
+                 "pudding.evaluation.reproduce:ReproduceConfig", "pudding.evaluation.bench:BenchConfig"]
+
+
+@pytest.mark.parametrize("target", STAGE_CONFIGS)
+def test_every_stage_config_that_runs_the_model_validates_its_quantization_in_one_place(target):
+    module, _, name = target.partition(":")
+    config_class = getattr(importlib.import_module(module), name)
+    required = {"pool": "unused", "out": "unused"} if name == "LabelConfig" else {}
+    with pytest.raises(ConfigError, match="needs a --quantize method"):
+        config_class(quantize_skip="down_proj", **required)
+    config = config_class(quantize="int8-smooth", quantize_skip="down_proj, mlp.up_proj,down_proj", **required)
+    assert config.quantize_skip == ("down_proj", "mlp.up_proj")
+    assert config.quantization == {"quantize": "int8-smooth", "quantize_head": False,
+                                   "quantize_skip": ("down_proj", "mlp.up_proj")}
 
 
 # --- through the stages ------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pudding.core.errors import ConfigError, UnknownNameError
 from pudding.core.omit import check_k, omit_blocks, removable_blocks
 from pudding.core.score import LikelihoodScorer, Request, score_one_by_one
 from pudding.core.tasks import MCDoc
-from pudding.pool.evaluator import CandidateEvaluator
+from pudding.pool.evaluator import CandidateEvaluator, start_block
 from pudding.pruning.search import OBJECTIVES, get_objective, greedy_search
 
 from tiny import NUM_LAYERS, tiny_model, tiny_tokenizer
@@ -59,7 +59,8 @@ def test_a_greedy_steps_candidates_start_from_the_pass_without_the_removed_block
     # every candidate is the removed blocks {2} plus one: each starts at its own block from the pass without 2
     omissions = [(1, 2), (2, 3), (2, 4), (2, 5), (2,), (2, 3, 4)]
     evaluator = _evaluator(model_type, reuse=True)
-    assert [evaluator._start(o, (2,)) for o in omissions] == [1, 3, 4, None, None, 3]  # (2, 5): nothing after 5
+    starts = [start_block(o, (2,), evaluator.total_blocks) for o in omissions]
+    assert starts == [1, 3, 4, None, None, 3]  # (2, 5): nothing after 5
     with_reuse = evaluator.evaluate(omissions)
     model = tiny_model(model_type)
     for omitted, got in zip(omissions, with_reuse):

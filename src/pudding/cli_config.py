@@ -173,21 +173,39 @@ def _value(module: str, node: ast.expr) -> Any:
         raise LookupError(f"{module}: {ast.unparse(node)!r} is neither a literal nor a module constant") from None
 
 
+def _class_target(module: str, class_name: str) -> str:
+    """``"module:Class"`` where ``Class``, a name in ``module``, is defined: followed through
+    ``from pudding.x import Class``."""
+    tree = _module_tree(module)
+    if any(isinstance(n, ast.ClassDef) and n.name == class_name for n in tree.body):
+        return f"{module}:{class_name}"
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pudding"):
+            for alias in node.names:
+                if (alias.asname or alias.name) == class_name:
+                    return _class_target(node.module, alias.name)
+    raise LookupError(f"no class {class_name} in {module}")
+
+
 @functools.cache
 def config_fields(target: str) -> tuple[FieldSpec, ...]:
-    """The fields of the dataclass ``"module:Class"``, read from its source (the module is not imported)."""
-    module, _, class_name = target.partition(":")
-    tree = _module_tree(module)
-    classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name]
-    if not classes:  # re-exported: follow `from pudding.x import Class` to where it is defined
-        for node in tree.body:
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pudding"):
-                for alias in node.names:
-                    if (alias.asname or alias.name) == class_name:
-                        return config_fields(f"{node.module}:{alias.name}")
-        raise LookupError(f"no class {class_name} in {module}")
+    """The fields of the dataclass ``"module:Class"``, read from its source (the module is not imported).
+
+    A base class's fields come first, as in ``dataclasses.fields()``: the bases are pudding dataclasses
+    (:class:`pudding.core.fields.QuantizationFields`), read the same way."""
+    module, _, class_name = _class_target(*target.split(":")).partition(":")
+    definition = next(n for n in _module_tree(module).body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    inherited = []
+    for base in definition.bases:
+        if not isinstance(base, ast.Name):
+            raise LookupError(f"{target}: base {ast.unparse(base)!r} is not a plain class name")
+        inherited.extend(config_fields(_class_target(module, base.id)))
+    return (*inherited, *_own_fields(module, definition))
+
+
+def _own_fields(module: str, definition: ast.ClassDef) -> list[FieldSpec]:
     specs = []
-    for node in classes[0].body:
+    for node in definition.body:
         if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
             continue
         annotation = ast.unparse(node.annotation)
@@ -204,7 +222,7 @@ def config_fields(target: str) -> tuple[FieldSpec, ...]:
         elif value is not None:
             default = _value(module, value)
         specs.append(FieldSpec(node.target.id, annotation, default, dict(metadata)))
-    return tuple(specs)
+    return specs
 
 
 # --- flags from fields, and the config back from the parsed flags -------------------------------------------

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError, PuddingError
-from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD, QUANTIZE_SKIP_FIELD
+from pudding.core.fields import QuantizationFields
 from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
 
 VARIANTS = ("dense", "static", "routed")
@@ -44,7 +44,7 @@ TEXT_TASK = "boolq"  # long Wikipedia passages: real text to cut prompts of exac
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(QuantizationFields):
     """Settings of ``pudding bench``; each field's help text is its documentation. Every variant runs the model
     quantized as ``quantize`` says."""
 
@@ -56,18 +56,12 @@ class BenchConfig:
     threads: int = field(default=2, metadata={"type": "positive_int", "help": "torch threads (pinned)"})
     cache_dir: str = field(default="runs/block-cache", metadata={"help": "block cache for the routed model"})
     out: str | None = field(default="results/bench", metadata={"help": "folder for bench.json and bench.md"})
-    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
-    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
-    quantize_skip: tuple[str, ...] = field(default=(), metadata=QUANTIZE_SKIP_FIELD)
     tolerance: float | None = field(default=None, metadata={
         "type": "float", "help": "adaptive depth (a depth-ladder artifact): route the prompts with this "
                                      "tolerance, so static and routed run the depth it reaches"})
 
     def __post_init__(self):
-        from pudding.core.quantize import check_quantization, skip_names
-
-        check_quantization(self.quantize, self.quantize_head, skip=self.quantize_skip)
-        object.__setattr__(self, "quantize_skip", skip_names(self.quantize_skip))
+        super().__post_init__()
         if isinstance(self.lengths, str):
             object.__setattr__(self, "lengths", parse_lengths(self.lengths))
         if self.repeats < 1:
@@ -191,9 +185,7 @@ def _load_variant(variant: str, config: BenchConfig) -> _Variant:
         # cost), and the lazy block store loads plain blocks, not PEFT-wrapped ones.
         pudding = PuddingModel.from_pretrained(folder, model=model, tokenizer=load_tokenizer(spec), adapters="none")
     else:
-        pudding = PuddingModel.from_pretrained(folder, adapters="none", quantize=config.quantize,
-                                               quantize_head=config.quantize_head,
-                                               quantize_skip=config.quantize_skip)
+        pudding = PuddingModel.from_pretrained(folder, adapters="none", **config.quantization)
     model, tokenizer = pudding.model, pudding.tokenizer
     load_seconds = time.perf_counter() - load_start
     check_lengths(config, context_length(model))

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD, QUANTIZE_SKIP_FIELD
+from pudding.core.fields import QuantizationFields
 from pudding.core.identity import find_reusable, identity_differences
 from pudding.core.load import load_model, model_fingerprint, model_name
 from pudding.core.provenance import atomic_write_json, atomic_write_text, locks_output, provenance, read_json
-from pudding.core.quantize import check_quantization, quantize_identity, skip_names
+from pudding.core.quantize import quantize_identity
 from pudding.core.tasks import PAPER_TASKS
 from pudding.evaluation.report import plot_accuracy_vs_k, plot_convergence, plot_omission_rates, render_report
 from pudding.evaluation.tables import (
@@ -98,7 +98,7 @@ POOL_SIZES = (1, 2, 3, 5, 8)  # sizes tried for the pool chosen on calibration d
 
 
 @dataclass(frozen=True)
-class ReproduceConfig:
+class ReproduceConfig(QuantizationFields):
     """Settings of ``pudding reproduce``; each field's help text is its documentation.
 
     A given ``pool``'s identity is recorded instead of the search's. ``quantize`` (with ``quantize_head`` and
@@ -129,13 +129,9 @@ class ReproduceConfig:
                                         "recorded identity matches exactly (the committed ones: results/smollm2); "
                                         "default: only this run's own folders"})
     progress: bool = field(default=True, metadata={"help": "hide progress bars"})
-    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
-    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
-    quantize_skip: tuple[str, ...] = field(default=(), metadata=QUANTIZE_SKIP_FIELD)
 
     def __post_init__(self):
-        check_quantization(self.quantize, self.quantize_head, skip=self.quantize_skip)
-        object.__setattr__(self, "quantize_skip", skip_names(self.quantize_skip))
+        super().__post_init__()
         if self.budget not in BUDGETS:
             raise ConfigError(f"unknown budget {self.budget!r}; known: {', '.join(BUDGETS)}")
         if self.router_seeds < 1:
@@ -270,7 +266,7 @@ def _search_config(config: ReproduceConfig, name: str) -> PoolConfig:
     objectives = ("ppl",) if name == "baselines" else config.sizes.objectives
     return PoolConfig(model=config.model, k=config.k, samples=config.sizes.search_docs, objectives=objectives,
                       run_dir=str(config.work_dir / name), out=str(config.folder / name), progress=config.progress,
-                      quantize=config.quantize, quantize_head=config.quantize_head, quantize_skip=config.quantize_skip)
+                      **config.quantization)
 
 
 def _pool(config: ReproduceConfig, name: str, fingerprint: dict, log: dict) -> CandidatePool:
@@ -342,8 +338,7 @@ def _scores(config: ReproduceConfig, scoring_pool: CandidatePool, split: str, ta
     scoring_pool.save_pretrained(pool_dir)
     label_config = LabelConfig(pool=str(pool_dir), out=str(config.folder / name), tasks=tasks, samples=samples,
                                split=split, run_dir=str(config.work_dir / name.replace("/", "-")),
-                               progress=config.progress, quantize=config.quantize,
-                               quantize_head=config.quantize_head, quantize_skip=config.quantize_skip)
+                               progress=config.progress, **config.quantization)
     wanted = {k: v for k, v in run_identity(label_config, scoring_pool.model["fingerprint"],
                                             collect_docs(label_config)).items() if k != "shard_size"}
     found = find_reusable(config.folder / name, _found(config.reuse_root, "labels.json"),
@@ -398,9 +393,7 @@ def _router(config: ReproduceConfig, spec: RouterSpec, pools: dict[str, tuple[Ca
                           lambda folder: identity_differences(router_identity(folder), wanted), f"router {spec.name}")
     if found is not None:
         log[f"router {spec.name}"] = {"reused": str(found)}
-        return PuddingModel.from_pretrained(found, model=model, tokenizer=tokenizer, quantize=config.quantize,
-                                            quantize_head=config.quantize_head,
-                                            quantize_skip=config.quantize_skip), found
+        return PuddingModel.from_pretrained(found, model=model, tokenizer=tokenizer, **config.quantization), found
     log[f"router {spec.name}"] = {"built": train_config.out}
     return train_router(train_config, model=model, tokenizer=tokenizer), Path(train_config.out)
 
@@ -514,8 +507,7 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
     stages, log = Stages(), {}
     sizes = config.sizes
     with stages("load model"):
-        model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head,
-                                      quantize_skip=config.quantize_skip)
+        model, tokenizer = load_model(config.model, **config.quantization)
     fingerprint = model_fingerprint(model.config)
     with stages("pool and baselines"):
         pool = _pool(config, "pool", fingerprint, log)
@@ -653,8 +645,7 @@ def _importance_map(config: ReproduceConfig, model) -> dict[str, Any]:
     """The block-importance map (it does not depend on k): one made for exactly this model, documents and
     quantization, next to the k folders or under ``--reuse``; else measured once next to the k folders."""
     measure = ImportanceConfig(model=config.model, samples=16, out=str(config.folder.parent / "importance"),
-                               progress=config.progress, quantize=config.quantize, quantize_head=config.quantize_head,
-                               quantize_skip=config.quantize_skip)
+                               progress=config.progress, **config.quantization)
     wanted = importance_identity(asdict(measure), model_fingerprint(model.config))
 
     def differences(folder: Path) -> list[str]:

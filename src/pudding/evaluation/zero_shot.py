@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD, QUANTIZE_SKIP_FIELD
+from pudding.core.fields import QuantizationFields
 from pudding.core.load import DEFAULT_MODEL, load_config, load_model, model_name
 from pudding.core.metrics import DocScores, aggregate, scores_by_doc
 from pudding.core.omit import OmissionSet, omission_key, omit_blocks
 from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
-from pudding.core.quantize import check_quantization, check_quantized, skip_names
+from pudding.core.quantize import check_quantized
 from pudding.core.score import LikelihoodScorer, doc_requests
 from pudding.core.tasks import SPLITS, MCDoc, get_task, load_docs
 
@@ -35,7 +35,7 @@ REPORTED_METRICS = ("acc", "acc_norm", "task_likelihood")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(QuantizationFields):
     """Settings of one evaluation run (``pudding eval``); each field's help text is its documentation.
 
     An omission set may name sub-layers beside whole blocks (``"3,12.attn"``, see
@@ -65,13 +65,9 @@ class EvalConfig:
         "metavar": "PATH", "help": "LoRA adapters from `pudding heal` (artifact, its adapters/ or one adapter "
                                    "folder): each row runs with its set's adapter, or the shared one "
                                    "(docs/HEALING.md)"})
-    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
-    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
-    quantize_skip: tuple[str, ...] = field(default=(), metadata=QUANTIZE_SKIP_FIELD)
 
     def __post_init__(self):
-        check_quantization(self.quantize, self.quantize_head, skip=self.quantize_skip)
-        object.__setattr__(self, "quantize_skip", skip_names(self.quantize_skip))
+        super().__post_init__()
         if self.adapter is not None and self.quantize != "none":
             raise ConfigError("healing adapters (--adapter) do not run on a quantized model; drop one of --adapter "
                               "and --quantize")
@@ -146,8 +142,7 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any
         omission_key(omitted, total)  # fail before the slow part
     docs = {name: load_docs(name, config.split, limit=config.limit) for name in config.tasks}
     if model is None:
-        model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head,
-                                      quantize_skip=config.quantize_skip)
+        model, tokenizer = load_model(config.model, **config.quantization)
     else:
         # the result records config.quantize
         check_quantized(model, config.quantize, config.quantize_head, config.quantize_skip)

@@ -210,9 +210,6 @@ class CandidateEvaluator:
                 self.stats.blocks_without_reuse += rows * (self.total_blocks - len(omitted))
         return [scores[tuple(o)] for o in omissions]  # type: ignore[misc]
 
-    def _start(self, omitted: OmissionSet, base: OmissionSet) -> int | None:
-        return start_block(omitted, base, self.total_blocks) if self.reuse_prefix else None
-
     def _run(self, batch: PackedBatch, run: _Run, state: torch.Tensor | None
              ) -> tuple[list[ChoiceScore], dict[int, torch.Tensor]]:
         """Score ``batch`` under ``run``'s set, from ``state`` at its start if it has one, keeping the states

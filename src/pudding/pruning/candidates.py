@@ -16,17 +16,15 @@ from pathlib import Path
 
 from pudding.core.errors import ConfigError
 from pudding.core.fields import (
-    QUANTIZE_FIELD,
-    QUANTIZE_HEAD_FIELD,
-    QUANTIZE_SKIP_FIELD,
     RAY_ACTORS_FIELD,
     RAY_ADDRESS_FIELD,
     RAY_GPUS_FIELD,
+    QuantizationFields,
 )
 from pudding.core.load import DEFAULT_MODEL, load_config, model_fingerprint, model_name
 from pudding.core.omit import check_k, validate_omission
 from pudding.core.provenance import locks_output, provenance
-from pudding.core.quantize import check_quantization, quantize_identity, skip_names
+from pudding.core.quantize import quantize_identity
 from pudding.core.tasks import PAPER_TASKS, MCDoc, get_task, load_docs
 from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource, deduplicate
 from pudding.pool.executor import (
@@ -42,7 +40,7 @@ from pudding.pruning.search import get_objective, greedy_search
 
 
 @dataclass(frozen=True)
-class PoolConfig:
+class PoolConfig(QuantizationFields):
     """Settings of ``pudding candidates`` (and ``baselines``); each field's help text is its documentation.
 
     ``quantize`` is part of each checkpoint's identity when it is not ``none``.
@@ -77,14 +75,10 @@ class PoolConfig:
     ray_address: str | None = field(default=None, metadata=RAY_ADDRESS_FIELD)
     ray_actors: int = field(default=2, metadata=RAY_ACTORS_FIELD)
     ray_gpus_per_actor: float = field(default=0.0, metadata=RAY_GPUS_FIELD)
-    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
-    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
-    quantize_skip: tuple[str, ...] = field(default=(), metadata=QUANTIZE_SKIP_FIELD)
 
     def __post_init__(self):
         check_executor(self.executor)
-        check_quantization(self.quantize, self.quantize_head, skip=self.quantize_skip)
-        object.__setattr__(self, "quantize_skip", skip_names(self.quantize_skip))
+        super().__post_init__()
         for name, value in (("tasks", self.tasks), ("objectives", self.objectives)):
             items = value.split(",") if isinstance(value, str) else list(value)
             items = tuple(dict.fromkeys(i.strip() for i in items if i and i.strip()))

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import QUANTIZE_FIELD, QUANTIZE_HEAD_FIELD, QUANTIZE_SKIP_FIELD
+from pudding.core.fields import QuantizationFields
 from pudding.core.load import DEFAULT_MODEL, load_config, load_model, model_fingerprint, model_name
 from pudding.core.metrics import aggregate, scores_by_doc
 from pudding.core.provenance import atomic_write_figure, atomic_write_json, provenance
-from pudding.core.quantize import check_quantization, skip_names
 from pudding.core.score import LikelihoodScorer
 from pudding.core.tasks import PAPER_TASKS, get_task
 from pudding.pool.evaluator import CandidateEvaluator
@@ -34,7 +33,7 @@ HEATMAP_FILE = "importance.png"
 
 
 @dataclass(frozen=True)
-class ImportanceConfig:
+class ImportanceConfig(QuantizationFields):
     """Settings of ``pudding importance``; each field's help text is its documentation."""
 
     model: str = field(default=DEFAULT_MODEL, metadata={
@@ -47,13 +46,9 @@ class ImportanceConfig:
     out: str = field(default="runs/importance", metadata={
         "required": True, "help": "folder for importance.json and importance.png"})
     progress: bool = field(default=True, metadata={"help": "hide progress bars"})
-    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
-    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
-    quantize_skip: tuple[str, ...] = field(default=(), metadata=QUANTIZE_SKIP_FIELD)
 
     def __post_init__(self):
-        check_quantization(self.quantize, self.quantize_head, skip=self.quantize_skip)
-        object.__setattr__(self, "quantize_skip", skip_names(self.quantize_skip))
+        super().__post_init__()
         tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
         tasks = tuple(dict.fromkeys(t.strip() for t in tasks if t and t.strip()))
         if not tasks:
@@ -81,8 +76,7 @@ def block_importance(config: ImportanceConfig) -> dict[str, Any]:
     """Measure the map, write ``importance.json`` and ``importance.png`` to ``config.out``, return the data."""
     n_blocks = load_config(config.model).num_hidden_layers
     docs = {task: calibration_docs(task, config.samples) for task in config.tasks}
-    model, tokenizer = load_model(config.model, quantize=config.quantize, quantize_head=config.quantize_head,
-                                  quantize_skip=config.quantize_skip)
+    model, tokenizer = load_model(config.model, **config.quantization)
     scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens, max_length=config.max_length)
     rows = {}
     for task in config.tasks:

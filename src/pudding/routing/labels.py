@@ -30,12 +30,10 @@ from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
 from pudding.core.fields import (
-    QUANTIZE_FIELD,
-    QUANTIZE_HEAD_FIELD,
-    QUANTIZE_SKIP_FIELD,
     RAY_ACTORS_FIELD,
     RAY_ADDRESS_FIELD,
     RAY_GPUS_FIELD,
+    QuantizationFields,
 )
 from pudding.core.identity import claim_identity
 from pudding.core.metrics import DocScores, scores_by_doc
@@ -47,7 +45,7 @@ from pudding.core.provenance import (
     provenance,
     read_json,
 )
-from pudding.core.quantize import check_quantization, quantize_identity, skip_names
+from pudding.core.quantize import quantize_identity
 from pudding.core.score import LikelihoodScorer, doc_requests
 from pudding.core.tasks import PAPER_TASKS, SPLITS, TARGET_DELIMITER, MCDoc, load_docs
 from pudding.pool.artifact import CandidatePool
@@ -87,7 +85,7 @@ def _features():
 
 
 @dataclass(frozen=True)
-class LabelConfig:
+class LabelConfig(QuantizationFields):
     """Settings of ``pudding label``; each field's help text is its documentation.
 
     ``quantize`` (the model that scores) is part of the run's identity when it is not ``none``.
@@ -117,13 +115,9 @@ class LabelConfig:
     ray_address: str | None = field(default=None, metadata=RAY_ADDRESS_FIELD)
     ray_actors: int = field(default=2, metadata=RAY_ACTORS_FIELD)
     ray_gpus_per_actor: float = field(default=0.0, metadata=RAY_GPUS_FIELD)
-    quantize: str = field(default="none", metadata=QUANTIZE_FIELD)
-    quantize_head: bool = field(default=False, metadata=QUANTIZE_HEAD_FIELD)
-    quantize_skip: tuple[str, ...] = field(default=(), metadata=QUANTIZE_SKIP_FIELD)
 
     def __post_init__(self):
-        check_quantization(self.quantize, self.quantize_head, skip=self.quantize_skip)
-        object.__setattr__(self, "quantize_skip", skip_names(self.quantize_skip))
+        super().__post_init__()
         if isinstance(self.tasks, str):
             object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
         if not self.tasks:
