@@ -128,6 +128,9 @@ def test_reproduce_writes_every_table_ablation_and_plot(tiny_run):
                  "README.md"):
         assert (out / name).exists(), name
     assert "PuDDing (llm-embed-ce)" in json.loads((out / "ablation-router.json").read_text())["rows"]
+    routing = json.loads((out / "ablation-routing.json").read_text())["rows"]  # the grid crosses both routers
+    assert {"PuDDing (llm-embed-mse-margin-pool)", "PuDDing (task-mse)",
+            "PuDDing (task-mse-choice-prob-pool-plus-baselines-safe)"} <= set(routing)
     seeds = json.loads((out / "ablation-router_seed.json").read_text())
     assert list(seeds["rows"]) == ["PuDDing (llm-embed-mse)", "PuDDing (llm-embed-mse-seed1)"]
     readme = (out / "README.md").read_text()

@@ -18,9 +18,11 @@ from pudding.evaluation.zero_shot import score_docs
 from pudding.pool.artifact import CONFIG_FILE, CandidatePool, PoolEntry, SetSource
 from pudding.routing.labels import LABELS_FILE, LabelConfig, Labels, build_labels, collect_docs
 from pudding.routing.model import ROUTER_FILE, PuddingModel, Route
-from pudding.routing.router import choose_sets
+from pudding.routing.router import RouterConfig, build_router, choose_sets
 from pudding.routing.train import (
+    RoutingData,
     TrainConfig,
+    fit,
     is_validation,
     label_targets,
     routing_data,
@@ -174,7 +176,7 @@ def test_train_validation_split_is_by_question():
 # --- routers and the artifact ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["embed-mlp", "encoder", "llm-embed"])
+@pytest.fixture(scope="module", params=["embed-mlp", "encoder", "llm-embed", "task"])
 def trained(request, labelled, llm, encoder_dir, tmp_path_factory):
     root, _ = labelled
     out = tmp_path_factory.mktemp(f"artifact-{request.param}")
@@ -204,6 +206,40 @@ def test_training_is_reproducible_whatever_ran_before(trained, labelled, llm, en
     train_router(config, model=llm[0], tokenizer=llm[1])
     first, again = load_file(out / "router.safetensors"), load_file(tmp_path / "router.safetensors")
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_the_task_router_sends_each_task_to_its_best_set_on_the_training_prompts(encoder_dir):
+    """Per-prompt labels are noise around each task's own best set; the task router, told only which task each
+    training prompt is from, routes held-out prompts of a task to that task's best set."""
+    generator = torch.Generator().manual_seed(0)
+    questions = [f"Question: Which of {w} is a gas?\nAnswer:" for w in ("these", "those", "the two", "all", "water")]
+    goals = [f"How do I {w} a chair?" for w in ("paint", "fix", "clean", "move", "sand")]
+    texts = [f"{q} ({i})" for i in range(8) for q in questions] + [f"{g} ({i})" for i in range(8) for g in goals]
+    tasks = ["arc_easy"] * 40 + ["piqa"] * 40
+    best = {"arc_easy": 2, "piqa": 0}
+    mean = torch.tensor([[0.0, 0.0, 1.0, 0.0] if t == "arc_easy" else [1.0, 0.0, 0.0, 0.0] for t in tasks])
+    labels = (mean + 1.5 * torch.randn(80, 4, generator=generator)).double()  # noise swamps the per-prompt argmax
+    data = RoutingData(texts, labels, labels.gt(labels.median()).double(), tasks)
+    train, val = list(range(0, 80, 2)), list(range(1, 80, 2))
+    assert (labels[val].argmax(1) != torch.tensor([best[tasks[i]] for i in val])).sum() > 10
+    config = RouterConfig("task", 4, encoder_dir, max_length=32, tasks=("arc_easy", "piqa"))
+    torch.manual_seed(0)
+    router = build_router(config)
+    result = fit(router, data, train, val, TrainConfig(labels="-", pool="-", out="-", router="task", lr=1e-2,
+                                                        epochs=40, progress=False))
+    chosen = router.choose(router.scores([texts[i] for i in val]))
+    assert chosen.tolist() == [best[tasks[i]] for i in val]
+    assert result["history"][-1]["val_loss"] < result["history"][0]["val_loss"]  # it learnt the tasks
+
+
+def test_the_task_router_needs_tasks_and_the_mse_loss():
+    for call, message in [
+        (lambda: TrainConfig(labels="-", pool="-", out="-", router="task", loss="ce"), "--loss mse"),
+        (lambda: RouterConfig("task", 4), "needs its calibration tasks"),
+        (lambda: RouterConfig("embed-mlp", 4, tasks=("piqa",)), "needs its calibration tasks"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            call()
 
 
 def test_artifact_round_trip_keeps_routes_and_writes_no_llm_weights(trained, llm):

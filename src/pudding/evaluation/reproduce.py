@@ -8,9 +8,10 @@ One resumable command, in stages (each reports its wall time in ``stages.json``)
 2. **scores**: every evaluation document of the paper's six tasks and of six unseen tasks under every set
    any row needs (dense, each baseline, each pool set). Calibration labels and evaluation scores are the
    same job (``pudding label``) on different splits, sharded and checkpointed per set;
-3. **routers**: the paper's router and its ablations, and the routing variants (label target x pool x safe
-   routing, and a pool size chosen on calibration data); the best variant by validation accuracy on
-   calibration prompts is trained with several seeds. Nothing is chosen on evaluation documents;
+3. **routers**: the paper's router and its ablations, and the routing variants (the paper's router and the task
+   router x label target x pool x safe routing, and a pool size chosen on calibration data); the best variant
+   by validation accuracy on calibration prompts is trained with several seeds. Nothing is chosen on
+   evaluation documents;
 4. **tables**: every row from the per-document scores, without running the LLM again; one JSON per table
    (with provenance), a Markdown rendering and the plots.
 
@@ -91,7 +92,11 @@ BUDGETS = {
     "medium": Budget(400, 100, 200, 128, ("tl",)),
     "full": Budget(500, 200, 256, 128, ("tl", "margin")),
 }
-ROUTER_ABLATIONS = (("embed-mlp", "mse"), ("embed-mlp", "ce"), ("llm-embed", "mse"), ("encoder", "mse"))
+ROUTER_ABLATIONS = (("embed-mlp", "mse"), ("embed-mlp", "ce"), ("llm-embed", "mse"), ("encoder", "mse"),
+                    ("task", "mse"))
+# The routers the variant grid crosses with label target x pool x safe routing: the paper's (the first of
+# ``routers``) and the task router, which learns each task's best set rather than each prompt's noisy label.
+VARIANT_ROUTER = ("task", "mse")
 BASELINE_METHODS = ("sleb", "shortened_ppl", "taylor", "shortgpt")
 POOL_VARIANTS = ("pool", "pool+baselines")  # the paper's pool; the same plus the static baselines' sets
 POOL_SIZES = (1, 2, 3, 5, 8)  # sizes tried for the pool chosen on calibration data (plus the whole pool)
@@ -121,7 +126,7 @@ class ReproduceConfig(QuantizationFields):
         "type": "positive_int", "help": "train the headline routers with this many seeds and report their spread "
                                         "and mean (how much is luck of the seed)"})
     variants: bool = field(default=True, metadata={
-        "help": "skip the routing variants (label target x pool x safe routing, pool size)"})
+        "help": "skip the routing variants (router x label target x pool x safe routing, pool size)"})
     pool: str | None = field(default=None, metadata={
         "help": "use this candidate pool instead of the budget's search"})
     reuse: str | None = field(default=None, metadata={
@@ -425,18 +430,19 @@ class Stages:
 
 
 def _variant_specs(config: ReproduceConfig) -> list[RouterSpec]:
-    """The routing variants: label target x pool x safe routing, each with the paper router's kind and loss
-    (seed 0). The paper's own configuration (tl, its pool, argmax) is the first and keeps its name."""
+    """The routing variants: router x label target x pool x safe routing (seed 0), the router being the paper's
+    kind and loss, then the task router. The paper's own configuration (its router, tl, its pool, argmax) is
+    the first and keeps its name."""
     if not config.variants:
         return []
-    kind, loss = config.routers[0]
     specs = []
-    for target in TARGETS:
-        for pool in POOL_VARIANTS:
-            for safe in (False, True):
-                name = f"{kind}-{loss}" + ("" if (target, pool) == ("tl", "pool")
-                                           else f"-{target}-{pool.replace('+', '-plus-')}")
-                specs.append(RouterSpec(name + ("-safe" if safe else ""), pool, kind, loss, target, safe))
+    for kind, loss in dict.fromkeys([config.routers[0], VARIANT_ROUTER]):
+        for target in TARGETS:
+            for pool in POOL_VARIANTS:
+                for safe in (False, True):
+                    name = f"{kind}-{loss}" + ("" if (target, pool) == ("tl", "pool")
+                                               else f"-{target}-{pool.replace('+', '-plus-')}")
+                    specs.append(RouterSpec(name + ("-safe" if safe else ""), pool, kind, loss, target, safe))
     return specs
 
 

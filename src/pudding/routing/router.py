@@ -9,6 +9,11 @@ set of the pool. Three kinds are registered in :data:`ROUTERS`:
 - ``embed-mlp``: the same encoder kept frozen, feeding a small MLP head. Only the head is trained and saved.
 - ``llm-embed``: the base LLM's own input embeddings, mean-pooled over the prompt, feeding a small MLP head.
   No second model runs at inference. (None of the papers has this one.)
+- ``task``: the frozen encoder feeding a classifier of which calibration task the prompt is from, and a table
+  of each task's mean label per set (from the training prompts); a prompt's scores are the table rows mixed by
+  its task probabilities. It learns from the task names, which every label carries, rather than from each
+  prompt's noisy label, so it approximates "the best set for the prompt's task" without being told the task;
+  a prompt unlike any task gets a blend. (Not in the papers either.)
 
 **What the scores mean.** With the ``mse`` loss a router predicts each set's gold log-likelihood *minus the
 mean over sets* for that prompt (see :mod:`pudding.routing.train` for why the targets are centred); with ``ce`` it
@@ -64,6 +69,7 @@ class RouterConfig:
         default_set: safe routing: the set to use unless another one is predicted to beat it by more than
             ``switch_threshold``; ``None`` routes by plain argmax (the paper).
         switch_threshold: the predicted gain (score units) a set needs over ``default_set`` to be chosen.
+        tasks: the ``task`` router's calibration tasks, one classifier output each (empty for the others).
     """
 
     kind: str
@@ -76,9 +82,16 @@ class RouterConfig:
     target: str = "tl"
     default_set: int | None = None
     switch_threshold: float = 0.0
+    tasks: tuple[str, ...] = ()
 
     def __post_init__(self):
         get_router_class(self.kind)
+        object.__setattr__(self, "tasks", tuple(self.tasks))  # a list when read back from JSON
+        if (self.kind == TaskMixtureRouter.kind) != bool(self.tasks):
+            raise ConfigError(f"the {TaskMixtureRouter.kind} router, and only it, needs its calibration tasks; "
+                              f"got kind {self.kind!r} with tasks {list(self.tasks)}")
+        if self.kind == TaskMixtureRouter.kind and self.loss != "mse":
+            raise ConfigError(f"the {TaskMixtureRouter.kind} router predicts labels (mse), not classes ({self.loss})")
         if self.loss not in ("mse", "ce"):
             raise ConfigError(f"router loss must be 'mse' or 'ce', got {self.loss!r}")
         if self.n_sets < 1 or self.hidden < 1 or self.max_length < 1:
@@ -220,8 +233,43 @@ class LLMEmbeddingRouter(Router):
         return _mean_pool(vectors, batch["attention_mask"].to(vectors.device)).to(self.head[1].weight.device)
 
 
+class TaskMixtureHead(nn.Module):
+    """Task probabilities from a linear classifier, times ``table`` (tasks x sets: each task's mean label)."""
+
+    def __init__(self, width: int, n_tasks: int, n_sets: int):
+        super().__init__()
+        self.classifier = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, n_tasks))
+        # A buffer, not a parameter: it is measured from the labels, not trained, and saved with the head.
+        self.register_buffer("table", torch.zeros(n_tasks, n_sets))
+
+    def task_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.task_logits(features).softmax(-1) @ self.table
+
+    @torch.no_grad()
+    def fill_table(self, targets: torch.Tensor, task_ids: torch.Tensor) -> None:
+        """Each task's row: the mean of ``targets`` (prompts x sets) over its prompts (``task_ids``)."""
+        for task in range(self.table.shape[0]):
+            mine = task_ids == task
+            if not mine.any():
+                raise ConfigError(f"no training prompt of task {task}: every task needs prompts to average")
+            self.table[task] = targets[mine].mean(0).to(self.table.dtype)
+
+
+class TaskMixtureRouter(EncoderRouter):
+    kind = "task"
+
+    def __init__(self, config: RouterConfig, *, llm=None, llm_tokenizer=None, for_loading: bool = False):
+        super().__init__(config, trainable=False)
+
+    def make_head(self, width: int) -> nn.Module:
+        return TaskMixtureHead(width, len(self.config.tasks), self.config.n_sets)
+
+
 ROUTERS: dict[str, Callable[..., Router]] = {
-    cls.kind: cls for cls in (FineTunedEncoderRouter, FrozenEncoderRouter, LLMEmbeddingRouter)
+    cls.kind: cls for cls in (FineTunedEncoderRouter, FrozenEncoderRouter, LLMEmbeddingRouter, TaskMixtureRouter)
 }
 
 

@@ -9,8 +9,10 @@ one scalar, the standard deviation of the centred training targets; predictions 
 **Split.** Train and validation are split by question: a prompt's router text is hashed, so the same
 question (even if it occurs in two tasks) never lands on both sides.
 
-**Frozen encoders** (``embed-mlp``, ``llm-embed``) are run once over all prompts; training then touches only
-the head. The ``encoder`` router runs its backbone every step.
+**Frozen encoders** (``embed-mlp``, ``task``, ``llm-embed``) are run once over all prompts; training then touches
+only the head. The ``encoder`` router runs its backbone every step. The ``task`` router's head is trained to tell
+the calibration tasks apart (cross-entropy on the task names); its table of each task's mean target per set is
+measured on the training prompts, not trained.
 
 **Label targets** (``target``): ``tl`` is the paper's gold mean log-likelihood; ``margin`` and
 ``choice-prob`` follow accuracy instead, from each choice's score under the task's lm-eval metric (see
@@ -29,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,16 @@ from pudding.core.provenance import atomic_write_figure, atomic_write_json, lock
 from pudding.core.tasks import get_task
 from pudding.pool.artifact import CandidatePool
 from pudding.routing.labels import Labels
-from pudding.routing.router import LLM_BACKBONE, Router, RouterConfig, build_router, choose_sets
+from pudding.routing.router import (
+    LLM_BACKBONE,
+    EncoderRouter,
+    Router,
+    RouterConfig,
+    TaskMixtureHead,
+    TaskMixtureRouter,
+    build_router,
+    choose_sets,
+)
 
 LOSSES = ("mse", "ce")
 TARGETS = ("tl", "margin", "choice-prob")
@@ -58,7 +70,7 @@ class TrainConfig:
     pool: str = field(metadata={"help": "the pool the labels were computed for"})
     out: str = field(metadata={"help": "PuDDing artifact folder to write"})
     router: str = field(default="embed-mlp", metadata={
-        "help": "encoder, embed-mlp or llm-embed (pudding.routing.router.ROUTERS)"})
+        "help": "encoder, embed-mlp, llm-embed or task (pudding.routing.router.ROUTERS)"})
     loss: str = field(default="mse", metadata={"choices": LOSSES, "help": "regression (mse) or classification (ce)"})
     backbone: str = field(default="default", metadata={
         "help": "encoder for encoder/embed-mlp ('default': the embedded MiniLM)"})
@@ -85,6 +97,9 @@ class TrainConfig:
             raise ConfigError(f"unknown loss {self.loss!r}; known losses: {', '.join(LOSSES)}")
         if self.target not in TARGETS:
             raise ConfigError(f"unknown label target {self.target!r}; known targets: {', '.join(TARGETS)}")
+        if self.router == TaskMixtureRouter.kind and self.loss != "mse":
+            raise ConfigError(f"the task router predicts each set's label (--loss mse), not the best set "
+                              f"({self.loss})")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.epochs is not None and self.epochs < 1:
@@ -222,7 +237,7 @@ def _loss_fn(loss: str):
 
 
 # Frozen-encoder features of the same prompts are the same for every router trained on them (a reproduction
-# trains dozens): computed once per process. Keyed on the encoder, not on the LLM, so only embed-mlp uses it.
+# trains dozens): computed once per process. Keyed on the encoder, not on the LLM, so llm-embed does not use it.
 _FROZEN_FEATURES: dict[tuple, torch.Tensor] = {}
 
 
@@ -233,9 +248,9 @@ class _Features:
         self.router, self.texts = router, texts
         self.cache = None
         if not router.trains_encoder:
-            key = (router.kind, router.config.backbone, router.config.max_length,
+            key = (router.config.backbone, router.config.max_length,
                    hashlib.sha256("\x1f".join(texts).encode()).hexdigest())
-            cacheable = router.kind == "embed-mlp"
+            cacheable = isinstance(router, EncoderRouter)  # embed-mlp and task: the same frozen encoder
             if not (cacheable and key in _FROZEN_FEATURES):
                 with torch.no_grad():
                     chunks = [router.encode(texts[i:i + 64])
@@ -253,10 +268,31 @@ class _Features:
         return self.router.encode([self.texts[i] for i in rows])
 
 
-def _predict(router: Router, features: _Features, rows: list[int], batch_size: int = 64) -> torch.Tensor:
+def _predict(router: Router, features: _Features, rows: list[int], batch_size: int = 64,
+             output: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The head's set scores for ``rows`` (or ``output``'s values: what the training loss compares)."""
     router.eval()
+    output = output or router.head
     with torch.no_grad():
-        return torch.cat([router.head(features(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)])
+        return torch.cat([output(features(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)])
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """What a router is trained on: ``output`` (of the encoder features) against ``targets`` under ``loss_fn``."""
+
+    output: Callable[[torch.Tensor], torch.Tensor]
+    targets: torch.Tensor
+    loss_fn: nn.Module
+
+
+def _objective(router: Router, data: RoutingData, train: list[int], config: TrainConfig) -> _Objective:
+    if isinstance(router.head, TaskMixtureHead):
+        task_ids = torch.tensor([router.config.tasks.index(t) for t in data.tasks])
+        router.head.fill_table(_targets(data.labels[train], "mse", router.config.target_scale), task_ids[train])
+        return _Objective(router.head.task_logits, task_ids, nn.CrossEntropyLoss())
+    return _Objective(router.head, _targets(data.labels, config.loss, router.config.target_scale),
+                      _loss_fn(config.loss))
 
 
 def _optimizer(router: Router, config: TrainConfig) -> torch.optim.Optimizer:
@@ -270,9 +306,8 @@ def fit(router: Router, data: RoutingData, train: list[int], val: list[int], con
     """Train ``router`` in place; keep the epoch with the lowest validation loss. Returns the history."""
     torch.manual_seed(config.seed)
     features = _Features(router, data.texts, config.progress)
-    scale = router.config.target_scale
-    targets = _targets(data.labels, config.loss, scale)
-    loss_fn, optimizer = _loss_fn(config.loss), _optimizer(router, config)
+    objective, optimizer = _objective(router, data, train, config), _optimizer(router, config)
+    targets, loss_fn = objective.targets, objective.loss_fn
     static = int(data.labels[train].mean(0).argmax())  # the best single set, chosen on training data
     history, best, best_state = [], math.inf, None
     generator = torch.Generator().manual_seed(config.seed)
@@ -282,15 +317,15 @@ def fit(router: Router, data: RoutingData, train: list[int], val: list[int], con
         total = 0.0
         for start in range(0, len(order), config.batch_size):
             rows = order[start:start + config.batch_size]
-            loss = loss_fn(router.head(features(rows)), targets[rows])
+            loss = loss_fn(objective.output(features(rows)), targets[rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item() * len(rows)
-        train_out, val_out = _predict(router, features, train), _predict(router, features, val)
+        train_out, val_out = (_predict(router, features, rows, output=objective.output) for rows in (train, val))
         record = {"epoch": epoch, "train_loss": loss_fn(train_out, targets[train]).item(),
                   "train_loss_running": total / len(train), "val_loss": loss_fn(val_out, targets[val]).item(),
-                  "val": routing_quality(val_out.argmax(1), data.subset(val), static)}
+                  "val": routing_quality(_predict(router, features, val).argmax(1), data.subset(val), static)}
         history.append(record)
         if record["val_loss"] < best:
             best = record["val_loss"]
@@ -382,8 +417,9 @@ def train_router(config: TrainConfig, *, model=None, tokenizer=None):
     centred = data.labels[train] - data.labels[train].mean(1, keepdim=True)
     scale = float(centred.std()) if config.loss == "mse" and float(centred.std()) > 0 else 1.0
     backbone = LLM_BACKBONE if config.router == "llm-embed" else config.backbone
+    tasks = tuple(sorted(set(data.tasks))) if config.router == TaskMixtureRouter.kind else ()
     router_config = RouterConfig(config.router, len(pool.sets), backbone, config.hidden, config.max_length,
-                                 config.loss, scale, config.target)
+                                 config.loss, scale, config.target, tasks=tasks)
     # The head's initial weights come from the global generator: seed it here, not only in fit, or the
     # result depends on whatever drew random numbers earlier in the process (e.g. another router's training).
     torch.manual_seed(config.seed)
