@@ -42,7 +42,7 @@ import ast
 import functools
 import importlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 _NO_DEFAULT = object()
@@ -91,6 +91,7 @@ class FieldSpec:
     annotation: str  # as written; the configs use postponed annotations, so it is text at run time too
     default: Any  # _NO_DEFAULT when the field has none (or only a default_factory)
     metadata: dict
+    inherited: bool = False  # declared on a base class (QuantizationFields): listed after the class's own flags
 
     @property
     def internal(self) -> bool:
@@ -199,7 +200,7 @@ def config_fields(target: str) -> tuple[FieldSpec, ...]:
     for base in definition.bases:
         if not isinstance(base, ast.Name):
             raise LookupError(f"{target}: base {ast.unparse(base)!r} is not a plain class name")
-        inherited.extend(config_fields(_class_target(module, base.id)))
+        inherited.extend(replace(spec, inherited=True) for spec in config_fields(_class_target(module, base.id)))
     return (*inherited, *_own_fields(module, definition))
 
 
@@ -279,7 +280,7 @@ def add_config_flags(parser, target: str, *, skip: tuple[str, ...] = ()) -> tupl
     """Add a flag to ``parser`` for every field of the config ``target`` (``"module:Class"``) except the internal
     ones and ``skip`` (fields the verb sets itself); record them for :func:`build_config`. Returns their names."""
     names, groups = [], {}
-    for spec in config_fields(target):
+    for spec in sorted(config_fields(target), key=lambda spec: spec.inherited):  # stable: own fields first
         if not spec.internal and spec.name not in skip:
             if "nested" in spec.metadata:
                 raise LookupError(f"{target}.{spec.name}: a nested config's flags come from add_variant_flags")
