@@ -35,6 +35,7 @@ FOLDERS = {
     "smollm2/bench": "pre-fill and decode speed of dense, static and routed SmolLM2 (the shipped router)",
     "smollm2/bench-llm-embed": "the same with the llm-embed router",
     "smollm2": "cross-cutting checks: router latency, lm-eval agreement, statistical power of the budgets",
+    "gpu": "speed on one H200: Llama-3.1-8B and SmolLM2 shapes (random weights), bf16 and torchao int8/float8",
     "serve": "the server under 32 concurrent clients against a sequential loop (identical answers)",
     "": "scorer micro-benchmarks",
 }
