@@ -198,3 +198,20 @@ def test_prune_blocks_returns_an_independent_smaller_model(model_type):
     assert not set(map(id, pruned.parameters())) & set(map(id, model.parameters()))
     in_place = prune_blocks(model, [1, 4], inplace=True)
     assert in_place is model and num_blocks(model) == NUM_LAYERS - 2
+
+
+def test_a_swapped_attention_is_renumbered_after_the_block_was_omitted_before():
+    # Omission caches which modules of a block carry a layer_idx; replacing a block's attention (sub-layer
+    # omission, or user code) must not leave the new module with its full-model index inside the context.
+    model = tiny_model("llama")
+    with omit_blocks(model, (1,)):
+        assert model.model.layers[2].self_attn.layer_idx == 2  # block 3, renumbered
+    fresh = copy.deepcopy(model.model.layers[3].self_attn)
+    model.model.layers[3].self_attn = fresh
+    with omit_blocks(model, (1,)):
+        assert fresh.layer_idx == 2
+        got = model(_inputs()).logits
+    assert fresh.layer_idx == 3
+    reference = rebuilt_without(model, (1,))
+    with torch.no_grad():
+        torch.testing.assert_close(got, reference(_inputs()).logits, atol=1e-5, rtol=0)

@@ -346,6 +346,24 @@ class _SavedState:
 # Models currently inside omit_blocks. A registry rather than an attribute on the model, so we never stick
 # ad-hoc attributes on HF modules; weak, so it never keeps a model alive.
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
+# block -> (its direct children when last walked, the modules under it that carry an int layer_idx)
+_LAYER_INDEXED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layer_indexed_modules(block: nn.Module) -> list[nn.Module]:
+    """The modules of ``block`` that carry an int ``layer_idx`` (its KV-cache slot), cached per block.
+
+    Walking every submodule of every kept block on each omission cost about 1 ms a call on an 8B model, a
+    twentieth of its pre-fill of one prompt on a GPU. The cache is checked against the block's direct
+    children, where the attention lives, so a swapped attention (a sub-layer omission, user code) is found.
+    """
+    children = tuple(block.children())
+    cached = _LAYER_INDEXED.get(block)
+    if cached is not None and len(cached[0]) == len(children) and all(a is b for a, b in zip(cached[0], children)):
+        return cached[1]
+    found = [m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    _LAYER_INDEXED[block] = (children, found)
+    return found
 
 
 def _apply_omission(model: nn.Module, arch: Architecture, omission: OmissionSet) -> _SavedState:
@@ -359,13 +377,13 @@ def _apply_omission(model: nn.Module, arch: Architecture, omission: OmissionSet)
         if isinstance(value, (list, tuple)) and len(value) == len(blocks):
             saved.config_fields[name] = value
             setattr(config, name, type(value)(value[i] for i in kept))
-    for new_index, old_index in enumerate(kept):
-        for module in blocks[old_index].modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                saved.layer_idx.append((module, module.layer_idx))
-                module.layer_idx = new_index
+    kept_blocks = [block for i, block in enumerate(blocks) if i not in omission]
+    for new_index, block in enumerate(kept_blocks):
+        for module in _layer_indexed_modules(block):
+            saved.layer_idx.append((module, module.layer_idx))
+            module.layer_idx = new_index
     config.num_hidden_layers = len(kept)
-    setattr(owner, leaf, nn.ModuleList([blocks[i] for i in kept]))
+    setattr(owner, leaf, nn.ModuleList(kept_blocks))
     return saved
 
 
