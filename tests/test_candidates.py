@@ -137,3 +137,20 @@ def test_importance_map_measures_every_block_per_task_and_draws_it(tiny_dir, tmp
     for row in result["tasks"].values():
         assert len(row["delta_task_likelihood"]) == NUM_LAYERS == len(row["delta_metric"])
         assert any(abs(d) > 1e-6 for d in row["delta_task_likelihood"])
+
+
+def test_one_shot_baselines_are_checkpointed_and_reused_on_an_exact_match(tiny_dir, tmp_path, monkeypatch):
+    from pudding.pruning import baselines
+
+    first = build_baselines(_config(tiny_dir, tmp_path), ("shortgpt", "taylor"))
+    assert sorted(p.name for p in (tmp_path / "run").glob("*-ppl.json")) == ["shortgpt-ppl.json", "taylor-ppl.json"]
+
+    def no_ranking(*args, **kwargs):
+        raise AssertionError("a finished one-shot ranking was computed again")
+
+    monkeypatch.setattr(baselines, "rank_blocks", no_ranking)
+    again = build_baselines(_config(tiny_dir, tmp_path), ("shortgpt", "taylor"))
+    assert _found(again) == _found(first)
+    assert [s.seconds for e in again.sets for s in e.sources] == [s.seconds for e in first.sets for s in e.sources]
+    with pytest.raises(ConfigError, match=r"shortgpt-ppl.json was written for another .*differs in: samples"):
+        build_baselines(_config(tiny_dir, tmp_path, samples=3), ("shortgpt",))

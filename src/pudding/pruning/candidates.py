@@ -21,9 +21,10 @@ from pudding.core.fields import (
     RAY_GPUS_FIELD,
     QuantizationFields,
 )
+from pudding.core.identity import require_identity
 from pudding.core.load import DEFAULT_MODEL, load_config, model_fingerprint, model_name
 from pudding.core.omit import check_k, validate_omission
-from pudding.core.provenance import locks_output, provenance
+from pudding.core.provenance import atomic_write_json, locks_output, provenance, read_json
 from pudding.core.quantize import quantize_identity
 from pudding.core.tasks import PAPER_TASKS, MCDoc, get_task, load_docs
 from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource, deduplicate
@@ -168,7 +169,7 @@ def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "sho
     FinerCut's set names sub-layers, so it is saved beside the pool, in ``subblock_sets.json``
     (:mod:`pudding.pruning.finercut`), and pool.json holds whole-block sets only (none if FinerCut is all that ran).
     """
-    from pudding.pruning.baselines import ONE_SHOT_METHODS, rank_blocks
+    from pudding.pruning.baselines import ONE_SHOT_METHODS
 
     if config.executor != "local":
         raise ConfigError("the baselines run on the local executor only (the one-shot methods need gradients)")
@@ -195,10 +196,7 @@ def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "sho
             source = SetSource("sleb", None, "ppl", *[getattr(source, f) for f in
                                                       ("removal_order", "trajectory", "sample_ids", "seconds")])
         else:
-            ranking = rank_blocks(method, scorer, ppl.requests(docs), config.k, config.barriers)
-            source = SetSource(method, None, None, list(ranking.blocks),
-                               [ranking.importance[b] for b in sorted(ranking.importance)],
-                               [d.doc_id for d in docs], round(ranking.seconds, 2))
+            source = _run_one_shot(config, scorer, fingerprint, method, docs)
         found.append((tuple(source.removal_order), source))
     pool = CandidatePool(tuple(PoolEntry(validate_omission(b, fingerprint["num_blocks"]), (s,)) for b, s in found),
                          {"spec": config.model, "name": model_name(config.model), "fingerprint": fingerprint},
@@ -211,6 +209,27 @@ def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "sho
 
         save_subblock_sets(config.out, subblock, pool.model, {**asdict(config), "methods": ["finercut"]})
     return pool
+
+
+def _run_one_shot(config: PoolConfig, scorer, fingerprint: dict, method: str, docs: list[MCDoc]) -> SetSource:
+    """One one-shot baseline's ranking, checkpointed in the run folder like a search: a rerun (a resumed job)
+    reuses it on an exact identity match instead of paying for its forward and backward passes again."""
+    from pudding.pruning.baselines import rank_blocks
+
+    checkpoint = Path(config.run_dir) / f"{method}-ppl.json"
+    identity = {**_search_identity(config, fingerprint, method, "ppl", docs), "k": config.k}
+    if checkpoint.exists():
+        saved = read_json(checkpoint, f"the checkpoint {checkpoint} vanished")
+        require_identity(saved.get("identity"), identity, f"checkpoint {checkpoint} was written for another model "
+                         "or configuration", "delete it or use another --run-dir")
+        return SetSource(**saved["source"])
+    ranking = rank_blocks(method, scorer, get_objective("ppl").requests(docs), config.k,
+                          config.barriers)
+    source = SetSource(method, None, None, list(ranking.blocks),
+                       [ranking.importance[b] for b in sorted(ranking.importance)],
+                       [d.doc_id for d in docs], round(ranking.seconds, 2))
+    atomic_write_json(checkpoint, {"identity": identity, "source": asdict(source)})
+    return source
 
 
 def _run_finercut(config: PoolConfig, scorer, fingerprint: dict, docs: list[MCDoc]):
