@@ -118,10 +118,13 @@ def test_prefix_reuse_skips_work_and_counts_it():
     assert evaluator.stats.ratio > 1.3
 
 
-@pytest.mark.parametrize("objective", ["tl", "margin"])
+@pytest.mark.parametrize("objective", ["tl", "margin", "choice-prob"])
 def test_search_picks_identical_sets_with_and_without_reuse(objective):
-    loss = lambda scores: OBJECTIVES[objective].loss(DOCS, scores)  # noqa: E731
-    requests = OBJECTIVES[objective].requests(DOCS)
+    import dataclasses
+
+    docs = [dataclasses.replace(d, task="piqa") for d in DOCS]  # choice-prob reads each task's metric
+    loss = lambda scores: OBJECTIVES[objective].loss(docs, scores)  # noqa: E731
+    requests = OBJECTIVES[objective].requests(docs)
     results = []
     for reuse in (True, False):
         scorer = LikelihoodScorer(tiny_model("llama"), tiny_tokenizer(), max_batch_tokens=48)
@@ -156,13 +159,38 @@ def test_objective_losses_match_hand_computation():
     assert OBJECTIVES["ppl"].requests([DOCS[0]]) == [Request("", DOCS[0].contexts[0])]
 
 
+def test_choice_prob_loss_is_the_gold_log_softmax_under_each_tasks_metric():
+    import dataclasses
+    import math
+
+    # doc a as an ARC-Easy question (acc: summed log-likelihoods), doc b as ARC-Challenge (acc_norm: per character)
+    docs = [dataclasses.replace(DOCS[0], task="arc_easy"), dataclasses.replace(DOCS[1], task="arc_challenge")]
+    scores = score_one_by_one(tiny_model("llama"), tiny_tokenizer(), OBJECTIVES["choice-prob"].requests(docs))
+    summed = [s.logprob for s in scores[:3]]
+    chars = docs[1].choice_chars  # lm-eval's divisor: the option without its leading space
+    assert chars == (len("because the valve opened."), len("from the spout"))
+    per_char = [s.logprob / n for s, n in zip(scores[3:], chars)]
+    mean_chars = sum(chars) / 2
+
+    def log_softmax_at(values, index):
+        return values[index] - math.log(sum(math.exp(v) for v in values))
+
+    want = -(log_softmax_at(summed, 0) + log_softmax_at([v * mean_chars for v in per_char], 1))
+    assert OBJECTIVES["choice-prob"].loss(docs, scores) == pytest.approx(want)
+    # it falls as the gold gains on the wrong choices and rises as it loses
+    better = [dataclasses.replace(s, logprob=s.logprob + 1.0) if i == 0 else s for i, s in enumerate(scores)]
+    worse = [dataclasses.replace(s, logprob=s.logprob - 1.0) if i == 0 else s for i, s in enumerate(scores)]
+    assert OBJECTIVES["choice-prob"].loss(docs, better) < OBJECTIVES["choice-prob"].loss(docs, scores) \
+        < OBJECTIVES["choice-prob"].loss(docs, worse)
+
+
 def test_bad_k_and_unknown_objective():
     assert removable_blocks(30, (1, 1)) == list(range(1, 29))
     with pytest.raises(ConfigError, match="below the 28 removable"):
         check_k(28, 30, (1, 1))
     with pytest.raises(ConfigError, match="at least 1"):
         check_k(0, 30, (1, 1))
-    with pytest.raises(UnknownNameError, match="known objectives: tl, margin, ppl"):
+    with pytest.raises(UnknownNameError, match="known objectives: tl, margin, choice-prob, ppl"):
         get_objective("bleu")
 
 

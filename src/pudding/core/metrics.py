@@ -71,6 +71,23 @@ def task_likelihood(doc: DocScores) -> float:
     return doc.choices[doc.gold].mean_logprob
 
 
+def choice_scores(logprobs: Sequence[float], chars: Sequence[int], metric: str) -> list[float]:
+    """What the task's metric compares: summed log-likelihoods (``acc``), or per character (``acc_norm``),
+    rescaled by the mean length so the values stay in nats (the argmax is unchanged)."""
+    if metric != "acc_norm":
+        return list(logprobs)
+    mean_chars = sum(chars) / len(chars)
+    return [lp / c * mean_chars for lp, c in zip(logprobs, chars)]
+
+
+def gold_choice_logprob(doc: DocScores, metric: str) -> float:
+    """The gold's log-probability after a softmax over the choices' metric scores (:func:`choice_scores`):
+    the smooth form of being right under ``acc`` or ``acc_norm``."""
+    scores = choice_scores([c.logprob for c in doc.choices], doc.choice_chars, metric)
+    top = max(scores)
+    return scores[doc.gold] - top - math.log(sum(math.exp(v - top) for v in scores))
+
+
 def margin(doc: DocScores) -> float:
     """Gold mean per-token log-likelihood minus the mean over the wrong choices (the paper's "diff")."""
     wrong = [c.mean_logprob for i, c in enumerate(doc.choices) if i != doc.gold]

@@ -52,7 +52,7 @@ class PoolConfig(QuantizationFields):
     tasks: tuple[str, ...] = field(default=PAPER_TASKS, metadata={
         "help": "comma-separated calibration tasks; one search per task and objective"})
     objectives: tuple[str, ...] = field(default=("tl", "margin"), metadata={
-        "help": "comma-separated search objectives: tl, margin, ppl"})
+        "help": "comma-separated search objectives: tl, margin, choice-prob, ppl"})
     k: int = field(default=6, metadata={"type": "positive_int", "help": "blocks to remove"})
     samples: int = field(default=16, metadata={
         "type": "positive_int", "help": "calibration documents per task (a fixed, seeded sample)"})

@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from pudding.core.errors import UnknownNameError
 from pudding.core.identity import StepCheckpoint
-from pudding.core.metrics import margin, scores_by_doc
+from pudding.core.metrics import gold_choice_logprob, margin, scores_by_doc
 from pudding.core.omit import OmissionSet, check_k, removable_blocks
 from pudding.core.score import ChoiceScore, Request
-from pudding.core.tasks import MCDoc
+from pudding.core.tasks import MCDoc, get_task
 from pudding.pool.evaluator import CandidateEvaluator
 
 CHECKPOINT_FORMAT = "pudding.search-checkpoint/1"
@@ -66,6 +66,13 @@ def _margin_loss(docs: Sequence[MCDoc], scores: Sequence[ChoiceScore]) -> float:
     return -sum(margin(d) for d in scores_by_doc(docs, scores))
 
 
+def _choice_prob_loss(docs: Sequence[MCDoc], scores: Sequence[ChoiceScore]) -> float:
+    # Minus the gold's log-probability among the choices under the task's own metric: TL rewards a likelier
+    # gold even when a wrong choice rises with it, which on SmolLM2 picked sets that lose accuracy.
+    metrics = {task: get_task(task).metric for task in {d.task for d in docs}}
+    return -sum(gold_choice_logprob(doc, metrics[d.task]) for d, doc in zip(docs, scores_by_doc(docs, scores)))
+
+
 def _ppl_loss(docs: Sequence[MCDoc], scores: Sequence[ChoiceScore]) -> float:
     return -sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores)
 
@@ -86,6 +93,8 @@ OBJECTIVES: dict[str, Objective] = {
     for o in (
         Objective("tl", "minus the summed mean log-likelihood of the gold answer", _gold_only, _tl_loss),
         Objective("margin", "minus the summed (gold - mean wrong) mean log-likelihood", _all_choices, _margin_loss),
+        Objective("choice-prob", "minus the summed log-probability of the gold among the choices, under the "
+                  "task's metric (acc or acc_norm): the smooth form of accuracy", _all_choices, _choice_prob_loss),
         Objective("ppl", "log-perplexity of BoolQ passages (SLEB's criterion)", _passages, _ppl_loss, "boolq"),
     )
 }

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
-from pudding.core.metrics import first_argmax
+from pudding.core.metrics import choice_scores, first_argmax
 from pudding.core.provenance import atomic_write_figure, atomic_write_json, locks_output, provenance
 from pudding.core.tasks import get_task
 from pudding.pool.artifact import CandidatePool
@@ -136,15 +136,6 @@ class RoutingData:
     def subset(self, rows: list[int]) -> RoutingData:
         return RoutingData([self.texts[i] for i in rows], self.labels[rows], self.correct[rows],
                            [self.tasks[i] for i in rows])
-
-
-def choice_scores(logprobs: list[float], chars: list[int], metric: str) -> list[float]:
-    """What the task's metric compares: summed log-likelihoods (``acc``), or per character (``acc_norm``),
-    rescaled by the mean length so the values stay in nats (the argmax is unchanged)."""
-    if metric != "acc_norm":
-        return list(logprobs)
-    mean_chars = sum(chars) / len(chars)
-    return [lp / c * mean_chars for lp, c in zip(logprobs, chars)]
 
 
 def label_targets(choice_logprob: list[list[float]], chars: list[int], gold: int, metric: str, tl: list[float],
