@@ -10,6 +10,8 @@ and scores it on the other, and repeats:
 - ``task-best by TL``: per task, the set with the best mean gold log-likelihood (the paper's label);
 - ``oracle``: per prompt, any set that answers it (an upper bound no router reaches).
 
+The dense model, which label runs score as a reference, is never a choice.
+
 No evaluation document is read, so the numbers can guide the pool's design without spending the test set.
 
     .venv/bin/python benchmarks/pool_headroom.py --labels results/.../labels --out results/smollm2/headroom.json
@@ -87,12 +89,16 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     names = labels.meta.get("set_names") or [str(s) for s in labels.meta["sets"]]
-    per_task = {t: {name: float(data.correct[[i for i, x in enumerate(data.tasks) if x == t], j].mean())
+    # the dense model is labelled as a reference, but it is not a pruned set: no choice may fall on it
+    pruned = [j for j, blocks in enumerate(labels.meta["sets"]) if blocks]
+    names = [names[j] for j in pruned]
+    correct, tl = data.correct[:, pruned], data.labels[:, pruned]
+    per_task = {t: {name: float(correct[[i for i, x in enumerate(data.tasks) if x == t], j].mean())
                     for j, name in enumerate(names)} for t in sorted(set(data.tasks))}
     for task, by_set in per_task.items():
         best = max(by_set, key=by_set.get)
         print(f"{task:14s} n={data.tasks.count(task):4d}  best {best} {by_set[best]:.3f}")
-    result = headroom(data.correct, data.labels, data.tasks, args.repeats, args.seed)
+    result = headroom(correct, tl, data.tasks, args.repeats, args.seed)
     for name, summary in result.items():
         print(f"{name:42s} {summary['mean']:+.4f}  [{summary['p05']:+.4f}, {summary['p95']:+.4f}]")
     if args.out:

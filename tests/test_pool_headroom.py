@@ -49,3 +49,24 @@ def test_choices_are_made_on_one_half_and_scored_on_the_other():
 def test_a_missing_label_artifact_is_a_one_line_error(tmp_path, capsys):
     assert pool_headroom.main(["--labels", str(tmp_path / "nothing")]) == 2
     assert "no label artifact" in capsys.readouterr().err
+
+
+def test_the_dense_reference_is_never_a_choice(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    correct, tl, tasks = _data()
+    # a dense column that answers everything: were it a choice, static and task-best would both reach 1.0
+    correct = torch.cat([torch.ones(len(tasks), 1), correct], 1)
+    tl = torch.cat([torch.ones(len(tasks), 1), tl], 1)
+    labels = SimpleNamespace(meta={"sets": [[], [1], [2]], "set_names": ["dense", "one", "two"]})
+    monkeypatch.setattr(pool_headroom.Labels, "load", lambda path: labels)
+    monkeypatch.setattr(pool_headroom, "routing_data",
+                        lambda labels, target: SimpleNamespace(correct=correct, labels=tl, tasks=tasks))
+    out = tmp_path / "headroom.json"
+    assert pool_headroom.main(["--labels", "x", "--repeats", "3", "--out", str(out)]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["sets"] == ["one", "two"]
+    assert report["split_half"]["best static"]["mean"] == pytest.approx(0.5)
+    assert report["split_half"]["oracle"]["mean"] == pytest.approx(1.0)
