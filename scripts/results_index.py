@@ -27,6 +27,8 @@ FOLDERS = {
     "smollm2/pool-run": "search checkpoints of the shipped pool: 6 tasks x {TL, margin}, 16 documents per task",
     "smollm2/pool": "the shipped candidate pool at k=6 (built from pool-run)",
     "smollm2/pool-128-run": "search checkpoints at the paper's 128 documents per task (TL; the medium budget)",
+    "smollm2/choice-prob-arc-easy": ("an ARC-Easy search with the choice-prob objective (64 documents), "
+                                    "its set scored on later calibration documents"),
     "smollm2/baselines": "SLEB, Shortened-LLaMA PPL and Taylor+, ShortGPT at k=6",
     "smollm2/labels": "router labels of the shipped artifact: 64 calibration prompts per task under every set",
     "smollm2/small/k6": "the `small` reproduction at k=6: tables, ablations, routers, per-document scores",
