@@ -112,12 +112,13 @@ def random_router(router_shape: str, tokenizer_dir: str | None, n_sets: int, dev
     from pudding.routing.router import RouterConfig, build_router, resolve_encoder
 
     source = Path(tokenizer_dir or resolve_encoder("default"))
-    folder = Path(tempfile.mkdtemp(prefix="pudding-router-shape-"))
-    for file in source.iterdir():
-        if file.is_file() and ("token" in file.name or file.name in ("vocab.txt", "special_tokens_map.json")):
-            (folder / file.name).write_bytes(file.read_bytes())
-    (folder / "config.json").write_text(json.dumps(read_shape(router_shape)["config"]))
-    router = build_router(RouterConfig(kind="encoder", n_sets=n_sets, backbone=str(folder)), for_loading=True)
+    with tempfile.TemporaryDirectory(prefix="pudding-router-shape-") as tmp:  # read once, while building
+        folder = Path(tmp)
+        for file in source.iterdir():
+            if file.is_file() and ("token" in file.name or file.name in ("vocab.txt", "special_tokens_map.json")):
+                (folder / file.name).write_bytes(file.read_bytes())
+        (folder / "config.json").write_text(json.dumps(read_shape(router_shape)["config"]))
+        router = build_router(RouterConfig(kind="encoder", n_sets=n_sets, backbone=str(folder)), for_loading=True)
     return router.to(device).eval()
 
 
