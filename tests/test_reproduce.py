@@ -1,9 +1,11 @@
 """`pudding reproduce` on a tiny model (tiny budget): every table, ablation and plot is written, and the cells
 are what the per-document scores say, recomputed here without pudding's table code."""
 
+import itertools
 import json
 import shutil
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,7 +18,7 @@ from pudding.core.tasks import get_task
 from pudding.evaluation.report import plotted_rows
 from pudding.evaluation.reproduce import Budget, ReproduceConfig, reproduce
 from pudding.evaluation.tables import RowId, paired_differences, static_choices, static_columns
-from pudding.pool.artifact import CandidatePool
+from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
 from pudding.routing.train import VAL_FRACTION, RoutingData, split_rows
 
 
@@ -272,3 +274,40 @@ def test_another_budget_reuses_nothing_and_a_mismatched_own_folder_is_refused(ti
     # a run whose own folder holds another budget's artifacts is refused, naming what differs
     with pytest.raises(ConfigError, match=r"differs in: .*samples"):
         reproduce(config("tiny-b", results / "tiny" / "k2"))
+
+
+def test_an_extra_pool_is_scored_alone_offered_to_the_static_choices_and_routed_over(tiny_run, tiny_dir, tmp_path):
+    """--extra-pool in the same --run-dir: only its new set is scored (the shared sets' shards are untouched), the
+    static choices may pick it, and the widest routing variant routes over it."""
+    root, config, _ = tiny_run
+    pool = CandidatePool.from_pretrained(config.folder / "pool")
+    scored = [tuple(s) for s in json.loads((config.folder / "labels" / "labels.json").read_text())["sets"]]
+    new = next(pair for pair in itertools.combinations(range(6), 2) if pair not in scored)
+    source = SetSource("greedy", "arc_easy", "choice-prob", list(new), [0.0, 0.0, 0.0], [], 0.0)
+    CandidatePool((PoolEntry(new, (source,)),), pool.model, {"k": 2}, {}).save_pretrained(tmp_path / "extra")
+    shard = config.work_dir / "labels" / "shard-00000"
+    before = {f.name: f.stat().st_mtime_ns for f in shard.glob("set-*.parquet")}
+
+    extra_config = replace(config, out=str(tmp_path / "results" / "k2"), extra_pool=str(tmp_path / "extra"),
+                           routers=(("llm-embed", "mse"),), router_seeds=1, variants=False)
+    assert extra_config.pool_variants[-1] == "pool+baselines+extra"
+    reproduce(extra_config)
+    after = {f.name: f.stat().st_mtime_ns for f in shard.glob("set-*.parquet")}
+    assert set(after) - set(before) == {f"set-{'-'.join(map(str, new))}.parquet"}
+    assert all(after[name] == mtime for name, mtime in before.items())  # the shared sets were not scored again
+
+    out = extra_config.folder
+    candidates = scored[1:] + [new]  # every set but dense, the extra one last
+    calibration = {blocks: _correct(out / "labels", blocks) for blocks in candidates}
+    train, _ = split_rows([text for _, text, _ in calibration[candidates[0]]], VAL_FRACTION)
+    accuracy = {blocks: sum(values[i][2] for i in train) / len(train) for blocks, values in calibration.items()}
+    chosen = max(candidates, key=lambda blocks: accuracy[blocks])
+    main = json.loads((out / "main.json").read_text())
+    _assert_row(main, "best static set", _cells(_correct(out / "scores" / "paper-tasks", chosen)))
+    names = [spec.pool for spec in pudding.evaluation.reproduce._variant_specs(replace(extra_config, variants=True))]
+    assert names.count("pool+baselines+extra") == names.count("pool") > 0
+
+    small = SetSource("greedy", "arc_easy", "choice-prob", [2], [0.0, 0.0], [], 0.0)
+    CandidatePool((PoolEntry((2,), (small,)),), pool.model, {"k": 1}, {}).save_pretrained(tmp_path / "k1")
+    with pytest.raises(ConfigError, match="shrunk"):  # an extra pool searched at a smaller k is refused
+        reproduce(replace(extra_config, extra_pool=str(tmp_path / "k1"), out=str(tmp_path / "results" / "k1")))

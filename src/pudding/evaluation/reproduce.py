@@ -99,6 +99,7 @@ ROUTER_ABLATIONS = (("embed-mlp", "mse"), ("embed-mlp", "ce"), ("llm-embed", "ms
 VARIANT_ROUTER = ("task", "mse")
 BASELINE_METHODS = ("sleb", "shortened_ppl", "taylor", "shortgpt")
 POOL_VARIANTS = ("pool", "pool+baselines")  # the paper's pool; the same plus the static baselines' sets
+EXTRA_POOL_VARIANT = "pool+baselines+extra"  # the same plus an --extra-pool's sets
 POOL_SIZES = (1, 2, 3, 5, 8)  # sizes tried for the pool chosen on calibration data (plus the whole pool)
 
 
@@ -129,6 +130,11 @@ class ReproduceConfig(QuantizationFields):
         "help": "skip the routing variants (router x label target x pool x safe routing, pool size)"})
     pool: str | None = field(default=None, metadata={
         "help": "use this candidate pool instead of the budget's search"})
+    extra_pool: str | None = field(default=None, metadata={
+        "type": "none_or_text",
+        "help": "a pool of further candidate sets (e.g. `pudding candidates --objectives choice-prob`): the "
+                "static choices may pick them and a routing variant routes over them too; the paper's rows keep "
+                "the budget's pool. Scores shared with an earlier run in the same --run-dir are not recomputed"})
     reuse: str | None = field(default=None, metadata={
         "type": "none_or_text", "help": "folder of earlier results to reuse artifacts from, each only if its "
                                         "recorded identity matches exactly (the committed ones: results/smollm2); "
@@ -145,6 +151,11 @@ class ReproduceConfig(QuantizationFields):
             raise ConfigError(f"--reuse {self.reuse}: no such folder; name the folder of earlier results to reuse "
                               "(the committed ones: results/smollm2), or leave it out to reuse nothing")
         object.__setattr__(self, "routers", tuple(tuple(r) for r in self.routers))
+
+    @property
+    def pool_variants(self) -> tuple[str, ...]:
+        """The pools the routing variants route over, the widest last."""
+        return POOL_VARIANTS + ((EXTRA_POOL_VARIANT,) if self.extra_pool else ())
 
     @property
     def sizes(self) -> Budget:
@@ -275,11 +286,12 @@ def _search_config(config: ReproduceConfig, name: str) -> PoolConfig:
 
 
 def _pool(config: ReproduceConfig, name: str, fingerprint: dict, log: dict) -> CandidatePool:
-    """The pool (``name="pool"``) or the baselines: a given ``--pool``, else one found with this budget's
-    identity (shrunk to this k if it was searched at a larger one), else searched now."""
-    if name == "pool" and config.pool:
-        pool = CandidatePool.from_pretrained(config.pool)
-        log[name] = {"given": config.pool}
+    """The pool (``name="pool"``), the baselines or the ``--extra-pool`` (``name="extra"``): a given pool, else
+    one found with this budget's identity, else searched now; shrunk to this k if it has a larger one."""
+    given = {"pool": config.pool, "extra": config.extra_pool}.get(name)
+    if given:
+        pool = CandidatePool.from_pretrained(given)
+        log[name] = {"given": given}
     else:
         search = _search_config(config, name)
         methods = config.baseline_methods if name == "baselines" else None
@@ -307,15 +319,24 @@ class ScoringColumns:
 
     fixed: dict[str, int]  # "dense" and each baseline method
     pool: list[int]  # each pool set, in the pool's order
+    extra: list[int] = field(default_factory=list)  # each --extra-pool set, in its pool's order
 
     @property
     def candidates(self) -> list[int]:
-        """The distinct sets a static choice or a bound may pick: the pool's, then the baselines'."""
+        """The distinct sets a static choice or a bound may pick: the pool's, the baselines', the extra ones."""
+        return list(dict.fromkeys(self.pool + [c for name, c in self.fixed.items() if name != "dense"]
+                                  + self.extra))
+
+    @property
+    def without_extra(self) -> list[int]:
+        """The candidates of the pool+baselines variant."""
         return list(dict.fromkeys(self.pool + [c for name, c in self.fixed.items() if name != "dense"]))
 
 
-def _scoring_pool(pool: CandidatePool, baselines: CandidatePool) -> tuple[CandidatePool, ScoringColumns]:
-    """One pool with every distinct set any row needs, and where each row's set is in it."""
+def _scoring_pool(pool: CandidatePool, baselines: CandidatePool,
+                  extra: CandidatePool | None = None) -> tuple[CandidatePool, ScoringColumns]:
+    """One pool with every distinct set any row needs, and where each row's set is in it. The extra sets come
+    last, so the columns of a run without them are unchanged."""
     entries: list[PoolEntry] = []
     index: dict[tuple, int] = {}
 
@@ -329,9 +350,11 @@ def _scoring_pool(pool: CandidatePool, baselines: CandidatePool) -> tuple[Candid
     for entry in baselines.sets:  # at a small k two baselines can find the same set: one row each
         for source in entry.sources:
             fixed[source.method] = add(entry.blocks, source)
-    columns = ScoringColumns(fixed, [add(entry.blocks, entry.sources[0]) for entry in pool.sets])
+    columns = ScoringColumns(fixed, [add(entry.blocks, entry.sources[0]) for entry in pool.sets],
+                             [add(entry.blocks, entry.sources[0]) for entry in (extra.sets if extra else ())])
     # The saved config keeps the form earlier runs wrote (row name -> column), so their scoring pools match.
-    rows = {**fixed, **{f"pool:{i}": c for i, c in enumerate(columns.pool)}}
+    rows = {**fixed, **{f"pool:{i}": c for i, c in enumerate(columns.pool)},
+            **{f"extra:{i}": c for i, c in enumerate(columns.extra)}}
     return CandidatePool(tuple(entries), pool.model, {"rows": rows}, provenance()), columns
 
 
@@ -438,7 +461,7 @@ def _variant_specs(config: ReproduceConfig) -> list[RouterSpec]:
     specs = []
     for kind, loss in dict.fromkeys([config.routers[0], VARIANT_ROUTER]):
         for target in TARGETS:
-            for pool in POOL_VARIANTS:
+            for pool in config.pool_variants:
                 for safe in (False, True):
                     name = f"{kind}-{loss}" + ("" if (target, pool) == ("tl", "pool")
                                                else f"-{target}-{pool.replace('+', '-plus-')}")
@@ -465,12 +488,12 @@ def _train_routers(config: ReproduceConfig, pools: dict, labels_dir: Path, calib
     if not grid:
         return trained, selection
     scores = {spec.name: _validation_accuracy(trained[spec.name][1]) for spec in grid}
-    # The pool size, chosen on calibration data: the n best sets of pool + baselines by training-prompt accuracy,
+    # The pool size, chosen on calibration data: the n best sets of the widest pool by training-prompt accuracy,
     # routed with the best target and safety found on that pool.
-    wide = max((spec for spec in grid if spec.pool == "pool+baselines"),
-               key=lambda spec: _score_key(scores[spec.name]))
+    widest = config.pool_variants[-1]
+    wide = max((spec for spec in grid if spec.pool == widest), key=lambda spec: _score_key(scores[spec.name]))
     train_rows, _ = split_rows(calibration.texts, VAL_FRACTION)
-    wide_columns = pools["pool+baselines"][0].config["columns"]
+    wide_columns = pools[widest][0].config["columns"]
     ranked = sorted(wide_columns, key=lambda c: -calibration.correct[train_rows, c].mean().item())
     sized = []
     for n in [n for n in POOL_SIZES if n < len(ranked)]:
@@ -519,7 +542,10 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
         pool = _pool(config, "pool", fingerprint, log)
         pool.check_model(model.config)
         baselines = _pool(config, "baselines", fingerprint, log)
-    scoring_pool, columns = _scoring_pool(pool, baselines)
+        extra = _pool(config, "extra", fingerprint, log) if config.extra_pool else None
+        if extra:
+            extra.check_model(model.config)
+    scoring_pool, columns = _scoring_pool(pool, baselines, extra)
     with stages("calibration labels"):
         labels_dir = _scores(config, scoring_pool, "calibration", PAPER_TASKS, sizes.label_docs, "labels", model,
                              tokenizer, log)
@@ -530,7 +556,9 @@ def reproduce(config: ReproduceConfig) -> dict[str, Any]:
                              "scores/unseen-tasks", model, tokenizer, log)
     pools = {"scoring": (scoring_pool, config.work_dir / "scoring-pool"),
              "pool": _sub_pool(scoring_pool, columns.pool, "pool", config.work_dir),
-             "pool+baselines": _sub_pool(scoring_pool, columns.candidates, "pool+baselines", config.work_dir)}
+             "pool+baselines": _sub_pool(scoring_pool, columns.without_extra, "pool+baselines", config.work_dir)}
+    if extra:
+        pools[EXTRA_POOL_VARIANT] = _sub_pool(scoring_pool, columns.candidates, EXTRA_POOL_VARIANT, config.work_dir)
     # The paper-pool labels are saved next to the union ones, so the paper's routers train on exactly the
     # columns they route over (Labels.for_pool restricts; nothing is scored again).
     calibration = routing_data(Labels.load(labels_dir).for_pool(scoring_pool))
@@ -622,7 +650,8 @@ def _title(config: ReproduceConfig) -> str:
     return (f"# PuDDing reproduction on {_slug(config.model)}, k={config.k}{precision} (budget {config.budget}: "
             f"{sizes.paper_docs} documents per paper task, {sizes.unseen_docs} per unseen task; "
             f"{sizes.label_docs} calibration prompts per task for the routers, "
-            f"{sizes.search_docs} for the searches)")
+            f"{sizes.search_docs} for the searches)"
+            + (f"; with the extra candidate sets of {config.extra_pool}" if config.extra_pool else ""))
 
 
 def _write_figures(config: ReproduceConfig, data: RoutingData, routed: dict[str, Routed], pools: dict,
