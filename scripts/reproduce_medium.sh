@@ -16,3 +16,11 @@ $P baselines --model default --k 6 --samples 128 \
 #    steps 1-2 are found by their identity under results/smollm2 (--reuse) and reused
 $P reproduce --model default --k 6 --budget medium --reuse results/smollm2 --run-dir results/smollm2/medium-run \
     --no-progress
+# 4. an accuracy-aimed pool: choice-prob searches on 64 calibration documents per task (every choice is scored,
+#    not only the gold one); checkpointed per step, committed in the run folder
+$P candidates --model default --k 6 --samples 64 --objectives choice-prob \
+    --run-dir results/smollm2/choice-prob-64/run --out results/smollm2/choice-prob-64 --no-progress
+# 5. the same reproduction with those sets added (--extra-pool): in the same --run-dir only the new sets are
+#    scored; the paper's rows are unchanged, the static choices and the widest routing variant gain the sets
+$P reproduce --model default --k 6 --budget medium --reuse results/smollm2 --run-dir results/smollm2/medium-run \
+    --extra-pool results/smollm2/choice-prob-64 --out results/smollm2/medium-choice-prob/k6 --no-progress
