@@ -78,11 +78,7 @@ class Subject:
     weights: str  # "trained" or "random"
     description: str
     pad_token_id: int
-    router_bytes: int  # the router's parameters, on the device beside the model
-
-
-def parameter_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    model_bytes: int  # device memory the LLM alone took when it was placed there (0 off CUDA)
 
 
 def read_shape(name: str) -> dict[str, Any]:
@@ -143,11 +139,13 @@ def load_artifact_subject(args, lengths, device, dtype) -> Subject:
     from pudding.routing.model import PuddingModel
 
     pudding = PuddingModel.from_pretrained(args.model)
+    before = allocated_bytes(device)
     model = pudding.model.to(device=device, dtype=dtype).eval()
+    model_bytes = allocated_bytes(device) - before  # measured before the router and prompts join it
     pudding.router.to(device)
     prompts, texts = load_prompts(args.prompts, pudding.tokenizer, lengths, device)
     return Subject(model, prompts, texts, lambda text: pudding.route([text])[0].blocks, "trained",
-                   f"PuDDing artifact {args.model}", pudding.tokenizer.pad_token_id, parameter_bytes(pudding.router))
+                   f"PuDDing artifact {args.model}", pudding.tokenizer.pad_token_id, model_bytes)
 
 
 def load_shape_subject(args, lengths, device, dtype) -> Subject:
@@ -156,8 +154,10 @@ def load_shape_subject(args, lengths, device, dtype) -> Subject:
     shape = read_shape(args.shape)
     config = AutoConfig.for_model(**shape["config"])
     torch.manual_seed(args.seed)
+    before = allocated_bytes(device)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model_bytes = allocated_bytes(device) - before  # measured before the router and prompts join it
     sets = random_sets(config.num_hidden_layers, shape["k"], shape["n_sets"], args.seed)
     router = random_router(args.router_shapes[0], args.router_tokenizer, len(sets), device)
     if args.prompts is None:
@@ -174,7 +174,7 @@ def load_shape_subject(args, lengths, device, dtype) -> Subject:
         return sets[int(router.choose(router.scores([text]))[0])]
 
     return Subject(model, prompts, texts, route, "random", shape["description"], config.pad_token_id or 0,
-                   parameter_bytes(router))
+                   model_bytes)
 
 
 # --- precisions -------------------------------------------------------------------------------------------------
@@ -422,10 +422,9 @@ def measure(args) -> dict[str, Any]:
         raise ConfigError("--device cuda, but torch sees no CUDA device (use --device cpu for a dry run)")
     for method in args.quantize[1:]:
         torchao_config(method)  # refuse a missing torchao before loading anything
-    before = allocated_bytes(device)
     subject = (load_shape_subject if args.shape else load_artifact_subject)(args, args.lengths, device, dtype)
     full = {"none": subject.model}
-    model_bytes = {"none": allocated_bytes(device) - before - subject.router_bytes}
+    model_bytes = {"none": subject.model_bytes}
     for method in args.quantize[1:]:
         before = allocated_bytes(device)
         full[method] = quantized_copy(subject.model, method)
