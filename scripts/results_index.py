@@ -29,6 +29,12 @@ FOLDERS = {
     "smollm2/pool-128-run": "search checkpoints at the paper's 128 documents per task (TL; the medium budget)",
     "smollm2/choice-prob-arc-easy": ("an ARC-Easy search with the choice-prob objective (64 documents), "
                                     "its set scored on later calibration documents"),
+    "smollm2/pool-128": "the TL pool at k=6 searched on 128 documents per task (the medium budget's)",
+    "smollm2/baselines-128": "SLEB, Shortened-LLaMA PPL and Taylor+, ShortGPT at k=6 on 128 documents per task",
+    "smollm2/medium/k6": "the `medium` reproduction at k=6: labels, calibration headroom, then tables and routers",
+    "smollm2/choice-prob-64": ("choice-prob searches of the six paper tasks (64 documents each): the accuracy-aimed "
+                               "extra pool of the medium run"),
+    "smollm2/medium-choice-prob/k6": "the medium reproduction with the choice-prob sets as --extra-pool",
     "smollm2/baselines": "SLEB, Shortened-LLaMA PPL and Taylor+, ShortGPT at k=6",
     "smollm2/labels": "router labels of the shipped artifact: 64 calibration prompts per task under every set",
     "smollm2/small/k6": "the `small` reproduction at k=6: tables, ablations, routers, per-document scores",

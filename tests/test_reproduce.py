@@ -17,7 +17,13 @@ from pudding.core.errors import ConfigError
 from pudding.core.tasks import get_task
 from pudding.evaluation.report import plotted_rows
 from pudding.evaluation.reproduce import Budget, ReproduceConfig, reproduce
-from pudding.evaluation.tables import RowId, paired_differences, static_choices, static_columns
+from pudding.evaluation.tables import (
+    RowId,
+    gap_decomposition,
+    paired_differences,
+    static_choices,
+    static_columns,
+)
 from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource
 from pudding.routing.train import VAL_FRACTION, RoutingData, split_rows
 
@@ -62,6 +68,19 @@ def test_static_choices_are_made_on_calibration_data_never_on_evaluation_data():
     assert columns[RowId("dense")] == [1.0, 0.0, 1.0]
     # the hindsight bounds are the only rows that look at the evaluation documents
     assert columns[RowId("pool ceiling")] == columns[RowId("oracle")] == [1.0, 1.0, 1.0]
+
+
+def test_the_gap_decomposition_pairs_each_step_on_the_same_documents():
+    ours = RowId("pudding", router="r", role="best variant", seeds=2)
+    columns = {RowId("best static set"): [1, 0, 0, 0], RowId("task-best set"): [1, 1, 0, 0],
+               RowId("pool ceiling"): [1, 1, 1, 0], ours: [1, 0, 1, 0.5]}
+    steps = gap_decomposition(columns, ours)
+    expected = {f"{ours.label} - best static set": 0.375, "task-best set - best static set": 0.25,
+                "pool ceiling - best static set": 0.5, "pool ceiling - task-best set": 0.25,
+                f"task-best set - {ours.label}": -0.125}
+    assert {name: d["difference"] for name, d in steps.items()} == expected
+    # per-document pairs: task-best - ours is 0, +1, -1, -0.5, so its interval is wide, not the rows' own spread
+    assert steps[f"task-best set - {ours.label}"]["ci95"][0] < -0.5
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +156,14 @@ def test_reproduce_writes_every_table_ablation_and_plot(tiny_run):
     assert list(seeds["rows"]) == ["PuDDing (llm-embed-mse)", "PuDDing (llm-embed-mse-seed1)"]
     readme = (out / "README.md").read_text()
     assert "### Main table (paper Table 1)" in readme and f"| PuDDing, best variant ({best}) |" in readme
+    # the gap is decomposed for the best variant's seed mean, on the same documents as the rows
+    ours = f"PuDDing, best variant ({best}, mean of 2 seeds)"
+    steps = main["decomposition"]
+    assert set(steps) == {f"{ours} - best static set", "task-best set - best static set",
+                          "pool ceiling - best static set", "pool ceiling - task-best set", f"task-best set - {ours}"}
+    average = {row: main["rows"][row]["average"] for row in main["rows"]}  # every task has 8 documents
+    assert steps[f"task-best set - {ours}"]["difference"] == pytest.approx(average["task-best set"] - average[ours])
+    assert "Where the gap is" in readme
 
 
 def test_table_cells_are_the_per_document_scores_recomputed_independently(tiny_run):

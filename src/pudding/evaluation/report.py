@@ -45,6 +45,15 @@ def render_headroom(headroom: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_decomposition(decomposition: dict[str, dict]) -> str:
+    lines = ["Where the gap is (paired differences over all documents, 95% interval): the task-best set is chosen "
+             "on calibration data, the pool ceiling on these documents (hindsight), so the ceiling minus the best "
+             "static set bounds what choosing one set per task could win from these sets:", ""]
+    for name, d in decomposition.items():
+        lines.append(f"- {name}: {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+    return "\n".join(lines) + "\n"
+
+
 def render_selection(selection: dict[str, Any]) -> str:
     lines = ["Validation accuracy on calibration prompts (held out from each router's training; cross-fitted for "
              "safe routing), which chose the best variant; share of evaluation documents routed away from the "
@@ -75,6 +84,8 @@ def render_report(title: str, tables: dict[str, dict], ablations: dict[str, dict
         for row, differences in table["paired_differences"].items():
             markdown.append(render_paired(differences, row))
         markdown.append(render_headroom(table["headroom"]))
+        if table.get("decomposition"):
+            markdown.append(render_decomposition(table["decomposition"]))
     for name, table in ablations.items():
         markdown.append(render_table(f"Ablation: {name.replace('_', ' ')}", table))
         if "spread" in table:

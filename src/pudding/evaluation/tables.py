@@ -181,6 +181,24 @@ def paired_differences(columns: dict, ours, others: list) -> dict:
     return out
 
 
+def gap_decomposition(columns: dict[RowId, list[float]], ours: RowId) -> dict[str, dict[str, Any]]:
+    """Where PuDDing stands against the best static set, split into steps, each a paired difference.
+
+    ``task-best - best static``: what knowing the task wins when each task's set is chosen on calibration data;
+    ``pool ceiling - task-best``: what that choice loses to hindsight (the same choice made on these documents),
+    so the ceiling over the best static set bounds any task-level choice from this pool; ``task-best - ours``:
+    how much of the task-level choice the router misses (negative when per-prompt routing beats it).
+    """
+    static, task, ceiling = RowId("best static set"), RowId("task-best set"), RowId("pool ceiling")
+    steps = {f"{ours.label} - best static set": (ours, static),
+             "task-best set - best static set": (task, static),
+             "pool ceiling - best static set": (ceiling, static),
+             "pool ceiling - task-best set": (ceiling, task),
+             f"task-best set - {ours.label}": (task, ours)}
+    return {name: paired_differences(columns, a, [b])[b] for name, (a, b) in steps.items()
+            if a in columns and b in columns}
+
+
 def routing_headroom(data: RoutingData, pool: CandidatePool, pool_columns: list[int],
                      columns: dict[RowId, list[float]], ours: RowId) -> dict[str, Any]:
     """Where routing can matter at all: the documents on which the pool's sets disagree.
@@ -233,6 +251,9 @@ def split_table(data: RoutingData, columns: dict[RowId, list[float]], tasks: tup
                                                 paired_differences(ordered, row, statics).items()}
                                     for row in ours if row in ordered}
     result["headroom"] = routing_headroom(data, pool, pool_columns, ordered, ours[0])
+    # The decomposition follows the strongest PuDDing row there is: the best variant's seed mean, else the first.
+    best = [row for row in ours if row in ordered and row.role == "best variant"]
+    result["decomposition"] = gap_decomposition(ordered, max(best, key=lambda row: row.seeds) if best else ours[0])
     return result
 
 
