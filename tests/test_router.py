@@ -23,6 +23,7 @@ from pudding.routing.train import (
     RoutingData,
     TrainConfig,
     fit,
+    frozen_features,
     is_validation,
     label_targets,
     routing_data,
@@ -230,6 +231,18 @@ def test_the_task_router_sends_each_task_to_its_best_set_on_the_training_prompts
     chosen = router.choose(router.scores([texts[i] for i in val]))
     assert chosen.tolist() == [best[tasks[i]] for i in val]
     assert result["history"][-1]["val_loss"] < result["history"][0]["val_loss"]  # it learnt the tasks
+
+
+def test_routers_on_one_frozen_encoder_share_its_features_and_score_exactly_as_alone(encoder_dir):
+    texts = [f"Question: What is {i} plus {i}?\nAnswer:" for i in range(70)]  # two batches of 64 and 6
+    torch.manual_seed(0)
+    first, second = (build_router(RouterConfig("embed-mlp", 3, encoder_dir, hidden=8)) for _ in range(2))
+    features = frozen_features(first, texts)
+    assert frozen_features(second, texts) is features  # encoded once for both
+    for router in (first, second):
+        assert torch.equal(router.scores(texts, features=features), router.scores(texts))
+    assert not torch.equal(first.scores(texts, features=features), second.scores(texts, features=features))
+    assert frozen_features(build_router(RouterConfig("encoder", 3, encoder_dir)), texts) is None  # fine-tuned
 
 
 def test_the_task_router_needs_tasks_and_the_mse_loss():

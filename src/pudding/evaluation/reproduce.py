@@ -64,6 +64,7 @@ from pudding.routing.train import (
     VAL_FRACTION,
     RoutingData,
     TrainConfig,
+    frozen_features,
     routing_data,
     split_rows,
     train_router,
@@ -522,7 +523,9 @@ def _routed(trained: dict[str, tuple[PuddingModel, Path]], pools: dict, texts: l
     out = {}
     for name, (pudding, _) in trained.items():
         columns = [_column_of(pools["scoring"][0], entry.blocks) for entry in pudding.pool.sets]
-        out[name] = Routed(pudding, pudding.router.scores(texts), columns)
+        # The routers on one frozen encoder (dozens in the variant grid) share its features: encoded once.
+        features = frozen_features(pudding.router, texts)
+        out[name] = Routed(pudding, pudding.router.scores(texts, features=features), columns)
     return out
 
 

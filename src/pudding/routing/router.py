@@ -148,9 +148,15 @@ class Router(nn.Module):
         return self.head(self.encode(texts))
 
     @torch.inference_mode()
-    def scores(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Per-set scores for each text (log-likelihood units for ``mse``), computed in batches."""
-        out = [self(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    def scores(self, texts: Sequence[str], batch_size: int = 64, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-set scores for each text (log-likelihood units for ``mse``), computed in batches. ``features``:
+        the texts' encoder outputs computed beforehand (a frozen encoder's, shared by many routers), so that
+        only the head runs; the same batches, so the same numbers."""
+        if features is None:
+            out = [self(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+        else:
+            features = features.to(self.head_device)
+            out = [self.head(features[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
         scores = torch.cat(out).float()
         return scores * self.config.target_scale if self.config.loss == "mse" else scores
 
@@ -158,6 +164,10 @@ class Router(nn.Module):
         """The set each row of ``scores`` routes to: the argmax, or with safe routing the default set
         unless the argmax beats it by more than the switch threshold."""
         return choose_sets(scores, self.config.default_set, self.config.switch_threshold)
+
+    @property
+    def head_device(self) -> torch.device:
+        return next(self.head.parameters()).device
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The tensors a saved router needs: the head, plus the encoder when it is fine-tuned."""
@@ -192,10 +202,6 @@ class EncoderRouter(Router):
         batch = {k: v.to(self.head_device) for k, v in batch.items()}
         hidden = self.encoder(**batch).last_hidden_state
         return _mean_pool(hidden, batch["attention_mask"])
-
-    @property
-    def head_device(self) -> torch.device:
-        return next(self.head.parameters()).device
 
 
 class FineTunedEncoderRouter(EncoderRouter):

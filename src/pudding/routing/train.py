@@ -232,6 +232,24 @@ def _loss_fn(loss: str):
 _FROZEN_FEATURES: dict[tuple, torch.Tensor] = {}
 
 
+def _encoded(router: Router, texts: list[str], progress: bool) -> torch.Tensor:
+    with torch.no_grad():
+        chunks = [router.encode(texts[i:i + 64])
+                  for i in tqdm(range(0, len(texts), 64), desc="features", disable=not progress)]
+    return torch.cat(chunks).float()
+
+
+def frozen_features(router: Router, texts: list[str], progress: bool = False) -> torch.Tensor | None:
+    """The frozen encoder's features of ``texts`` (embed-mlp and task routers), computed once per process for
+    every router that shares the encoder; None for a router that fine-tunes its encoder or reads the LLM."""
+    if router.trains_encoder or not isinstance(router, EncoderRouter):
+        return None
+    key = (router.config.backbone, router.config.max_length, hashlib.sha256("\x1f".join(texts).encode()).hexdigest())
+    if key not in _FROZEN_FEATURES:
+        _FROZEN_FEATURES[key] = _encoded(router, texts, progress)
+    return _FROZEN_FEATURES[key]
+
+
 class _Features:
     """Encoder outputs, cached for frozen encoders, recomputed (with gradients) for the fine-tuned one."""
 
@@ -239,19 +257,8 @@ class _Features:
         self.router, self.texts = router, texts
         self.cache = None
         if not router.trains_encoder:
-            key = (router.config.backbone, router.config.max_length,
-                   hashlib.sha256("\x1f".join(texts).encode()).hexdigest())
-            cacheable = isinstance(router, EncoderRouter)  # embed-mlp and task: the same frozen encoder
-            if not (cacheable and key in _FROZEN_FEATURES):
-                with torch.no_grad():
-                    chunks = [router.encode(texts[i:i + 64])
-                              for i in tqdm(range(0, len(texts), 64), desc="features", disable=not progress)]
-                features = torch.cat(chunks).float()
-                if not cacheable:
-                    self.cache = features
-                    return
-                _FROZEN_FEATURES[key] = features
-            self.cache = _FROZEN_FEATURES[key]
+            shared = frozen_features(router, texts, progress)
+            self.cache = shared if shared is not None else _encoded(router, texts, progress)
 
     def __call__(self, rows: list[int]) -> torch.Tensor:
         if self.cache is not None:
