@@ -253,6 +253,8 @@ def test_reuse_is_explicit(tmp_path):
     assert ReproduceConfig(reuse=str(tmp_path)).reuse_root == tmp_path
     with pytest.raises(ConfigError, match="--reuse .*no such folder"):
         ReproduceConfig(reuse=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="--extra-pool .*no such folder"):
+        ReproduceConfig(extra_pool=str(tmp_path / "missing"))
 
 
 def test_compare_results_script_ignores_provenance_and_catches_a_changed_table(tmp_path):

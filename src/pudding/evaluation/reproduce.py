@@ -151,6 +151,9 @@ class ReproduceConfig(QuantizationFields):
         if self.reuse is not None and not Path(self.reuse).is_dir():
             raise ConfigError(f"--reuse {self.reuse}: no such folder; name the folder of earlier results to reuse "
                               "(the committed ones: results/smollm2), or leave it out to reuse nothing")
+        for flag, path in (("--pool", self.pool), ("--extra-pool", self.extra_pool)):
+            if path is not None and not Path(path).exists():  # refused before the model loads
+                raise ConfigError(f"{flag} {path}: no such folder or pool.json")
         object.__setattr__(self, "routers", tuple(tuple(r) for r in self.routers))
 
     @property
