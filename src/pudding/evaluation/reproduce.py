@@ -326,15 +326,14 @@ class ScoringColumns:
     extra: list[int] = field(default_factory=list)  # each --extra-pool set, in its pool's order
 
     @property
-    def candidates(self) -> list[int]:
-        """The distinct sets a static choice or a bound may pick: the pool's, the baselines', the extra ones."""
-        return list(dict.fromkeys(self.pool + [c for name, c in self.fixed.items() if name != "dense"]
-                                  + self.extra))
+    def without_extra(self) -> list[int]:
+        """The distinct sets of the pool+baselines variant: the pool's, then the baselines'."""
+        return list(dict.fromkeys(self.pool + [c for name, c in self.fixed.items() if name != "dense"]))
 
     @property
-    def without_extra(self) -> list[int]:
-        """The candidates of the pool+baselines variant."""
-        return list(dict.fromkeys(self.pool + [c for name, c in self.fixed.items() if name != "dense"]))
+    def candidates(self) -> list[int]:
+        """The distinct sets a static choice or a bound may pick: the pool's, the baselines', the extra ones."""
+        return list(dict.fromkeys(self.without_extra + self.extra))
 
 
 def _scoring_pool(pool: CandidatePool, baselines: CandidatePool,
