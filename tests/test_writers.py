@@ -33,3 +33,21 @@ def test_a_stage_refuses_an_output_another_process_is_writing(stage, tmp_path, t
             with pytest.raises(ConfigError, match="being written by another pudding process"):
                 run_stage()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_atomic_outputs_are_readable_by_others_even_when_the_writer_recreates_the_file(tmp_path):
+    """safetensors' save_file replaces the temporary file with a new 0600 one; the published file must
+    still be readable by others (the umask here is the default 022), and a failed write leaves nothing."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pudding.core.provenance import atomic_output
+
+    target = tmp_path / "router.safetensors"
+    with atomic_output(target) as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    assert target.stat().st_mode & 0o044 == 0o044, oct(target.stat().st_mode)
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "broken.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+        raise RuntimeError("the writer failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["router.safetensors"]

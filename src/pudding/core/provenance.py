@@ -78,9 +78,11 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be read by others
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 files, and some writers (safetensors' save_file) replace the file with a new
+        # 0600 one, so the mode is set after writing: results are meant to be read by others.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -656,7 +656,8 @@ def _title(config: ReproduceConfig) -> str:
             f"{sizes.paper_docs} documents per paper task, {sizes.unseen_docs} per unseen task; "
             f"{sizes.label_docs} calibration prompts per task for the routers, "
             f"{sizes.search_docs} for the searches)"
-            + (f"; with the extra candidate sets of {config.extra_pool}" if config.extra_pool else ""))
+            # The run folder's own copy, not the path as given: that may be absolute and machine-specific.
+            + ("; with the extra candidate sets in extra/" if config.extra_pool else ""))
 
 
 def _write_figures(config: ReproduceConfig, data: RoutingData, routed: dict[str, Routed], pools: dict,
