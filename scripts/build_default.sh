@@ -8,9 +8,10 @@ P=.venv/bin/pudding
 $P candidates --model default --k 6 --run-dir results/smollm2/pool-run --out results/smollm2/pool --no-progress
 # 2. router labels: every calibration prompt (64 per task) under every pool set
 $P label --pool results/smollm2/pool --samples 64 --run-dir runs/labels-smollm2 --out results/smollm2/labels --no-progress
-# 3. the shipped PuDDing artifact: frozen MiniLM + MLP head (small enough to commit)
+# 3. the small-budget router: frozen MiniLM + MLP head (the shipped artifact until 2026-11-30; the small
+#    tables' "PuDDing (embed-mlp-mse)" row)
 $P train-router --labels results/smollm2/labels --pool results/smollm2/pool --router embed-mlp --loss mse \
-    --out src/pudding/artifacts/smollm2-135m-k6 --no-progress
+    --out results/smollm2/small/k6/routers/embed-mlp-mse --no-progress
 # 4. static baselines at the same k
 $P baselines --model default --k 6 --run-dir runs/baselines-smollm2 --out results/smollm2/baselines --no-progress
 # 5. the paper's tables (made before artifacts recorded their identity: today's code refuses to overwrite
@@ -21,3 +22,10 @@ $P reproduce --model default --k 6 --budget small --reuse results/smollm2 --no-p
 $P reproduce --model default --k 3 --budget small --reuse results/smollm2 --no-progress
 # 7. the medium budget at k=6 (several hours; resumable across sessions): see scripts/reproduce_medium.sh
 # bash scripts/reproduce_medium.sh
+# 8. the shipped PuDDing artifact: the configuration the medium run chose on calibration prompts (embed-mlp,
+#    MSE on TL labels, the TL pool plus the static baselines' sets), retrained from its committed labels
+#    (same weights as results/smollm2/medium/k6/routers/embed-mlp-mse-tl-pool-plus-baselines up to float
+#    rounding between thread counts)
+$P train-router --labels results/smollm2/medium/k6/labels \
+    --pool results/smollm2/medium/k6/routers/embed-mlp-mse-tl-pool-plus-baselines \
+    --router embed-mlp --loss mse --target tl --out src/pudding/artifacts/smollm2-135m-k6 --no-progress
