@@ -153,7 +153,8 @@ def test_a_registry_is_read_as_its_names():
     """``"choices": tuple(EXECUTORS)`` follows the registry (a dict of classes) without importing it."""
     from pudding.pool.executor import EXECUTORS
 
-    for target in ("pudding.pruning.candidates:PoolConfig", "pudding.routing.labels:LabelConfig"):
+    for target in ("pudding.pruning.candidates:PoolConfig", "pudding.routing.labels:LabelConfig",
+                   "pudding.evaluation.reproduce:ReproduceConfig"):
         executor = {s.name: s for s in config_fields(target)}["executor"]
         assert executor.metadata["choices"] == tuple(EXECUTORS) == ("local", "ray")
 

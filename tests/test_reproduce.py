@@ -340,3 +340,26 @@ def test_an_extra_pool_is_scored_alone_offered_to_the_static_choices_and_routed_
     CandidatePool((PoolEntry((2,), (small,)),), pool.model, {"k": 1}, {}).save_pretrained(tmp_path / "k1")
     with pytest.raises(ConfigError, match="shrunk"):  # an extra pool searched at a smaller k is refused
         reproduce(replace(extra_config, extra_pool=str(tmp_path / "k1"), out=str(tmp_path / "results" / "k1")))
+
+
+def test_the_executor_settings_reach_the_searches_and_the_scoring_but_not_the_baselines(tiny_run, tmp_path,
+                                                                                        monkeypatch):
+    """``reproduce --executor ray`` spreads the searches and every label or score run over Ray actors (their
+    equality with local runs is tests/test_distributed.py's); the baselines' one-shot methods need gradients
+    and stay local."""
+    from pudding.evaluation.reproduce import _scores, _search_config
+
+    _, config, _ = tiny_run
+    spread = replace(config, out=str(tmp_path / "k2"), executor="ray", ray_actors=3, ray_address="auto")
+    assert {k: getattr(_search_config(spread, "pool"), k) for k in spread.execution} == spread.execution
+    assert _search_config(spread, "baselines").executor == "local"
+    asked = []
+
+    def build_labels(label_config, **_):
+        asked.append(label_config)
+        return tmp_path / "unused"
+
+    monkeypatch.setattr(pudding.evaluation.reproduce, "build_labels", build_labels)
+    scoring_pool = CandidatePool.from_pretrained(config.work_dir / "scoring-pool")
+    _scores(spread, scoring_pool, "evaluation", ("piqa",), 2, "scores/paper-tasks", None, None, {})
+    assert [{k: getattr(c, k) for k in spread.execution} for c in asked] == [spread.execution]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import QuantizationFields
+from pudding.core.fields import ExecutorFields
 from pudding.core.identity import find_reusable, identity_differences
 from pudding.core.load import load_model, model_fingerprint, model_name
 from pudding.core.provenance import atomic_write_json, atomic_write_text, locks_output, provenance, read_json
@@ -105,7 +105,7 @@ POOL_SIZES = (1, 2, 3, 5, 8)  # sizes tried for the pool chosen on calibration d
 
 
 @dataclass(frozen=True)
-class ReproduceConfig(QuantizationFields):
+class ReproduceConfig(ExecutorFields):
     """Settings of ``pudding reproduce``; each field's help text is its documentation.
 
     A given ``pool``'s identity is recorded instead of the search's. ``quantize`` (with ``quantize_head`` and
@@ -284,9 +284,11 @@ def importance_identity(config: dict[str, Any], fingerprint: dict) -> dict[str, 
 
 def _search_config(config: ReproduceConfig, name: str) -> PoolConfig:
     objectives = ("ppl",) if name == "baselines" else config.sizes.objectives
+    # The baselines' one-shot methods need gradients, so they run locally; the searches may use Ray.
+    execution = {} if name == "baselines" else config.execution
     return PoolConfig(model=config.model, k=config.k, samples=config.sizes.search_docs, objectives=objectives,
                       run_dir=str(config.work_dir / name), out=str(config.folder / name), progress=config.progress,
-                      **config.quantization)
+                      **config.quantization, **execution)
 
 
 def _pool(config: ReproduceConfig, name: str, fingerprint: dict, log: dict) -> CandidatePool:
@@ -369,7 +371,7 @@ def _scores(config: ReproduceConfig, scoring_pool: CandidatePool, split: str, ta
     scoring_pool.save_pretrained(pool_dir)
     label_config = LabelConfig(pool=str(pool_dir), out=str(config.folder / name), tasks=tasks, samples=samples,
                                split=split, run_dir=str(config.work_dir / name.replace("/", "-")),
-                               progress=config.progress, **config.quantization)
+                               progress=config.progress, **config.quantization, **config.execution)
     wanted = {k: v for k, v in run_identity(label_config, scoring_pool.model["fingerprint"],
                                             collect_docs(label_config)).items() if k != "shard_size"}
     found = find_reusable(config.folder / name, _found(config.reuse_root, "labels.json"),

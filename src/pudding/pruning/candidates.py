@@ -15,12 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import (
-    RAY_ACTORS_FIELD,
-    RAY_ADDRESS_FIELD,
-    RAY_GPUS_FIELD,
-    QuantizationFields,
-)
+from pudding.core.fields import ExecutorFields
 from pudding.core.identity import require_identity
 from pudding.core.load import DEFAULT_MODEL, load_config, model_fingerprint, model_name
 from pudding.core.omit import check_k, validate_omission
@@ -29,19 +24,16 @@ from pudding.core.quantize import quantize_identity
 from pudding.core.tasks import PAPER_TASKS, MCDoc, get_task, load_docs
 from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource, deduplicate
 from pudding.pool.executor import (
-    EXECUTORS,
     Executor,
     LocalExecutor,
     ModelReplica,
-    RaySettings,
-    check_executor,
     start_executor,
 )
 from pudding.pruning.search import get_objective, greedy_search
 
 
 @dataclass(frozen=True)
-class PoolConfig(QuantizationFields):
+class PoolConfig(ExecutorFields):
     """Settings of ``pudding candidates`` (and ``baselines``); each field's help text is its documentation.
 
     ``quantize`` is part of each checkpoint's identity when it is not ``none``.
@@ -70,15 +62,8 @@ class PoolConfig(QuantizationFields):
     out: str = field(default="runs/pool", metadata={
         "required": True, "help": "folder the pool artifact (pool.json) is written to"})
     progress: bool = field(default=True, metadata={"help": "hide progress bars"})
-    executor: str = field(default="local", metadata={
-        "choices": tuple(EXECUTORS), "help": "ray: spread each step's candidates over Ray actors, one model "
-                                               "replica each (identical results; pip install pudding[ray])"})
-    ray_address: str | None = field(default=None, metadata=RAY_ADDRESS_FIELD)
-    ray_actors: int = field(default=2, metadata=RAY_ACTORS_FIELD)
-    ray_gpus_per_actor: float = field(default=0.0, metadata=RAY_GPUS_FIELD)
 
     def __post_init__(self):
-        check_executor(self.executor)
         super().__post_init__()
         for name, value in (("tasks", self.tasks), ("objectives", self.objectives)):
             items = value.split(",") if isinstance(value, str) else list(value)
@@ -148,7 +133,7 @@ def build_pool(config: PoolConfig) -> CandidatePool:
     """Run every (task, objective) search, deduplicate, and save the pool to ``config.out``."""
     fingerprint, docs = _prepare(config)
     executor = start_executor(config.executor, _replica(config),
-                              RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor))
+                              config.ray_settings)
     found = []
     for task in config.tasks:
         for objective in config.objectives:

@@ -29,12 +29,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import (
-    RAY_ACTORS_FIELD,
-    RAY_ADDRESS_FIELD,
-    RAY_GPUS_FIELD,
-    QuantizationFields,
-)
+from pudding.core.fields import ExecutorFields
 from pudding.core.identity import claim_identity
 from pudding.core.metrics import DocScores, scores_by_doc
 from pudding.core.omit import OmissionSet
@@ -51,11 +46,8 @@ from pudding.core.tasks import PAPER_TASKS, SPLITS, TARGET_DELIMITER, MCDoc, loa
 from pudding.pool.artifact import CandidatePool
 from pudding.pool.evaluator import CandidateEvaluator
 from pudding.pool.executor import (
-    EXECUTORS,
     Executor,
     ModelReplica,
-    RaySettings,
-    check_executor,
     start_executor,
 )
 
@@ -85,7 +77,7 @@ def _features():
 
 
 @dataclass(frozen=True)
-class LabelConfig(QuantizationFields):
+class LabelConfig(ExecutorFields):
     """Settings of ``pudding label``; each field's help text is its documentation.
 
     ``quantize`` (the model that scores) is part of the run's identity when it is not ``none``.
@@ -109,12 +101,6 @@ class LabelConfig(QuantizationFields):
         "flag": "--no-prefix-reuse", "help": "recompute the dense prefix for every set (exact either way; slower)"})
     run_dir: str = field(default="runs/labels", metadata={"help": "shard checkpoints; reruns resume"})
     progress: bool = field(default=True, metadata={"help": "hide progress bars"})
-    executor: str = field(default="local", metadata={
-        "choices": tuple(EXECUTORS), "help": "ray: shards are scored by Ray actors, one model replica each "
-                                               "(pudding.pool.executor; pip install pudding[ray])"})
-    ray_address: str | None = field(default=None, metadata=RAY_ADDRESS_FIELD)
-    ray_actors: int = field(default=2, metadata=RAY_ACTORS_FIELD)
-    ray_gpus_per_actor: float = field(default=0.0, metadata=RAY_GPUS_FIELD)
 
     def __post_init__(self):
         super().__post_init__()
@@ -122,7 +108,6 @@ class LabelConfig(QuantizationFields):
             object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
         if not self.tasks:
             raise ConfigError("no tasks given")
-        check_executor(self.executor)
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         for name in ("samples", "max_length", "max_batch_tokens", "shard_size"):
@@ -233,7 +218,7 @@ def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
     replica = ModelReplica(config.model or pool.model["spec"], config.max_batch_tokens, config.max_length,
                            config.quantize, config.quantize_head, config.quantize_skip)
     executor = start_executor(config.executor, replica,
-                              RaySettings(config.ray_address, config.ray_actors, config.ray_gpus_per_actor),
+                              config.ray_settings,
                               model=model, tokenizer=tokenizer)
     pool.check_model(executor.model_config())
     run_dir = Path(config.run_dir)
