@@ -145,8 +145,8 @@ def test_reproduce_writes_every_table_ablation_and_plot(tiny_run):
     stages = json.loads((out / "stages.json").read_text())
     assert {"pool and baselines", "calibration labels", "evaluation scores", "routers"} <= set(stages["seconds"])
     for name in ("generalisation.json", "ablation-router.json", "ablation-objective.json", "ablation-pool_size.json",
-                 "ablation-routing.json", "omission-rates.png", "router-convergence.png", "block-importance.png",
-                 "README.md"):
+                 "ablation-routing.json", "paired-differences.png", "omission-rates.png", "router-convergence.png",
+                 "block-importance.png", "README.md"):
         assert (out / name).exists(), name
     assert "PuDDing (llm-embed-ce)" in json.loads((out / "ablation-router.json").read_text())["rows"]
     routing = json.loads((out / "ablation-routing.json").read_text())["rows"]  # the grid crosses both routers
@@ -363,3 +363,24 @@ def test_the_executor_settings_reach_the_searches_and_the_scoring_but_not_the_ba
     scoring_pool = CandidatePool.from_pretrained(config.work_dir / "scoring-pool")
     _scores(spread, scoring_pool, "evaluation", ("piqa",), 2, "scores/paper-tasks", None, None, {})
     assert [{k: getattr(c, k) for k in spread.execution} for c in asked] == [spread.execution]
+
+
+def test_the_paired_differences_plot_draws_every_interval_of_the_table(tmp_path):
+    from pudding.evaluation.report import plot_paired_differences
+
+    def d(value, low, high):
+        return {"difference": value, "ci95": [low, high], "n": 8}
+
+    pairs = {"PuDDing (a)": {"dense": d(-0.1, -0.2, 0.0), "sleb": d(0.05, -0.05, 0.15)},
+             "PuDDing (b)": {"dense": d(0.0, -0.1, 0.1)}}
+    table = {"paired_differences": pairs, "decomposition": {"task-best set - best static set": d(0.2, 0.1, 0.3)}}
+    drawn = plot_paired_differences(table, tmp_path / "paired.png")
+    assert drawn == {"PuDDing minus each static row": {"PuDDing (a)": {"dense": [-0.1, -0.2, 0.0],
+                                                                       "sleb": [0.05, -0.05, 0.15]},
+                                                       "PuDDing (b)": {"dense": [0.0, -0.1, 0.1]}},
+                     "where the gap is": {"": {"task-best set - best static set": [0.2, 0.1, 0.3]}}}
+    assert (tmp_path / "paired.png").stat().st_size > 10_000
+    # the unseen tasks' table has no decomposition: one panel
+    assert list(plot_paired_differences({"paired_differences": pairs}, tmp_path / "one.png")) == [
+        "PuDDing minus each static row"]
+

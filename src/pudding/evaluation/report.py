@@ -1,10 +1,11 @@
-"""The reproduction's report: the tables as Markdown, and the plots (omission rates, router convergence,
-accuracy against k). Everything here renders results already computed (:mod:`pudding.evaluation.tables`);
+"""The reproduction's report: the tables as Markdown, and the plots (paired differences, omission rates, router
+convergence, accuracy against k). Everything here renders results already computed (:mod:`pudding.evaluation.tables`);
 nothing is measured."""
 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,38 @@ def plot_convergence(router_dirs: dict[str, Path], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write_figure(fig, path)
+
+
+def plot_paired_differences(table: dict[str, Any], path: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """The main table's answer in one picture: each PuDDing row minus each static row (left, one colour per
+    PuDDing row) and the gap's decomposition (right), as paired differences with their 95% intervals.
+    Returns what it drew, by panel, series and bar: ``[difference, low, high]``."""
+    plt = _pyplot()
+    panels = {"PuDDing minus each static row": {ours: {other: _interval(d) for other, d in against.items()}
+                                                for ours, against in table["paired_differences"].items()},
+              "where the gap is": {"": {name: _interval(d) for name, d in table.get("decomposition", {}).items()}}}
+    panels = {title: series for title, series in panels.items() if any(series.values())}
+    tallest = max(len({bar for bars in series.values() for bar in bars}) for series in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 0.5 * tallest + 3.2), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        names = list(dict.fromkeys(bar for bars in series.values() for bar in bars))[::-1]  # the first on top
+        for i, (label, bars) in enumerate(series.items()):
+            offset = -0.6 * (i - (len(series) - 1) / 2) / len(series)  # the legend's first series on top
+            where = [(names.index(n) + offset, bars[n]) for n in names if n in bars]
+            ax.errorbar([v[0] for _, v in where], [y for y, _ in where], fmt="o", markersize=4, capsize=2,
+                        xerr=[[v[0] - v[1] for _, v in where], [v[2] - v[0] for _, v in where]], label=label or None)
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_yticks(range(len(names)), ["\n".join(textwrap.wrap(n, 40)) for n in names], fontsize=8)
+        ax.set(xlabel="accuracy difference (paired, 95% interval)", title=title)
+        if len(series) > 1:  # below the axes: inside, it would hide the top rows
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
+    fig.tight_layout()
+    atomic_write_figure(fig, path)
+    return panels
+
+
+def _interval(difference: dict[str, Any]) -> list[float]:
+    return [difference["difference"], *difference["ci95"]]
 
 
 def _average_with_stderr(row: dict[str, Any]) -> tuple[float, float]:

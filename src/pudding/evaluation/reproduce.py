@@ -35,7 +35,13 @@ from pudding.core.load import load_model, model_fingerprint, model_name
 from pudding.core.provenance import atomic_write_json, atomic_write_text, locks_output, provenance, read_json
 from pudding.core.quantize import quantize_identity
 from pudding.core.tasks import PAPER_TASKS
-from pudding.evaluation.report import plot_accuracy_vs_k, plot_convergence, plot_omission_rates, render_report
+from pudding.evaluation.report import (
+    plot_accuracy_vs_k,
+    plot_convergence,
+    plot_omission_rates,
+    plot_paired_differences,
+    render_report,
+)
 from pudding.evaluation.tables import (
     Routed,
     RowId,
@@ -628,7 +634,9 @@ def _write_tables(config: ReproduceConfig, pool: CandidatePool, pools: dict, col
                                 config.default_router, config.seed_routers, selection, PAPER_TASKS)
     for name, table in ablations.items():
         atomic_write_json(out / f"ablation-{name}.json", {**stamp, **table})
-    figures = _write_figures(config, data["main"], routed["main"], pools, trained, selection, pool, model, stamp)
+    plot_paired_differences(tables["main"], out / "paired-differences.png")
+    figures = ["![paired differences](paired-differences.png)", "",
+               *_write_figures(config, data["main"], routed["main"], pools, trained, selection, pool, model, stamp)]
     atomic_write_text(out / "README.md", render_report(_title(config), tables, ablations, figures,
                                                        stamp["provenance"]))
     return {"tables": tables, "ablations": ablations, "selection": selection, "out": str(out)}
