@@ -20,7 +20,8 @@ QUANTIZE_SKIP_FIELD = {"metavar": "SUFFIXES", "help": "with --quantize: keep the
                                                       "down_proj (default: none)"}
 
 # The executor and Ray cluster settings of the stages that can spread their scoring over Ray actors (candidates,
-# label, reproduce). The choices are pudding.pool.executor.EXECUTORS's keys (tests/test_cli_config.py checks).
+# label, reproduce; their base is pudding.pool.executor.ExecutorFields). The choices are
+# pudding.pool.executor.EXECUTORS's keys (tests/test_cli_config.py checks).
 EXECUTOR_FIELD = {"choices": ("local", "ray"),
                   "help": "ray: spread the scoring (a search step's candidate sets, the label and score shards) over "
                           "Ray actors, one model replica each (identical results; pip install pudding[ray])"}
@@ -49,33 +50,3 @@ class QuantizationFields:
     def quantization(self) -> dict:
         """The settings as the keyword arguments of ``load_model`` and ``PuddingModel.from_pretrained``."""
         return {"quantize": self.quantize, "quantize_head": self.quantize_head, "quantize_skip": self.quantize_skip}
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExecutorFields(QuantizationFields):
-    """The quantization settings plus ``--executor`` and the Ray settings: the base of every config whose stage can
-    spread its scoring over Ray actors (candidates, label, reproduce), declared and validated here once."""
-
-    executor: str = field(default="local", metadata=EXECUTOR_FIELD)
-    ray_address: str | None = field(default=None, metadata=RAY_ADDRESS_FIELD)
-    ray_actors: int = field(default=2, metadata=RAY_ACTORS_FIELD)
-    ray_gpus_per_actor: float = field(default=0.0, metadata=RAY_GPUS_FIELD)
-
-    def __post_init__(self):
-        from pudding.pool.executor import check_executor
-
-        check_executor(self.executor)
-        super().__post_init__()
-
-    @property
-    def execution(self) -> dict:
-        """The executor settings as keyword arguments of another stage's config (``LabelConfig(**execution)``)."""
-        return {"executor": self.executor, "ray_address": self.ray_address, "ray_actors": self.ray_actors,
-                "ray_gpus_per_actor": self.ray_gpus_per_actor}
-
-    @property
-    def ray_settings(self):
-        """The settings as :class:`pudding.pool.executor.RaySettings` (``start_executor``'s argument)."""
-        from pudding.pool.executor import RaySettings
-
-        return RaySettings(self.ray_address, self.ray_actors, self.ray_gpus_per_actor)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import ExecutorFields
 from pudding.core.identity import find_reusable, identity_differences
 from pudding.core.load import load_model, model_fingerprint, model_name
 from pudding.core.provenance import atomic_write_json, atomic_write_text, locks_output, provenance, read_json
@@ -55,6 +54,7 @@ from pudding.evaluation.tables import (
     switch_rates,
 )
 from pudding.pool.artifact import DEFAULT_ARTIFACT, CandidatePool, PoolEntry, SetSource, shrink_pool
+from pudding.pool.executor import ExecutorFields
 from pudding.pruning.candidates import PoolConfig, build_baselines, build_pool
 from pudding.pruning.importance import (
     IMPORTANCE_FILE,

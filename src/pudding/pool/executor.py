@@ -31,11 +31,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pudding.core.errors import ConfigError
 from pudding.core.extras import require
+from pudding.core.fields import (
+    EXECUTOR_FIELD,
+    RAY_ACTORS_FIELD,
+    RAY_ADDRESS_FIELD,
+    RAY_GPUS_FIELD,
+    QuantizationFields,
+)
 from pudding.core.load import load_config, load_model
 from pudding.core.omit import OmissionSet
 from pudding.core.quantize import check_quantized
@@ -281,3 +288,29 @@ def start_executor(name: str, replica: ModelReplica, settings: RaySettings | Non
     """
     check_executor(name)
     return EXECUTORS[name].start(replica, settings or RaySettings(), model=model, tokenizer=tokenizer)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutorFields(QuantizationFields):
+    """The quantization settings plus ``--executor`` and the Ray settings: the base of every config whose stage can
+    spread its scoring over Ray actors (candidates, label, reproduce), declared and validated here once."""
+
+    executor: str = field(default="local", metadata=EXECUTOR_FIELD)
+    ray_address: str | None = field(default=None, metadata=RAY_ADDRESS_FIELD)
+    ray_actors: int = field(default=2, metadata=RAY_ACTORS_FIELD)
+    ray_gpus_per_actor: float = field(default=0.0, metadata=RAY_GPUS_FIELD)
+
+    def __post_init__(self):
+        check_executor(self.executor)
+        super().__post_init__()
+
+    @property
+    def execution(self) -> dict:
+        """The executor settings as keyword arguments of another stage's config (``LabelConfig(**execution)``)."""
+        return {"executor": self.executor, "ray_address": self.ray_address, "ray_actors": self.ray_actors,
+                "ray_gpus_per_actor": self.ray_gpus_per_actor}
+
+    @property
+    def ray_settings(self) -> RaySettings:
+        """The settings as ``start_executor``'s :class:`RaySettings`."""
+        return RaySettings(self.ray_address, self.ray_actors, self.ray_gpus_per_actor)

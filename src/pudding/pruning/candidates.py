@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import ExecutorFields
 from pudding.core.identity import require_identity
 from pudding.core.load import DEFAULT_MODEL, load_config, model_fingerprint, model_name
 from pudding.core.omit import check_k, validate_omission
@@ -25,6 +24,7 @@ from pudding.core.tasks import PAPER_TASKS, MCDoc, get_task, load_docs
 from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource, deduplicate
 from pudding.pool.executor import (
     Executor,
+    ExecutorFields,
     LocalExecutor,
     ModelReplica,
     start_executor,

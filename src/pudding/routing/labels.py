@@ -29,7 +29,6 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pudding.core.errors import ConfigError
-from pudding.core.fields import ExecutorFields
 from pudding.core.identity import claim_identity
 from pudding.core.metrics import DocScores, scores_by_doc
 from pudding.core.omit import OmissionSet
@@ -47,6 +46,7 @@ from pudding.pool.artifact import CandidatePool
 from pudding.pool.evaluator import CandidateEvaluator
 from pudding.pool.executor import (
     Executor,
+    ExecutorFields,
     ModelReplica,
     start_executor,
 )
