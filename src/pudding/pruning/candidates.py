@@ -132,8 +132,7 @@ def _replica(config: PoolConfig) -> ModelReplica:
 def build_pool(config: PoolConfig) -> CandidatePool:
     """Run every (task, objective) search, deduplicate, and save the pool to ``config.out``."""
     fingerprint, docs = _prepare(config)
-    executor = start_executor(config.executor, _replica(config),
-                              config.ray_settings)
+    executor = start_executor(config.executor, _replica(config), config.ray_settings)
     found = []
     for task in config.tasks:
         for objective in config.objectives:

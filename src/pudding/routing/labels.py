@@ -217,9 +217,7 @@ def build_labels(config: LabelConfig, *, model=None, tokenizer=None,
     docs = collect_docs(config)
     replica = ModelReplica(config.model or pool.model["spec"], config.max_batch_tokens, config.max_length,
                            config.quantize, config.quantize_head, config.quantize_skip)
-    executor = start_executor(config.executor, replica,
-                              config.ray_settings,
-                              model=model, tokenizer=tokenizer)
+    executor = start_executor(config.executor, replica, config.ray_settings, model=model, tokenizer=tokenizer)
     pool.check_model(executor.model_config())
     run_dir = Path(config.run_dir)
     identity = run_identity(config, pool.model["fingerprint"], docs)
