@@ -5,12 +5,14 @@ import hashlib
 import pytest
 
 from pudding.core.errors import ConfigError
+from pudding.pool.evaluator import run_cost
 from pudding.pool.executor import (
     EXECUTORS,
     LocalExecutor,
     ModelReplica,
     RayExecutor,
     RaySettings,
+    balanced_split,
     check_executor,
     start_executor,
 )
@@ -85,3 +87,38 @@ def test_a_registered_executor_is_what_the_search_and_the_labels_use(tiny_dir, t
 
     assert labels("recording") == labels("local")
     assert _Recording.calls[2:] == ["map"]
+
+
+def _greedy_step(removed, total=30, barriers=(1, 1)):
+    """A greedy step's candidate sets: the removed blocks plus each other removable block, in block order."""
+    return [tuple(sorted((*removed, b))) for b in range(barriers[0], total - barriers[1]) if b not in removed]
+
+
+def test_a_greedy_step_is_split_so_each_actor_runs_about_as_many_blocks():
+    step = _greedy_step((22, 25))
+    parts = balanced_split(step, 2, 30)
+    assert sorted(i for part in parts for i in part) == list(range(len(step)))  # every set once
+    assert all(part == sorted(part) for part in parts)
+
+    def load(part):
+        return sum(run_cost(step[i], (22, 25), 30) for i in part)
+
+    # candidate b costs the blocks from b on, so the early half holds most of the work: a contiguous split
+    # leaves one actor waiting; the balanced one is within one candidate's cost
+    half = len(step) // 2
+    contiguous = [load(range(half)), load(range(half, len(step)))]
+    assert contiguous[0] > 2 * contiguous[1]
+    balanced = [load(part) for part in parts]
+    assert abs(balanced[0] - balanced[1]) <= max(run_cost(s, (22, 25), 30) for s in step)
+    assert max(balanced) < 0.7 * max(contiguous)
+
+
+def test_a_split_over_more_workers_than_sets_leaves_the_rest_idle():
+    parts = balanced_split([(3,), (4,)], 4, 8)
+    assert sorted(map(len, parts)) == [0, 0, 1, 1]
+    assert balanced_split([], 2, 8) == [[], []]
+
+
+def test_run_cost_counts_the_kept_blocks_from_where_the_set_starts():
+    assert run_cost((2, 5), (5,), 8) == 4  # starts at block 2 from the pass without 5, runs 3, 4, 6 and 7
+    assert run_cost((0, 5), (5,), 8) == 6  # block 0 saves nothing: the whole model without 0 and 5

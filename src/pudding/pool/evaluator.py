@@ -54,6 +54,13 @@ def start_block(omitted: Sequence, base: Sequence, total_blocks: int) -> int | N
     return first if len(whole_from_first) < total_blocks - first else None
 
 
+def run_cost(omitted: Sequence, base: Sequence, total_blocks: int) -> int:
+    """Blocks a set's forward executes when it starts from a shared pass without ``base`` (:func:`start_block`):
+    its kept blocks from that start on. In a greedy step a candidate early in the model costs the most."""
+    start = start_block(omitted, base, total_blocks) or 0
+    return sum(1 for block in range(start, total_blocks) if block not in omitted)
+
+
 def capture_block_inputs(model, batch: PackedBatch, base: Sequence, needed: set[int]) -> dict[int, torch.Tensor]:
     """Hidden states entering each block in ``needed`` in ``model`` without ``base``, from one pass that stops
     at the last one. No block in ``needed`` may be wholly in ``base`` (it would never run)."""
