@@ -21,6 +21,8 @@ $P reproduce --model default --k 6 --budget medium --reuse results/smollm2 --run
 $P candidates --model default --k 6 --samples 64 --objectives choice-prob \
     --run-dir results/smollm2/choice-prob-64/run --out results/smollm2/choice-prob-64 --no-progress
 # 5. the same reproduction with those sets added (--extra-pool): in the same --run-dir only the new sets are
-#    scored; the paper's rows are unchanged, the static choices and the widest routing variant gain the sets
+#    scored; the paper's rows are unchanged, the static choices and the widest routing variant gain the sets.
+#    Any step here takes --executor ray --ray-actors 2 to use both cores (identical results; the committed
+#    step 5 ran so: labels 2,117 s)
 $P reproduce --model default --k 6 --budget medium --reuse results/smollm2 --run-dir results/smollm2/medium-run \
     --extra-pool results/smollm2/choice-prob-64 --out results/smollm2/medium-choice-prob/k6 --no-progress
