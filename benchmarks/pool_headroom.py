@@ -27,6 +27,7 @@ import torch
 
 from pudding.core.errors import PuddingError
 from pudding.core.provenance import atomic_write_json, provenance
+from pudding.evaluation.tables import macro_mean
 from pudding.routing.labels import Labels
 from pudding.routing.train import routing_data
 
@@ -47,7 +48,7 @@ def one_split(correct: torch.Tensor, tl: torch.Tensor, first: dict, second: dict
     """Every choice made on ``first`` and scored on ``second``: the mean over tasks of the task's accuracy."""
     tasks = sorted(first)
     accuracy = {t: correct[first[t]].mean(0) for t in tasks}  # per set, on the choosing half
-    static = int(torch.stack([accuracy[t] for t in tasks]).mean(0).argmax())
+    static = int(macro_mean(correct, first).argmax())
     by_accuracy = {t: int(accuracy[t].argmax()) for t in tasks}
     by_tl = {t: int(tl[first[t]].mean(0).argmax()) for t in tasks}
 

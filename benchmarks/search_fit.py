@@ -29,6 +29,7 @@ import torch
 
 from pudding.core.errors import PuddingError
 from pudding.core.provenance import atomic_write_json, provenance
+from pudding.evaluation.tables import best_by, macro_mean
 from pudding.pool.artifact import CandidatePool
 from pudding.routing.labels import Labels
 from pudding.routing.train import routing_data
@@ -46,9 +47,8 @@ def paired_interval(differences: torch.Tensor) -> tuple[float, float, float]:
 
 def best_static(correct: torch.Tensor, tasks: list[str], candidates: list[int]) -> int:
     """The column among ``candidates`` with the best mean of per-task accuracies."""
-    names = sorted(set(tasks))
-    rows = {t: [i for i, x in enumerate(tasks) if x == t] for t in names}
-    return max(candidates, key=lambda j: sum(float(correct[rows[t], j].mean()) for t in names) / len(names))
+    rows = {t: [i for i, x in enumerate(tasks) if x == t] for t in sorted(set(tasks))}
+    return best_by(macro_mean(correct, rows), candidates)
 
 
 def fit(correct: torch.Tensor, tasks: list[str], doc_ids: list[str], column: int, static: int, task: str,
@@ -100,12 +100,12 @@ def main(argv=None) -> int:
         return 2
     static = best_static(data.correct, data.tasks, baselines)
     doc_ids = [str(d) for d in labels.table["doc_id"]]
-    rows = []
+    rows, labelled_tasks = [], set(data.tasks)
     print(f"best static baseline on calibration: {names[static]}")
     print(f"{'search':32s} {'n':>8s} {'searched: set/static':>22s} {'held-out: set/static':>22s}  "
           "held-out minus static")
     for column, source in searched_sets(pools, columns):
-        if source.task not in set(data.tasks):
+        if source.task not in labelled_tasks:
             continue
         result = fit(data.correct, data.tasks, doc_ids, column, static, source.task, set(source.sample_ids))
         result.update(task=source.task, objective=source.objective, set=names[column],

@@ -106,6 +106,12 @@ class Routed:
         return [self.columns[int(i)] for i in picks]
 
 
+def macro_mean(values: torch.Tensor, rows_by_task: dict[str, object]) -> torch.Tensor:
+    """Per column, the mean over tasks of each task's mean over its rows: every task weighs the same, however
+    many rows it has (the tables' average accuracy)."""
+    return torch.stack([values[rows].mean(0) for rows in rows_by_task.values()]).mean(0)
+
+
 def best_by(values: torch.Tensor, columns: list[int]) -> int:
     """The column among ``columns`` with the highest value (first on ties)."""
     return columns[int(values[columns].argmax())]
