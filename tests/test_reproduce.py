@@ -305,6 +305,23 @@ def test_another_budget_reuses_nothing_and_a_mismatched_own_folder_is_refused(ti
         reproduce(config("tiny-b", results / "tiny" / "k2"))
 
 
+def test_a_router_folder_without_its_weights_is_retrained_not_reused(tiny_run, tiny_dir, tmp_path):
+    """Large routers' weights are not committed: a clean clone holds their records without them. Reproduce
+    then trains them again, into its own folder, and still reuses every router whose weights are there."""
+    root, _, _ = tiny_run
+    results = tmp_path / "results"
+    shutil.copytree(root / "results" / "tiny", results / "tiny")
+    (results / "tiny" / "k2" / "routers" / "llm-embed-mse-seed1" / "router.safetensors").unlink()
+    out = results / "tiny-again" / "k2"
+    reproduce(ReproduceConfig(model=tiny_dir, k=2, budget="tiny", out=str(out), run_dir=str(root / "run"),
+                              routers=(("llm-embed", "mse"),), router_seeds=2, variants=False,
+                              reuse=str(results), progress=False))
+    artifacts = json.loads((out / "stages.json").read_text())["artifacts"]
+    assert artifacts["router llm-embed-mse-seed1"] == {"built": str(out / "routers" / "llm-embed-mse-seed1")}
+    assert artifacts["router llm-embed-mse"] == {"reused": str(results / "tiny" / "k2" / "routers" / "llm-embed-mse")}
+    assert (out / "routers" / "llm-embed-mse-seed1" / "router.safetensors").exists()
+
+
 def test_an_extra_pool_is_scored_alone_offered_to_the_static_choices_and_routed_over(tiny_run, tiny_dir, tmp_path):
     """--extra-pool in the same --run-dir: only its new set is scored (the shared sets' shards are untouched), the
     static choices may pick it, and the widest routing variant routes over it."""

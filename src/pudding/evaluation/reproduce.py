@@ -64,7 +64,7 @@ from pudding.pruning.importance import (
     plot_heatmap,
 )
 from pudding.routing.labels import LabelConfig, Labels, build_labels, collect_docs, run_identity
-from pudding.routing.model import PuddingModel
+from pudding.routing.model import ROUTER_FILE, PuddingModel
 from pudding.routing.train import (
     TARGETS,
     VAL_FRACTION,
@@ -427,10 +427,13 @@ def _router(config: ReproduceConfig, spec: RouterSpec, pools: dict[str, tuple[Ca
                                                     if k not in ("labels", "pool", "out", "progress")},
               "labels": Labels.load(labels_dir).identity}
     shipped = [DEFAULT_ARTIFACT] if config.model == "default" else []
-    elsewhere = shipped + [p for p in _found(config.reuse_root, "training.json") if (p / "pudding.json").exists()]
+    # Large routers' weights are not committed (.gitignore), so a folder may hold a router's record without
+    # it: such a folder is not reused, and in this run's own folder the router is trained again.
+    elsewhere = shipped + [p for p in _found(config.reuse_root, "training.json")
+                           if (p / "pudding.json").exists() and (p / ROUTER_FILE).exists()]
     found = find_reusable(config.folder / "routers" / spec.name, elsewhere,
                           lambda folder: identity_differences(router_identity(folder), wanted), f"router {spec.name}")
-    if found is not None:
+    if found is not None and (found / ROUTER_FILE).exists():
         log[f"router {spec.name}"] = {"reused": str(found)}
         return PuddingModel.from_pretrained(found, model=model, tokenizer=tokenizer, **config.quantization), found
     log[f"router {spec.name}"] = {"built": train_config.out}
