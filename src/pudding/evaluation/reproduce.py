@@ -63,7 +63,7 @@ from pudding.pruning.importance import (
     load_importance,
     plot_heatmap,
 )
-from pudding.routing.labels import LabelConfig, Labels, build_labels, collect_docs, run_identity
+from pudding.routing.labels import LabelConfig, Labels, build_labels, collect_docs, labels_identity, run_identity
 from pudding.routing.model import ROUTER_FILE, PuddingModel
 from pudding.routing.train import (
     TARGETS,
@@ -260,10 +260,10 @@ def _pool_differences(wanted: dict, k: int) -> Callable[[Path], list[str]]:
 
 def _labels_differences(wanted: dict, needed: CandidatePool) -> Callable[[Path], list[str]]:
     def differences(folder: Path) -> list[str]:
-        labels = Labels.load(folder)
-        labelled = {tuple(s) for s in labels.meta["sets"]}
-        return identity_differences(labels.identity, wanted) + ([] if all(e.blocks in labelled for e in needed.sets)
-                                                                else ["sets"])
+        meta = Labels.read_meta(folder)
+        labelled = {tuple(s) for s in meta["sets"]}
+        missing = [] if all(e.blocks in labelled for e in needed.sets) else ["sets"]
+        return identity_differences(labels_identity(meta), wanted) + missing
     return differences
 
 
@@ -425,7 +425,7 @@ def _router(config: ReproduceConfig, spec: RouterSpec, pools: dict[str, tuple[Ca
                                progress=config.progress)
     wanted = {"pool": pool.fingerprint(), "train": {k: v for k, v in asdict(train_config).items()
                                                     if k not in ("labels", "pool", "out", "progress")},
-              "labels": Labels.load(labels_dir).identity}
+              "labels": labels_identity(Labels.read_meta(labels_dir))}
     shipped = [DEFAULT_ARTIFACT] if config.model == "default" else []
     # Large routers' weights are not committed (.gitignore), so a folder may hold a router's record without
     # it: such a folder is not reused, and in this run's own folder the router is trained again.

@@ -317,6 +317,13 @@ def _finish(config: LabelConfig, pool: CandidatePool, run_dir: Path, n_shards: i
     return out
 
 
+def labels_identity(meta: dict) -> dict | None:
+    """What decided a label artifact's scores, for reuse checks: model, documents, split and max_length (the
+    shard size only cuts the work). None for artifacts written before labels recorded it."""
+    recorded = meta.get("identity")
+    return {k: v for k, v in recorded.items() if k != "shard_size"} if recorded else None
+
+
 @dataclass(frozen=True)
 class Labels:
     """A loaded label artifact: the per-document table and its metadata."""
@@ -324,13 +331,20 @@ class Labels:
     table: Any  # datasets.Dataset
     meta: dict
 
-    @classmethod
-    def load(cls, directory: str | Path) -> Labels:
+    @staticmethod
+    def read_meta(directory: str | Path) -> dict:
+        """The artifact's metadata alone (its identity and sets), for reuse checks that need no table."""
         folder = Path(directory)
         meta_path = folder / META_FILE
         meta = read_json(meta_path, f"no label artifact at {folder} (missing {META_FILE})")
         if meta.get("format") not in (LABELS_FORMAT, *LEGACY_LABELS_FORMATS):
             raise ConfigError(f"{meta_path} has format {meta.get('format')!r}, expected {LABELS_FORMAT!r}")
+        return meta
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Labels:
+        folder = Path(directory)
+        meta = cls.read_meta(folder)
         table = _read_parquet(folder / LABELS_FILE)
         if meta["format"] in LEGACY_LABELS_FORMATS:
             table = table.map(lambda row: {"choice_chars": [n - len(TARGET_DELIMITER) for n in row["choice_chars"]]},
@@ -368,10 +382,7 @@ class Labels:
 
     @property
     def identity(self) -> dict | None:
-        """What decided the scores, for reuse checks: model, documents, split and max_length (the shard
-        size only cuts the work). None for artifacts written before labels recorded it."""
-        recorded = self.meta.get("identity")
-        return {k: v for k, v in recorded.items() if k != "shard_size"} if recorded else None
+        return labels_identity(self.meta)
 
     @property
     def n_sets(self) -> int:
