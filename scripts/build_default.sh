@@ -22,10 +22,12 @@ $P reproduce --model default --k 6 --budget small --reuse results/smollm2 --no-p
 $P reproduce --model default --k 3 --budget small --reuse results/smollm2 --no-progress
 # 7. the medium budget at k=6 (several hours; resumable across sessions): see scripts/reproduce_medium.sh
 # bash scripts/reproduce_medium.sh
-# 8. the shipped PuDDing artifact: the configuration the medium run chose on calibration prompts (embed-mlp,
-#    MSE on TL labels, the TL pool plus the static baselines' sets), retrained from its committed labels
-#    (same weights as results/smollm2/medium/k6/routers/embed-mlp-mse-tl-pool-plus-baselines up to float
-#    rounding between thread counts)
-$P train-router --labels results/smollm2/medium/k6/labels \
-    --pool results/smollm2/medium/k6/routers/embed-mlp-mse-tl-pool-plus-baselines \
-    --router embed-mlp --loss mse --target tl --out src/pudding/artifacts/smollm2-135m-k6 --no-progress
+# 8. the shipped PuDDing artifact: the configuration that step 5 of scripts/reproduce_medium.sh chose on
+#    calibration prompts (a task router: frozen MiniLM + task classifier times each task's mean label; MSE on
+#    TL labels; safe routing; the TL pool plus the static baselines' sets plus the choice-prob sets), retrained
+#    from its committed labels (same weights and validation numbers as
+#    results/smollm2/medium-choice-prob/k6/routers/task-mse-tl-pool-plus-baselines-plus-extra-safe)
+rm -rf src/pudding/artifacts/smollm2-135m-k6
+$P train-router --labels results/smollm2/medium-choice-prob/k6/labels \
+    --pool results/smollm2/medium-run/smollm2/medium/k6/pools/pool-plus-baselines-plus-extra \
+    --router task --loss mse --target tl --safe --out src/pudding/artifacts/smollm2-135m-k6 --no-progress
