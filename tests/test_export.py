@@ -113,6 +113,10 @@ def test_export_all_sets_refuses_a_folder_holding_another_set(tmp_path, tiny_dir
     export_pruned(model, None, SETS[1], tmp_path / "sets" / "set-0")  # set-0 holds set 1's model
     with pytest.raises(ConfigError, match=r"set-0 holds a model without blocks \[2, 3\]"):
         export_all_sets(PuddingModel(model, tiny_tokenizer(), pool, router), tmp_path / "sets")
+    (tmp_path / "a-file").write_text("keep me")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        export_all_sets(PuddingModel(model, tiny_tokenizer(), pool, router), tmp_path / "a-file")
+    assert (tmp_path / "a-file").read_text() == "keep me"
 
 
 def test_cli_export(tmp_path, tiny_dir, capsys):

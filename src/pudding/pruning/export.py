@@ -26,14 +26,15 @@ from pudding.core.provenance import atomic_folder, atomic_write_json, exclusive_
 MANIFEST_FILE = "manifest.json"
 
 
-def _output_folder(out: str | Path) -> Path:
-    """``out`` as a real path (a symlink to a folder means that folder); refuse one that already holds files."""
+def _output_folder(out: str | Path, resumable: bool = False) -> Path:
+    """``out`` as a real path (a symlink to a folder means that folder); refuse a file, and refuse a folder
+    that already holds files unless the export is ``resumable`` (it checks what it finds there itself)."""
     out = Path(out)
     if out.is_symlink():
         out = out.resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file, not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
+    if not resumable and out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose another --out or remove it")
     return out
 
@@ -115,9 +116,7 @@ def export_all_sets(pudding, out: str | Path) -> Path:
     Resumable: a finished ``set-<i>`` is kept, but only after checking that it holds that very set, so
     a folder left by another artifact's export is refused instead of served under the wrong name.
     """
-    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file, not a folder; choose another --out")
+    out = _output_folder(out, resumable=True)
     with exclusive_output(out):
         out.mkdir(parents=True, exist_ok=True)
         entries = [_export_set(pudding, out, index, entry) for index, entry in enumerate(pudding.pool.sets)]
