@@ -289,7 +289,7 @@ def _run_label(args) -> int:
 
 def _add_train_router(sub) -> None:
     parser = sub.add_parser("train-router", help="train a router on labels; writes a PuDDing artifact",
-                            description="Train a router (encoder, embed-mlp or llm-embed) to predict each set's "
+                            description="Train a router (encoder, embed-mlp, llm-embed or task) to predict each set's "
                                         "label from the prompt, and save the complete PuDDing artifact.")
     add_config_flags(parser, "pudding.routing.train:TrainConfig")
     parser.set_defaults(handler=_run_train_router)

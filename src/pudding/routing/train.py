@@ -73,7 +73,7 @@ class TrainConfig:
         "help": "encoder, embed-mlp, llm-embed or task (pudding.routing.router.ROUTERS)"})
     loss: str = field(default="mse", metadata={"choices": LOSSES, "help": "regression (mse) or classification (ce)"})
     backbone: str = field(default="default", metadata={
-        "help": "encoder for encoder/embed-mlp ('default': the embedded MiniLM)"})
+        "help": "encoder for encoder/embed-mlp/task ('default': the embedded MiniLM)"})
     hidden: int = field(default=256, metadata={"type": "positive_int", "help": "MLP head width"})
     max_length: int = field(default=128, metadata={"type": "positive_int", "help": "prompt tokens the router reads"})
     epochs: int | None = field(default=None, metadata={
