@@ -260,10 +260,10 @@ def _pool_differences(wanted: dict, k: int) -> Callable[[Path], list[str]]:
 
 def _labels_differences(wanted: dict, needed: CandidatePool) -> Callable[[Path], list[str]]:
     def differences(folder: Path) -> list[str]:
-        meta = Labels.read_meta(folder)
-        labelled = {tuple(s) for s in meta["sets"]}
+        labels = Labels.load(folder)  # the table too: a truncated one is not reusable (skipped elsewhere)
+        labelled = {tuple(s) for s in labels.meta["sets"]}
         missing = [] if all(e.blocks in labelled for e in needed.sets) else ["sets"]
-        return identity_differences(labels_identity(meta), wanted) + missing
+        return identity_differences(labels.identity, wanted) + missing
     return differences
 
 
