@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-VOLATILE = {"provenance", "config", "sources", "seconds"}  # when, where and how long: not results
+# when, where, how long, and whether an artifact was reused or built (and from where): not results
+VOLATILE = {"provenance", "config", "sources", "seconds", "artifacts"}
 PATTERNS = ("k*/*.json", "accuracy-vs-k-*.json", "k*/routers/*/training.json")
 
 
