@@ -19,7 +19,11 @@ For each variant (fp32 is always the reference) on the same documents:
   shared machine hits them alike) and reported as the median of the per-round paired ratios with its range;
   the greedy-search step time (``--search-k 0`` leaves the search out); resident weight bytes.
 
-``pudding bench --quantize`` gives pre-fill and decode latencies. Writes one JSON with provenance.
+- pre-fill and decode: one prompt of ``--prompt-tokens`` real tokens (batch 1), its pre-fill and a greedy
+  ``--new-tokens`` decode with the KV cache, timed interleaved the same way; ``pudding bench --quantize``
+  gives dense against pruned at one precision.
+
+Writes one JSON with provenance.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pudding.core.provenance import atomic_write_json, provenance
 from pudding.core.quantize import quantize_model, skip_names, weight_bytes
 from pudding.core.score import LikelihoodScorer, doc_requests, encode_request
 from pudding.core.tasks import PAPER_TASKS, get_task, load_docs
+from pudding.evaluation.bench import prompt_ids
 from pudding.pool.evaluator import CandidateEvaluator
 from pudding.pruning.candidates import calibration_docs
 from pudding.pruning.search import get_objective, greedy_search
@@ -140,6 +145,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="evaluation documents per task")
     parser.add_argument("--speed-docs", type=int, default=16, help="calibration documents per task timed")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--latency-rounds", type=int, default=5, help="0: no pre-fill and decode timing")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="pre-fill length (batch 1)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated in the decode timing")
     parser.add_argument("--search-task", default="arc_easy")
     parser.add_argument("--search-docs", type=int, default=16)
     parser.add_argument("--search-k", type=int, default=2, help="0: no search comparison")
@@ -176,6 +184,9 @@ def main() -> None:
     tokens = sum(len(e.context) + len(e.continuation)
                  for e in (encode_request(tokenizer, r, scorers["fp32"].add_bos) for r in speed_requests))
     report["speed"] = interleaved_speed(scorers, speed_requests, tokens, args.rounds)
+    if args.latency_rounds > 0:
+        report["latency"] = interleaved_latency(models, tokenizer, args.prompt_tokens, args.new_tokens,
+                                                args.latency_rounds)
     report["summary"] = {n: summary(per_task) for n, per_task in report["fidelity"].items()}
     if args.search_k > 0:
         report["search"] = search_comparison(models, tokenizer, args.search_task, args.search_docs, args.search_k,
@@ -183,6 +194,40 @@ def main() -> None:
     report.update(config=vars(args), threads=torch.get_num_threads(), provenance=provenance())
     atomic_write_json(args.output, report)
     _print(report, tasks)
+
+
+def interleaved_latency(models: dict, tokenizer, length: int, new_tokens: int, rounds: int) -> dict:
+    """Batch-1 pre-fill of ``length`` tokens and greedy decode of ``new_tokens`` with the KV cache, every model
+    timed in turn each round (rotated), each ratio to fp32 paired within its round: ``pudding bench``'s
+    figures, fp32 against each variant in one process."""
+    ids = prompt_ids(tokenizer, length)
+    mask = torch.ones_like(ids)
+    names = list(models)
+
+    def generate(model, n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return time.perf_counter() - start
+
+    for model in models.values():
+        generate(model, 2)  # warm-up
+    seconds = {n: {"prefill": [], "decode": []} for n in names}
+    for round_index in range(rounds):
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            seconds[name]["prefill"].append(generate(models[name], 1))
+            seconds[name]["decode"].append(generate(models[name], new_tokens))
+    report = {"prompt_tokens": length, "new_tokens": new_tokens}
+    for name in names:
+        row = {}
+        for kind in ("prefill", "decode"):
+            ratios = [f / q for f, q in zip(seconds["fp32"][kind], seconds[name][kind])]
+            row[kind] = {"median_s": round(statistics.median(seconds[name][kind]), 4),
+                         "speedup_vs_fp32_median": round(statistics.median(ratios), 3),
+                         "speedup_vs_fp32_range": [round(min(ratios), 3), round(max(ratios), 3)]}
+        report[name] = row
+    return report
 
 
 def _print(report: dict, tasks: list[str]) -> None:
@@ -206,6 +251,14 @@ def _print(report: dict, tasks: list[str]) -> None:
               f"{row['answer_agreement']:6.3f} "
               f"(N={row['documents']})  x{report['speed'][name]['speedup_vs_fp32_median']:<6} "
               f"{report['weight_bytes'][name] / 2**20:6.0f} MiB")
+    if "latency" in report:
+        latency = report["latency"]
+        print(f"\npre-fill of {latency['prompt_tokens']} tokens and decode of {latency['new_tokens']} (batch 1, "
+              "interleaved; x = fp32 time / variant time, median [range])")
+        for name in report["speed"]:
+            cells = [f"{kind} {row['median_s']:.3f} s x{row['speedup_vs_fp32_median']} {row['speedup_vs_fp32_range']}"
+                     for kind, row in latency[name].items()]
+            print(f"{name:24s} " + "  ".join(cells))
     if "search" not in report:
         return
     print("\ngreedy search")

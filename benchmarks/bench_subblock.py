@@ -21,7 +21,7 @@ import torch
 from pudding.core.load import load_model
 from pudding.core.omit import omission_key, omit_blocks
 from pudding.core.provenance import atomic_write_json, provenance
-from pudding.evaluation.bench import _prompt_ids
+from pudding.evaluation.bench import prompt_ids
 
 
 def _timings(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
@@ -56,7 +56,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     total = model.config.num_hidden_layers
     sets = [omission_key("" if o.strip().lower() in ("none", "dense") else o, total) for o in args.omit]
-    ids = _prompt_ids(tokenizer, args.length)
+    ids = prompt_ids(tokenizer, args.length)
     times: dict[int, dict[str, list[float]]] = {i: {"prefill": [], "decode": []} for i in range(len(sets))}
     for repeat in range(args.repeats + 1):
         for i, omission in enumerate(sets):

@@ -128,9 +128,9 @@ def load_prompts(path: str | None, tokenizer, lengths: list[int], device) -> tup
         ids = {n: torch.tensor([saved[str(n)]["ids"]]) for n in lengths}
         texts = {n: saved[str(n)]["text"] for n in lengths}
     else:
-        from pudding.evaluation.bench import _prompt_ids
+        from pudding.evaluation.bench import prompt_ids
 
-        ids = {n: _prompt_ids(tokenizer, n) for n in lengths}
+        ids = {n: prompt_ids(tokenizer, n) for n in lengths}
         texts = {n: tokenizer.decode(ids[n][0]) for n in lengths}
     return {n: t.to(device) for n, t in ids.items()}, texts
 
@@ -394,10 +394,10 @@ def parse_args(argv):
 
 def save_prompts(path: str, lengths: list[int]) -> None:
     from pudding.core.load import load_tokenizer
-    from pudding.evaluation.bench import _prompt_ids
+    from pudding.evaluation.bench import prompt_ids
 
     tokenizer = load_tokenizer("default")
-    prompts = {str(n): {"ids": _prompt_ids(tokenizer, n)[0].tolist()} for n in lengths}
+    prompts = {str(n): {"ids": prompt_ids(tokenizer, n)[0].tolist()} for n in lengths}
     for entry in prompts.values():
         entry["text"] = tokenizer.decode(entry["ids"])
     atomic_write_json(Path(path), prompts)

@@ -104,10 +104,10 @@ def test_bench_with_a_tolerance_times_the_depth_it_reaches(artifact, tiny_dir):
     assert report["ratios"]["compute_limit"] == pytest.approx(6 / 3)
     assert "tolerance 1e+06 routes the bench prompt to a set of k=3" in (artifact / "deep" / "bench.md").read_text()
     # tolerance 0 admits no predicted drop from the dense reference: whatever the library routes that prompt to
-    from pudding.evaluation.bench import _prompt_ids
+    from pudding.evaluation.bench import prompt_ids
 
     pudding = PuddingModel.from_pretrained(artifact / "ladder")
-    text = pudding.tokenizer.decode(_prompt_ids(pudding.tokenizer, 128)[0])
+    text = pudding.tokenizer.decode(prompt_ids(pudding.tokenizer, 128)[0])
     [expected] = pudding.route([text], tolerance=0)
     shallow = run_bench(BenchConfig(model=str(artifact / "ladder"), tolerance=0, out=None, **settings))
     assert shallow["variants"]["routed"]["omitted"] == list(expected.blocks)

@@ -273,3 +273,27 @@ def test_eval_cli_runs_and_records_the_new_variants(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--quantize-skip keeps some quantized layers in fp32, so it needs a --quantize method" in err
     assert err.count("\n") == 1
+
+
+def test_bench_quantize_pairs_pre_fill_and_decode_within_each_round(tiny_dir, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import bench_quantize
+
+    # A fake clock that only forward passes advance: 1 unit per pass of "fp32", 3 per pass of "slow". No
+    # wall time is measured, so the expected ratios are exact.
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(bench_quantize.time, "perf_counter", lambda: clock.now)
+    fp32, tokenizer = load_model(tiny_dir)
+    slow = copy.deepcopy(fp32)
+    for model, cost in ((fp32, 1.0), (slow, 3.0)):
+        model.register_forward_pre_hook(lambda module, args, cost=cost: setattr(clock, "now", clock.now + cost))
+    report = bench_quantize.interleaved_latency({"fp32": fp32, "slow": slow}, tokenizer, 16, 4, rounds=3)
+    assert (report["prompt_tokens"], report["new_tokens"]) == (16, 4)
+    # pre-fill is one forward pass, the decode one per new token (the first with the prompt, then cached)
+    assert report["fp32"]["prefill"]["median_s"] == 1.0 and report["fp32"]["decode"]["median_s"] == 4.0
+    assert report["slow"]["prefill"]["median_s"] == 3.0 and report["slow"]["decode"]["median_s"] == 12.0
+    for kind in ("prefill", "decode"):
+        assert report["slow"][kind]["speedup_vs_fp32_range"] == [0.333, 0.333]

@@ -96,7 +96,7 @@ def _summary(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _prompt_ids(tokenizer, length: int):
+def prompt_ids(tokenizer, length: int):
     """Exactly ``length`` tokens of real text (BoolQ passages)."""
     import torch
 
@@ -189,7 +189,7 @@ def _load_variant(variant: str, config: BenchConfig) -> _Variant:
     model, tokenizer = pudding.model, pudding.tokenizer
     load_seconds = time.perf_counter() - load_start
     check_lengths(config, context_length(model))
-    prompts = {n: _prompt_ids(tokenizer, n) for n in sorted(set(config.lengths) | {128})}
+    prompts = {n: prompt_ids(tokenizer, n) for n in sorted(set(config.lengths) | {128})}
     texts = {n: tokenizer.decode(ids[0]) for n, ids in prompts.items()}
     # Every variant routes the same 128-token prompt, so static prunes the very set routed runs.
     [route] = pudding.route([texts[128]], tolerance=config.tolerance)
