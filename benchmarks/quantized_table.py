@@ -177,7 +177,8 @@ def measure(docs: Documents, routes: list[tuple[int, ...]], replica: ModelReplic
                    for row in columns}
     for precision in ("fp32", label):
         ours = f"PuDDing {precision}"
-        differences[ours] = paired_differences(cells, ours, [f"{r} {precision}" for r in STATIC_ROWS])
+        differences.setdefault(ours, {}).update(paired_differences(cells, ours, [f"{r} {precision}"
+                                                                                for r in STATIC_ROWS]))
     return {"precision": label, "rows": table(docs, cells), "paired_differences": differences,
             "fidelity": {row: fidelity(docs, column, quantized) for row, column in columns.items()},
             "routed_sets": {" ".join(map(str, docs.sets[c])) or "dense": columns["PuDDing"].count(c)

@@ -43,7 +43,6 @@ FOLDERS = {
     "smollm2/quantized-k6": ("dense, SLEB and routed PuDDing at fp32 and int8-smooth on the medium run's 2,400 "
                              "evaluation documents (the seed paper's quantization table)"),
     "smollm2/bench-int8-smooth": "pre-fill and decode of dense, static and routed SmolLM2 with int8-smooth blocks",
-    "smollm2/bench-fp32": "the same at fp32, run right before the int8-smooth bench for comparison",
     "smollm2/bench": "pre-fill and decode speed of dense, static and routed SmolLM2 (the shipped router)",
     "smollm2/bench-llm-embed": "the same with the llm-embed router",
     "smollm2": "cross-cutting checks: router latency, lm-eval agreement, statistical power of the budgets",
