@@ -140,6 +140,7 @@ def correctness(docs: Documents, column: list[int], logprobs) -> list[float]:
 
 
 def fidelity(docs: Documents, column: list[int], quantized: dict) -> dict:
+    """How far the quantized scores are from fp32 under one row's sets: |dLL| per choice, answer agreement."""
     diffs = [abs(a - b) for i, c in enumerate(column) for a, b in zip(docs.fp32[i][c], quantized[(i, c)])]
     agree = [answer(docs.fp32[i][c], docs.chars[i], docs.tasks[i]) == answer(quantized[(i, c)], docs.chars[i],
                                                                             docs.tasks[i])
@@ -149,6 +150,7 @@ def fidelity(docs: Documents, column: list[int], quantized: dict) -> dict:
 
 
 def table(docs: Documents, cells: dict[str, list[float]]) -> dict:
+    """Per row: each task's accuracy with its standard error, and their mean (every task weighs the same)."""
     tasks = list(dict.fromkeys(docs.tasks))
     rows = {}
     for name, values in cells.items():
@@ -159,6 +161,7 @@ def table(docs: Documents, cells: dict[str, list[float]]) -> dict:
 
 def measure(docs: Documents, routes: list[tuple[int, ...]], replica: ModelReplica, run_dir: Path,
             shard_size: int = 16, progress: bool = True) -> dict:
+    """The table: each row at fp32 (saved scores) and quantized (``replica``), fidelity, paired differences."""
     columns = row_columns(docs, routes)
     replica_settings = {"quantize": replica.quantize, "quantize_head": replica.quantize_head,
                         "quantize_skip": list(replica.quantize_skip), "max_batch_tokens": replica.max_batch_tokens,
