@@ -113,25 +113,32 @@ def search_comparison(models: dict, tokenizer, task: str, docs: int, k: int, bat
             for name, r in results.items()}
 
 
+def _rotated(names: list[str], round_index: int) -> list[str]:
+    """The order of one round: each round starts one model later, so drift hits every model alike."""
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
+
+
+def _speedup(reference: list[float], seconds: list[float]) -> dict:
+    """fp32 time over this model's time, paired within each round: the median and range over the rounds."""
+    ratios = [f / q for f, q in zip(reference, seconds)]
+    return {"speedup_vs_fp32_median": round(statistics.median(ratios), 3),
+            "speedup_vs_fp32_range": [round(min(ratios), 3), round(max(ratios), 3)]}
+
+
 def interleaved_speed(scorers: dict, requests: list, tokens: int, rounds: int) -> dict:
     names = list(scorers)
     seconds = {n: [] for n in names}
     for name in names:
         scorers[name].score(requests[:8])  # warm-up
     for round_index in range(rounds):
-        order = names[round_index % len(names):] + names[:round_index % len(names)]
-        for name in order:
+        for name in _rotated(names, round_index):
             start = time.perf_counter()
             scorers[name].score(requests)
             seconds[name].append(time.perf_counter() - start)
-    report = {}
-    for name in names:
-        ratios = [f / q for f, q in zip(seconds["fp32"], seconds[name])]
-        report[name] = {"tokens_per_s": round(tokens / statistics.median(seconds[name]), 1),
-                        "seconds": [round(s, 3) for s in seconds[name]],
-                        "speedup_vs_fp32_median": round(statistics.median(ratios), 3),
-                        "speedup_vs_fp32_range": [round(min(ratios), 3), round(max(ratios), 3)]}
-    return report
+    return {name: {"tokens_per_s": round(tokens / statistics.median(seconds[name]), 1),
+                   "seconds": [round(s, 3) for s in seconds[name]], **_speedup(seconds["fp32"], seconds[name])}
+            for name in names}
 
 
 def main() -> None:
@@ -215,18 +222,14 @@ def interleaved_latency(models: dict, tokenizer, length: int, new_tokens: int, r
         generate(model, 2)  # warm-up
     seconds = {n: {"prefill": [], "decode": []} for n in names}
     for round_index in range(rounds):
-        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+        for name in _rotated(names, round_index):
             seconds[name]["prefill"].append(generate(models[name], 1))
             seconds[name]["decode"].append(generate(models[name], new_tokens))
     report = {"prompt_tokens": length, "new_tokens": new_tokens}
     for name in names:
-        row = {}
-        for kind in ("prefill", "decode"):
-            ratios = [f / q for f, q in zip(seconds["fp32"][kind], seconds[name][kind])]
-            row[kind] = {"median_s": round(statistics.median(seconds[name][kind]), 4),
-                         "speedup_vs_fp32_median": round(statistics.median(ratios), 3),
-                         "speedup_vs_fp32_range": [round(min(ratios), 3), round(max(ratios), 3)]}
-        report[name] = row
+        report[name] = {kind: {"median_s": round(statistics.median(seconds[name][kind]), 4),
+                               **_speedup(seconds["fp32"][kind], seconds[name][kind])}
+                        for kind in ("prefill", "decode")}
     return report
 
 
