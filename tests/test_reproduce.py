@@ -401,3 +401,82 @@ def test_the_paired_differences_plot_draws_every_interval_of_the_table(tmp_path)
     assert list(plot_paired_differences({"paired_differences": pairs}, tmp_path / "one.png")) == [
         "PuDDing minus each static row"]
 
+
+
+def _baselines_table():
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import baselines_table
+    return baselines_table
+
+
+def test_reviewer_rows_from_pudding_eval_line_up_with_the_tables_own_rows(tiny_run, tiny_dir, tmp_path):
+    """`pudding eval` of dense and of SLEB's set on the table's documents, read as external rows (as LaCo's or
+    FinerCut's are), gives exactly the table's dense and SLEB cells, and PuDDing's paired differences to them."""
+    from pudding.evaluation.report import plot_accuracy_vs_k
+    from pudding.evaluation.zero_shot import EvalConfig, evaluate
+
+    baselines_table = _baselines_table()
+    _, config, _ = tiny_run
+    out = config.folder
+    main = json.loads((out / "main.json").read_text())
+    sleb = next(e.blocks for e in CandidatePool.from_pretrained(out / "baselines").sets
+                for s in e.sources if s.method == "sleb")
+    tasks = tuple(main["metrics"])
+    # two sub-layers count as one block: four of them, in four blocks, are k=2
+    evaluate(EvalConfig(model=tiny_dir, tasks=tasks, omissions=((), sleb, (1, "2.attn", "3.mlp")),
+                        limit=main["budget"]["paper_tasks"], output_dir=str(tmp_path / "eval"), progress=False))
+    rows = [baselines_table.ExternalRow.parse(f"{name}={tmp_path / 'eval'}#{label}") for name, label in
+            (("dense again", "dense"), ("SLEB again", "omit " + ",".join(map(str, sleb))),
+             ("sub-layers", "omit 1,2.attn,3.mlp"))]
+    result = baselines_table.measure(out, rows)
+    for ours, against in result["paired_differences"].items():
+        assert against["dense again"] == against["dense"] and against["SLEB again"] == against["sleb"], ours
+        assert ours in main["rows"] and result["rows"][ours]["average"] == main["rows"][ours]["average"]
+    assert result["rows"]["dense again"] == result["rows"]["dense"] == main["rows"]["dense"]
+    assert result["rows"]["SLEB again"] == main["rows"]["sleb"]
+    assert result["sources"]["sub-layers"]["blocks_removed"] == 2
+    assert result["kinds"]["SLEB again"] == "external" and result["kinds"]["sleb"] == "static"
+    # the budget's accuracy-against-k plot carries the external rows once they sit beside the table
+    (out / "reviewer-baselines.json").write_text(json.dumps({**result, "provenance": main["provenance"]}))
+    try:
+        curve = plot_accuracy_vs_k(out.parent, "tiny")
+    finally:
+        (out / "reviewer-baselines.json").unlink()
+    sleb_point = dict(zip(("average", "stderr"), _averaged(main["rows"]["sleb"])))
+    assert curve["series"]["SLEB again"] == [{"k": 2, **sleb_point}]
+    assert any(s["file"].endswith("reviewer-baselines.json") for s in curve["sources"])
+
+
+def _averaged(row: dict) -> tuple[float, float]:
+    cells = list(row["tasks"].values())
+    return row["average"], sum(c["stderr"] ** 2 for c in cells) ** 0.5 / len(cells)
+
+
+def test_reviewer_rows_are_refused_at_another_k_on_other_documents_or_against_another_table(tiny_run, tiny_dir,
+                                                                                           tmp_path):
+    from pudding.evaluation.zero_shot import EvalConfig, evaluate
+
+    baselines_table = _baselines_table()
+    _, config, _ = tiny_run
+    main = json.loads((config.folder / "main.json").read_text())
+    tasks = tuple(main["metrics"])
+    evaluate(EvalConfig(model=tiny_dir, tasks=tasks, omissions=((1,), (1, 2)), limit=main["budget"]["paper_tasks"] - 1,
+                        output_dir=str(tmp_path / "short"), progress=False))
+    measure = baselines_table.measure
+    with pytest.raises(ConfigError, match="removes 1 blocks, the table is at k=2"):
+        measure(config.folder, [baselines_table.ExternalRow.parse(f"one={tmp_path / 'short'}#omit 1")])
+    with pytest.raises(ConfigError, match=f"lacks {len(tasks)} of the table's"):
+        measure(config.folder, [baselines_table.ExternalRow.parse(f"two={tmp_path / 'short'}#omit 1,2")])
+    with pytest.raises(ConfigError, match="has rows"):
+        measure(config.folder, [baselines_table.ExternalRow.parse(f"two={tmp_path / 'short'}")])
+    with pytest.raises(ConfigError, match="NAME=EVAL"):
+        baselines_table.ExternalRow.parse("no-path")
+    # a table whose saved scores no longer give its rows is not extended
+    copy = tmp_path / "table"
+    shutil.copytree(config.folder, copy)
+    main["rows"]["sleb"]["average"] += 0.01
+    (copy / "main.json").write_text(json.dumps(main))
+    with pytest.raises(ConfigError, match="row 'sleb' recomputes to"):
+        measure(copy, [])
+    assert baselines_table.blocks_removed({"model": {"num_blocks": 4}}, {"omitted": []}, 6) == 2

@@ -72,6 +72,8 @@ def render_spread(spread: dict[str, float]) -> str:
             f"{spread['sd']:.3f}, range {spread['min']:.3f} to {spread['max']:.3f}.\n")
 
 
+# rows scored outside a reproduction, written beside its main.json by benchmarks/baselines_table.py
+REVIEWER_BASELINES = "reviewer-baselines.json"
 SPLIT_TITLES = {"main": "Main table (paper Table 1)", "generalisation": "Unseen tasks (paper Table 5)"}
 
 
@@ -203,7 +205,8 @@ def plotted_rows(data: dict[str, Any], folder: Path) -> dict[str, str]:
 
 def plot_accuracy_vs_k(parent: Path, budget: str) -> dict[str, Any] | None:
     """Collect ``parent/k*/main.json`` of one budget into accuracy against k (dense, SLEB, the best static
-    set, the task-best set, PuDDing as the paper builds it, the best variant, the oracle); writes
+    set, the task-best set, PuDDing as the paper builds it, the best variant, the oracle, and the rows of a
+    ``reviewer-baselines.json`` beside a table: LaCo, LLM-Streamline, FinerCut); writes
     ``accuracy-vs-k-<budget>.json`` and ``.png`` in ``parent``, so budgets never mix. None if no k exists."""
     plt = _pyplot()
     runs = []
@@ -215,11 +218,22 @@ def plot_accuracy_vs_k(parent: Path, budget: str) -> dict[str, Any] | None:
         return None
     runs.sort(key=lambda run: run[0])
     series: dict[str, list] = {}
+    sources = []
     for k, path, data in runs:
         plotted = plotted_rows(data, path.parent)
         for row, values in data["rows"].items():
             if row in plotted:
                 series.setdefault(plotted[row], []).append([k, *_average_with_stderr(values)])
+        sources.append({"k": k, "file": str(path), "commit": data["provenance"]["git"].get("commit"),
+                        "date": data["provenance"]["date"]})
+        extra = path.with_name(REVIEWER_BASELINES)
+        if extra.exists():  # rows scored outside the run: LaCo, LLM-Streamline, FinerCut (baselines_table.py)
+            rows = json.loads(extra.read_text())
+            for row, kind in rows["kinds"].items():
+                if kind == "external":
+                    series.setdefault(row, []).append([k, *_average_with_stderr(rows["rows"][row])])
+            sources.append({"k": k, "file": str(extra), "commit": rows["provenance"]["git"].get("commit"),
+                            "date": rows["provenance"]["date"]})
     series["dense"] = [[0, *series["dense"][0][1:]]] + series["dense"]  # dense does not depend on k
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, points in series.items():
@@ -234,8 +248,7 @@ def plot_accuracy_vs_k(parent: Path, budget: str) -> dict[str, Any] | None:
     atomic_write_figure(fig, parent / f"accuracy-vs-k-{budget}.png")
     result = {"budget": budget, "series": {label: [dict(zip(("k", "average", "stderr"), p)) for p in points]
                                           for label, points in series.items()},
-              "sources": [{"k": k, "file": str(path), "commit": data["provenance"]["git"].get("commit"),
-                           "date": data["provenance"]["date"]} for k, path, data in runs],
+              "sources": sources,
               "provenance": provenance()}
     atomic_write_json(parent / f"accuracy-vs-k-{budget}.json", result)
     return result

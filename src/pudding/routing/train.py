@@ -160,7 +160,8 @@ def label_targets(choice_logprob: list[list[float]], chars: list[int], gold: int
     return out
 
 
-def _is_correct(logprobs: list[float], chars: list[int], gold: int, metric: str) -> float:
+def is_correct(logprobs: list[float], chars: list[int], gold: int, metric: str) -> float:
+    """1.0 if the task's lm-eval metric (``acc`` or ``acc_norm``) picks the gold choice, else 0.0."""
     # lm-eval's own values (no rescaling), so a float tie is broken exactly as lm-eval breaks it.
     values = [lp / c for lp, c in zip(logprobs, chars)] if metric == "acc_norm" else logprobs
     return float(first_argmax(values) == gold)
@@ -172,7 +173,7 @@ def routing_data(labels: Labels, target: str = "tl") -> RoutingData:
     table = labels.table
     metrics = {t: get_task(t).metric for t in set(table["task"])}
     rows = list(zip(table["task"], table["choice_logprob"], table["choice_chars"], table["gold"], table["label"]))
-    correct = [[_is_correct(lp, chars, gold, metrics[task]) for lp in per_set]
+    correct = [[is_correct(lp, chars, gold, metrics[task]) for lp in per_set]
                for task, per_set, chars, gold, _ in rows]
     targets = [label_targets(per_set, chars, gold, metrics[task], tl, target)
                for task, per_set, chars, gold, tl in rows]
