@@ -201,16 +201,20 @@ def external_cells(docs: TableDocuments, row: ExternalRow) -> tuple[list[float],
         cells.append(is_correct(sample["logprobs"], sample["n_chars"], gold, get_task(task).metric))
     return cells, {"eval": result["path"], "row": run.get("label"), "model": result["model"]["spec"],
                    "blocks_removed": removed, "eval_provenance": result.get("provenance"),
-                   "compressed": _compress_summary(result["model"]["spec"])}
+                   "compressed": _compress_summary(result["model"]["spec"], result["path"])}
 
 
-def _compress_summary(spec: str) -> dict | None:
-    """What `pudding compress` recorded about a checkpoint (method, k, calibration, result), if it made it."""
-    path = Path(spec) / "compress.json"
-    if not path.is_file():
+def _compress_summary(spec: str, eval_path: str) -> dict | None:
+    """What `pudding compress` recorded about a checkpoint (method, k, calibration, result), if it made it: from
+    the checkpoint folder, or from the folder that holds the eval folder (results keep the record, not the
+    weights)."""
+    candidates = [Path(spec) / "compress.json", Path(eval_path).parent.parent / "compress.json"]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
         return None
     record = json.loads(path.read_text())
-    return {key: record.get(key) for key in ("method", "k", "config", "result", "provenance")}
+    return {"file": str(path), **{key: record.get(key) for key in ("method", "k", "blocks", "config", "result",
+                                                                   "training", "provenance")}}
 
 
 def measure(run: Path, rows: list[ExternalRow]) -> dict:
