@@ -42,6 +42,9 @@ FOLDERS = {
     "smollm2/small": "accuracy against k across the small runs",
     "smollm2/quantized-k6": ("dense, SLEB and routed PuDDing at fp32 and int8-smooth on the medium run's 2,400 "
                              "evaluation documents (the seed paper's quantization table)"),
+    "smollm2/compress": ("the reviewers' baselines (scripts/reviewer_baselines.sh): LaCo and LLM-Streamline records "
+                         "(compress.json, training curves), FinerCut's search, and each row's `pudding eval` on the "
+                         "small and medium tables' documents"),
     "smollm2/bench-int8-smooth": "pre-fill and decode of dense, static and routed SmolLM2 with int8-smooth blocks",
     "smollm2/bench": "pre-fill and decode speed of dense, static and routed SmolLM2 (the shipped router)",
     "smollm2/bench-llm-embed": "the same with the llm-embed router",

@@ -218,6 +218,7 @@ def plot_accuracy_vs_k(parent: Path, budget: str) -> dict[str, Any] | None:
         return None
     runs.sort(key=lambda run: run[0])
     series: dict[str, list] = {}
+    external: set[str] = set()
     sources = []
     for k, path, data in runs:
         plotted = plotted_rows(data, path.parent)
@@ -232,18 +233,21 @@ def plot_accuracy_vs_k(parent: Path, budget: str) -> dict[str, Any] | None:
             for row, kind in rows["kinds"].items():
                 if kind == "external":
                     series.setdefault(row, []).append([k, *_average_with_stderr(rows["rows"][row])])
+                    external.add(row)
             sources.append({"k": k, "file": str(extra), "commit": rows["provenance"]["git"].get("commit"),
                             "date": rows["provenance"]["date"]})
     series["dense"] = [[0, *series["dense"][0][1:]]] + series["dense"]  # dense does not depend on k
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, points in series.items():
+    fig, ax = plt.subplots(figsize=(9, 4))
+    colours = plt.get_cmap("tab20").colors  # the default cycle repeats after ten rows
+    for i, (label, points) in enumerate(series.items()):
         ks, means, errors = zip(*points)
-        ax.errorbar(ks, means, yerr=errors, marker="o", capsize=3, label=label,
-                    linestyle="--" if label in ("dense", "oracle") else "-")
+        colour = colours[(2 * i) % 20 + (2 * i) // 20]  # the dark shades first, then the light ones
+        ax.errorbar(ks, means, yerr=errors, marker="s" if label in external else "o", capsize=3, label=label,
+                    color=colour, linestyle="--" if label in ("dense", "oracle") else "-")
     ax.set(xlabel="blocks removed (k)", ylabel="average accuracy, six paper tasks",
            xticks=[0, *[k for k, _, _ in runs]],
            title=f"Accuracy against k ({budget} budget; bars: standard error)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: no point hidden
     fig.tight_layout()
     atomic_write_figure(fig, parent / f"accuracy-vs-k-{budget}.png")
     result = {"budget": budget, "series": {label: [dict(zip(("k", "average", "stderr"), p)) for p in points]
