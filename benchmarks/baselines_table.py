@@ -91,15 +91,10 @@ def _artifact_path(main: dict, name: str) -> Path:
 def check_average(docs: TableDocuments, label: str, values: list[float]) -> None:
     """Refuse a recomputed row whose average is not the table's: it would not be the table's row."""
     expected = docs.main["rows"][label]["average"]
-    got = _macro_average(docs.tasks, values)
+    got = _row(docs.tasks, values)["average"]
     if abs(got - expected) > TOLERANCE:
         raise ConfigError(f"row {label!r} recomputes to {got:.6f}, the table says {expected:.6f}; the saved scores "
                           "or routers are not the ones the table was made from")
-
-
-def _macro_average(tasks: list[str], values: list[float]) -> float:
-    per_task = {t: [v for v, task in zip(values, tasks) if task == t] for t in dict.fromkeys(tasks)}
-    return sum(sum(v) / len(v) for v in per_task.values()) / len(per_task)
 
 
 def static_cells(docs: TableDocuments) -> dict[str, list[float]]:
