@@ -15,14 +15,21 @@
 # About 5 hours on 2 CPU cores (FinerCut's k=6 search is most of it); see docs/MERGE_BASELINES.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-P=".venv/bin/pudding"
+P=${P:-.venv/bin/pudding}  # P=echo prints what a run would do
 WORK=${WORK:-runs/reviewer-baselines}
 OUT=results/smollm2/compress
 TASKS=arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq
 declare -A LIMIT=([small]=30 [medium]=400)
 
-compress() {  # name, then pudding compress flags
+evaluated() {  # name, then tables: true when every table's eval of that checkpoint is in results already
+    local name=$1 table; shift
+    for table in "$@"; do ls "$OUT/$name/eval-$table"/eval-*.json >/dev/null 2>&1 || return 1; done
+}
+
+compress() {  # name, then pudding compress flags; skipped once its record is kept and every eval of it is done
     local name=$1; shift
+    local tables=(small); [[ $name == *-k6 ]] && tables+=(medium)
+    if [ -f "$OUT/$name/compress.json" ] && evaluated "$name" "${tables[@]}"; then return; fi
     [ -f "$WORK/$name/compress.json" ] || $P compress "$@" --model default --samples 16 --out "$WORK/$name" --no-progress
     mkdir -p "$OUT/$name"
     cp "$WORK/$name/compress.json" "$OUT/$name/"
@@ -31,7 +38,7 @@ compress() {  # name, then pudding compress flags
 
 evaluate() {  # name, table (small or medium), then --model or --omit flags
     local name=$1 table=$2; shift 2
-    ls "$OUT/$name/eval-$table"/eval-*.json >/dev/null 2>&1 ||
+    evaluated "$name" "$table" ||
         $P eval "$@" --tasks $TASKS --limit "${LIMIT[$table]}" --output-dir "$OUT/$name/eval-$table" --no-progress
 }
 
