@@ -166,7 +166,7 @@ class _Variant:
 def _load_variant(variant: str, config: BenchConfig) -> _Variant:
     from pudding.core.lazy import BlockStore, build_lazy_model, write_cache
     from pudding.core.load import context_length, load_tokenizer
-    from pudding.core.omit import prune_blocks
+    from pudding.core.omit import prune_blocks, require_whole_blocks
     from pudding.pool.artifact import DEFAULT_ARTIFACT
     from pudding.routing.model import PuddingModel, read_config
 
@@ -196,6 +196,7 @@ def _load_variant(variant: str, config: BenchConfig) -> _Variant:
     if variant == "dense" and not quantized:
         write_cache(model, config.cache_dir)  # for the routed run; idempotent (fp32 only: int8 layers hold no tensors)
     if variant == "static":
+        require_whole_blocks(route.blocks, None, f"pudding bench's static variant (set {route.name})")
         prune_blocks(model, route.blocks, inplace=True)
     if store is not None:
         store.ensure([i for i in range(model.config.num_hidden_layers) if i not in route.blocks])

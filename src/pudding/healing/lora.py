@@ -508,6 +508,8 @@ def _jobs(config: HealConfig, pool: CandidatePool) -> list[_Job]:
     bad = [i for i in indices if i >= len(pool.sets)]
     if bad:
         raise ConfigError(f"sets {bad} are out of range: the pool has sets 0..{len(pool.sets) - 1}")
+    for i in indices:  # an adapter wraps whole blocks' layers; a half-skipped block would train half its adapter
+        require_whole_blocks(pool.sets[i].blocks, None, f"pudding heal (set {i}, {pool.sets[i].name})")
     if config.mode == "per-set":
         # Validated on its own set only: a per-set adapter never runs with another set, nor dense.
         return [_Job(adapter_name(i), i, pool.sets[i].blocks, [pool.sets[i].blocks] * config.steps,

@@ -17,11 +17,14 @@ from typing import Any
 
 from pudding.core.errors import ConfigError
 from pudding.core.load import load_config, model_fingerprint
-from pudding.core.omit import OmissionSet, removable_blocks, validate_omission
+from pudding.core.omit import OmissionSet, parse_omission, removable_blocks, validate_omission
 from pudding.core.provenance import atomic_write_json, provenance
 
 POOL_FILE = "pool.json"
 POOL_FORMAT = "pudding.pool/1"
+SUBLAYER_POOL_FORMAT = "pudding.pool/2"
+"""A pool with a set that names sub-layers ("12.attn"); readers of /1 expect block indices only, so such a
+pool is written as /2 and a whole-block pool stays /1, byte for byte what it always was."""
 CONFIG_FILE = "pudding.json"  # a routed artifact's config, beside its pool.json
 DEFAULT_ARTIFACT = Path(__file__).parents[1] / "artifacts" / "smollm2-135m-k6"
 
@@ -33,7 +36,7 @@ class SetSource:
     method: str  # "greedy" or a one-shot method of pudding.pruning.baselines
     task: str | None
     objective: str | None
-    removal_order: list[int]
+    removal_order: list[int] | list[str]  # sub-layer searches remove "12.attn"-style items
     trajectory: list[float]  # loss before and after each removal (greedy) or block importances (one-shot)
     sample_ids: list[str]
     seconds: float
@@ -56,9 +59,14 @@ class PoolEntry:
         return f"{name}-k{self.k}" if self.depth_in_name and self.blocks else name
 
     @property
-    def k(self) -> int:
-        """Blocks this set skips (its depth in a ladder)."""
-        return len(self.blocks)
+    def k(self) -> int | float:
+        """Blocks this set skips (its depth in a ladder); a sub-layer counts as half a block."""
+        sublayers = sum(isinstance(i, str) for i in self.blocks)
+        return len(self.blocks) - sublayers + sublayers / 2 if sublayers else len(self.blocks)
+
+    @property
+    def has_sublayers(self) -> bool:
+        return any(isinstance(i, str) for i in self.blocks)
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,8 @@ class CandidatePool:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``directory/pool.json`` atomically and return its path."""
-        data = {"format": POOL_FORMAT, "model": self.model, "config": self.config, "provenance": self.provenance,
+        data = {"format": SUBLAYER_POOL_FORMAT if self.has_sublayers else POOL_FORMAT, "model": self.model,
+                "config": self.config, "provenance": self.provenance,
                 "sets": [{"blocks": list(e.blocks), "name": e.name, "sources": [asdict(s) for s in e.sources]}
                          for e in self.sets]}
         return atomic_write_json(Path(directory) / POOL_FILE, data)
@@ -84,12 +93,14 @@ class CandidatePool:
         path = path / POOL_FILE if path.is_dir() else path
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != POOL_FORMAT:
-                raise ValueError(f"format is {data.get('format')!r}, expected {POOL_FORMAT!r}")
+            if data.get("format") not in (POOL_FORMAT, SUBLAYER_POOL_FORMAT):
+                raise ValueError(f"format is {data.get('format')!r}, expected {POOL_FORMAT!r} or "
+                                 f"{SUBLAYER_POOL_FORMAT!r}")
             model = data["model"]
             total = _block_count(model)
             ladder = isinstance(data.get("config"), dict) and "ladder" in data["config"]
-            sets = tuple(PoolEntry(_stored_blocks(i, s, total), tuple(SetSource(**_known(SetSource, src))
+            read = _stored_blocks if data["format"] == POOL_FORMAT else _stored_items
+            sets = tuple(PoolEntry(read(i, s, total), tuple(SetSource(**_known(SetSource, src))
                                                                      for src in s["sources"]), ladder)
                          for i, s in enumerate(data["sets"]))
         except FileNotFoundError:
@@ -97,6 +108,11 @@ class CandidatePool:
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(f"{path} is not a valid candidate pool: {error}") from None
         return cls(sets, model, data.get("config", {}), data.get("provenance", {}))
+
+    @property
+    def has_sublayers(self) -> bool:
+        """Whether a set names single sub-layers (stages that need whole blocks refuse such a pool)."""
+        return any(e.has_sublayers for e in self.sets)
 
     def fingerprint(self) -> str:
         """A short hash of what later stages depend on: the model's fingerprint and the sets, in order."""
@@ -135,6 +151,21 @@ def _stored_blocks(index: int, stored: dict, total: int | None) -> OmissionSet:
     return tuple(blocks)
 
 
+def _stored_items(index: int, stored: dict, total: int | None) -> tuple[int | str, ...]:
+    """Set ``index`` of a ``pudding.pool/2`` file: block indices and ``"12.attn"``-style sub-layers, which must
+    be saved in canonical form (:func:`pudding.core.omit.parse_omission`), as :meth:`save_pretrained` writes them."""
+    items, name = stored["blocks"], stored.get("name", "?")
+    if not isinstance(items, list):
+        raise ConfigError(f"set {index} ({name}): blocks must be a list, got {type(items).__name__}")
+    try:
+        key = parse_omission(items, total).key
+    except ConfigError as error:
+        raise ConfigError(f"set {index} ({name}): {error}") from None
+    if list(key) != items:
+        raise ConfigError(f"set {index} ({name}): {items} is not in canonical form; expected {list(key)}")
+    return key
+
+
 def _known(cls, data: dict) -> dict:
     names = set(cls.__dataclass_fields__)
     unknown = sorted(set(data) - names)
@@ -148,9 +179,9 @@ def _known(cls, data: dict) -> dict:
 
 def deduplicate(found: list[tuple[OmissionSet, SetSource]]) -> tuple[PoolEntry, ...]:
     """One entry per distinct set, in order of first appearance, listing every source that found it."""
-    merged: dict[OmissionSet, list[SetSource]] = {}
-    for blocks, source in found:
-        merged.setdefault(tuple(sorted(blocks)), []).append(source)
+    merged: dict[tuple, list[SetSource]] = {}
+    for blocks, source in found:  # canonical keys: sorted blocks, or "12.attn"-style items in block order
+        merged.setdefault(parse_omission(blocks, None).key, []).append(source)
     return tuple(PoolEntry(blocks, tuple(sources)) for blocks, sources in merged.items())
 
 
@@ -176,6 +207,7 @@ def shrink_pool(pool: CandidatePool, k: int) -> CandidatePool:
     Exact, not an approximation (see :func:`shrink_source`), so ``pudding reproduce --k 3`` reuses the
     k=6 searches instead of repeating them.
     """
+    _require_whole_block_sets(pool, "shrunk to a smaller k")
     found_k = pool.config.get("k")
     if not isinstance(found_k, int) or not 1 <= k <= found_k:
         raise ConfigError(f"a pool searched at k={found_k} can only be shrunk to 1 <= k <= {found_k}, not k={k}")
@@ -187,6 +219,13 @@ def shrink_pool(pool: CandidatePool, k: int) -> CandidatePool:
     config = {**pool.config, "k": k, "derived_from": {"k": found_k, "pool": pool.fingerprint(),
                                                       "provenance": pool.provenance}}
     return CandidatePool(sets, pool.model, config, provenance())
+
+
+def _require_whole_block_sets(pool: CandidatePool, what: str) -> None:
+    if pool.has_sublayers:
+        raise ConfigError(f"a pool of sub-layer sets cannot be {what}: its budget decided which sub-layers each step "
+                          "could take, so its first steps are not the search at a smaller budget; search again "
+                          "with `pudding candidates --granularity sublayer --k K`")
 
 
 def derive_pool(source: str | Path, k: int, model: str, out: str | Path) -> CandidatePool:
@@ -224,6 +263,7 @@ def ladder_pool(pools: Sequence[CandidatePool], depths: Sequence[int]) -> Candid
                               f"{pool.model.get('fingerprint')}")
         if "ladder" in pool.config:
             raise ConfigError("a ladder is built from the searched pools, not from another ladder")
+        _require_whole_block_sets(pool, "laddered")
         removable = removable_blocks(model["fingerprint"]["num_blocks"], tuple(pool.config.get("barriers", (1, 1))))
         for entry in pool.sets:
             for source in entry.sources:

@@ -129,6 +129,11 @@ class _Run:
     captures: dict[int, int] = field(default_factory=dict)  # position -> the block whose input holds it
 
 
+def _item_order(item: int | str) -> tuple[int, str]:
+    """Block order for omission items of either kind: ``12`` before ``"12.attn"`` before ``"13"``."""
+    return block_of(item), "" if isinstance(item, int) else str(item)
+
+
 def _first_kept(omitted: Sequence[int], position: int, total: int) -> int | None:
     return next((b for b in range(position, total) if b not in omitted), None)
 
@@ -144,15 +149,18 @@ def plan_runs(omissions: Sequence[OmissionSet], total: int) -> tuple[list[_Run],
     own block). Each set takes the source that lets it start latest. Returns the runs in order, the shared
     pass's omitted blocks, and the positions to capture in that pass (position -> block to hook).
     """
-    base = tuple(sorted(set.intersection(*map(set, omissions)))) if omissions else ()
+    base = tuple(sorted(set.intersection(*map(set, omissions)), key=_item_order)) if omissions else ()
+    # Sets naming sub-layers start from the shared pass only: agreeing "on every block before f" is a
+    # whole-block test, and a greedy step (the shape sub-layer searches score) shares little else.
+    whole_blocks = not any(isinstance(i, str) for o in omissions for i in o)
     runs: list[_Run] = []
     base_captures: dict[int, int] = {}
-    for omitted in sorted(omissions):
+    for omitted in (sorted(omissions) if whole_blocks else omissions):
         run = _Run(omitted)
         best = start_block(omitted, base, total)
         if best is not None:
             run.source, run.start = BASE, best
-        for index, earlier in enumerate(runs):
+        for index, earlier in enumerate(runs if whole_blocks else ()):
             differ = set(earlier.omitted) ^ set(omitted)
             position = min(differ)
             if position <= (run.start or 0) or _first_kept(omitted, position, total) is None:

@@ -29,7 +29,7 @@ from pudding.pool.executor import (
     ModelReplica,
     start_executor,
 )
-from pudding.pruning.search import get_objective, greedy_search
+from pudding.pruning.search import GRANULARITIES, get_objective, greedy_search, sublayer_search
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,18 @@ class PoolConfig(ExecutorFields):
     out: str = field(default="runs/pool", metadata={
         "required": True, "help": "folder the pool artifact (pool.json) is written to"})
     progress: bool = field(default=True, metadata={"help": "hide progress bars"})
+    granularity: str = field(default="block", metadata={
+        "choices": ("block", "sublayer"),  # search.GRANULARITIES, literal for the CLI
+        "help": "what the searches remove: 'block' (whole blocks, the paper's) or 'sublayer' (single attention or "
+                "MLP sub-layers, up to k blocks' worth of parameters)"})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}")
+        if self.granularity == "sublayer" and self.executor != "local":
+            raise ConfigError("--granularity sublayer runs on the local executor only (its budget is counted in "
+                              "the local model's parameters)")
         for name, value in (("tasks", self.tasks), ("objectives", self.objectives)):
             items = value.split(",") if isinstance(value, str) else list(value)
             items = tuple(dict.fromkeys(i.strip() for i in items if i and i.strip()))
@@ -105,11 +114,31 @@ def _run_search(config: PoolConfig, executor: Executor, fingerprint, task: str, 
     """One greedy search, its candidate sets evaluated by ``executor`` (the same results on every executor)."""
     objective = get_objective(objective_name)
     evaluator = executor.evaluator(objective.requests(docs), reuse_prefix=config.reuse_prefix)
+    if config.granularity == "sublayer":
+        return _run_sublayer_search(config, evaluator, fingerprint, task, objective_name, docs)
     checkpoint = Path(config.run_dir) / f"{task}-{objective_name}.json"
     result = greedy_search(evaluator, lambda scores: objective.loss(docs, scores), config.k,
                            barriers=config.barriers, checkpoint=checkpoint,
                            identity=_search_identity(config, fingerprint, task, objective_name, docs),
                            progress=f"{task}/{objective_name}" if config.progress else False)
+    return SetSource("greedy", task, objective_name, result.removal_order, result.trajectory,
+                     [d.doc_id for d in docs], round(result.seconds, 2))
+
+
+def _run_sublayer_search(config: PoolConfig, evaluator, fingerprint, task: str, objective_name: str,
+                         docs) -> SetSource:
+    """The sub-layer search at a budget of ``config.k`` blocks (:func:`sublayer_search`); its checkpoint sits
+    beside the block searches' under its own name, and its identity adds the budget and the sub-layer costs."""
+    from pudding.pruning.finercut import sublayer_costs
+
+    objective = get_objective(objective_name)
+    costs = sublayer_costs(evaluator.model, config.barriers)
+    identity = {**_search_identity(config, fingerprint, task, objective_name, docs), "granularity": "sublayer",
+                "budget": config.k, "costs": costs}
+    result = sublayer_search(evaluator, lambda scores: objective.loss(docs, scores), config.k, costs,
+                             checkpoint=Path(config.run_dir) / f"{task}-{objective_name}-sublayer.json",
+                             identity=identity, progress=f"{task}/{objective_name}/sublayer" if config.progress
+                             else False)
     return SetSource("greedy", task, objective_name, result.removal_order, result.trajectory,
                      [d.doc_id for d in docs], round(result.seconds, 2))
 
@@ -157,6 +186,9 @@ def build_baselines(config: PoolConfig, methods: tuple[str, ...] = ("sleb", "sho
 
     if config.executor != "local":
         raise ConfigError("the baselines run on the local executor only (the one-shot methods need gradients)")
+    if config.granularity != "block":
+        raise ConfigError("--granularity applies to `pudding candidates`; the sub-layer baseline is "
+                          "`pudding baselines --methods finercut`")
     from pudding.pruning.finercut import SUBBLOCK_METHODS
 
     unknown = [m for m in methods if m != "sleb" and m not in ONE_SHOT_METHODS and m not in SUBBLOCK_METHODS]

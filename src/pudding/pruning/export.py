@@ -127,6 +127,7 @@ def export_all_sets(pudding, out: str | Path) -> Path:
 
 
 def _export_set(pudding, out: Path, index: int, entry) -> dict:
+    require_whole_blocks(entry.blocks, None, f"pudding export (set {index}, {entry.name})")
     folder = out / f"set-{index}"
     finished = _exported_blocks(folder)
     if finished is None:  # the caller holds the lock on ``out``, which covers its set folders

@@ -254,6 +254,13 @@ def block_equivalents(model, removed: Sequence[str]) -> float:
     return total / per_block
 
 
+def sublayer_costs(model, barriers: tuple[int, int]) -> dict[str, float]:
+    """Every removable sub-layer (:func:`sublayer_candidates`' order) and its :func:`block_equivalents`, rounded
+    to 4 places: a sub-layer search's budget unit, kept in its checkpoint's identity."""
+    total = len(get_blocks(model))
+    return {name: round(block_equivalents(model, [name]), 4) for name in sublayer_candidates(total, barriers)}
+
+
 def run_finercut(scorer: LikelihoodScorer, requests: Sequence[Request], k: int, *, barriers: tuple[int, int],
                  checkpoint: str | Path | None, identity: dict, sample_ids: list[str],
                  progress: bool | str = False) -> SubBlockSet:

@@ -31,15 +31,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pudding.core.errors import UnknownNameError
+from pudding.core.errors import ConfigError, UnknownNameError
 from pudding.core.identity import StepCheckpoint
 from pudding.core.metrics import gold_choice_logprob, margin, scores_by_doc
-from pudding.core.omit import OmissionSet, check_k, removable_blocks
+from pudding.core.omit import OmissionSet, check_k, parse_omission, removable_blocks
 from pudding.core.score import ChoiceScore, Request
 from pudding.core.tasks import MCDoc, get_task
 from pudding.pool.evaluator import CandidateEvaluator
 
 CHECKPOINT_FORMAT = "pudding.search-checkpoint/1"
+SUBLAYER_CHECKPOINT_FORMAT = "pudding.sublayer-search-checkpoint/1"
+GRANULARITIES = ("block", "sublayer")
 
 
 # --- objectives -------------------------------------------------------------------------------------------
@@ -196,3 +198,111 @@ def _greedy_step(evaluator, loss, removable: list[int], removed: list[int]) -> S
     losses = {b: loss(scores) for b, scores in zip(candidates, evaluator.evaluate(omissions))}
     best = min(candidates, key=lambda b: (losses[b], b))
     return SearchStep(best, losses[best], losses, time.perf_counter() - start)
+
+
+# --- the same search over sub-layers, at a budget of k blocks -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubLayerStep:
+    """One step of a sub-layer search: the sub-layer removed (``"12.attn"``), the loss, every candidate's."""
+
+    removed: str
+    loss: float
+    candidate_losses: dict[str, float]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SubLayerSearchResult:
+    """Sub-layers in removal order, the loss trajectory, and what they cost in blocks' worth of parameters."""
+
+    steps: tuple[SubLayerStep, ...]
+    base_loss: float
+    budget: float
+    costs: dict[str, float]
+    total_blocks: int
+
+    @property
+    def removal_order(self) -> list[str]:
+        return [s.removed for s in self.steps]
+
+    @property
+    def omission(self) -> tuple[int | str, ...]:
+        """The chosen set's canonical key: a block with both sub-layers removed is the whole block."""
+        return parse_omission(self.removal_order, self.total_blocks).key
+
+    @property
+    def trajectory(self) -> list[float]:
+        return [self.base_loss, *[s.loss for s in self.steps]]
+
+    @property
+    def block_equivalents(self) -> float:
+        return sum(self.costs[s] for s in self.removal_order)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+
+def _read_sublayer_step(step: dict) -> SubLayerStep:
+    return SubLayerStep(step["removed"], step["loss"], dict(step["candidate_losses"]), step["seconds"])
+
+
+def affordable(costs: dict[str, float], removed: Sequence[str], budget: float) -> list[str]:
+    """The sub-layers not yet removed whose cost fits what is left of ``budget``, in ``costs``' order.
+
+    >>> affordable({"3.attn": 0.25, "3.mlp": 0.75, "4.attn": 0.25}, ["3.mlp"], 1.0)
+    ['3.attn', '4.attn']
+    """
+    left = budget - sum(costs[r] for r in removed)
+    return [c for c, cost in costs.items() if c not in removed and cost <= left + 1e-9]
+
+
+def sublayer_search(
+    evaluator: CandidateEvaluator,
+    loss: Callable[[Sequence[ChoiceScore]], float],
+    budget: float,
+    costs: dict[str, float],
+    *,
+    checkpoint: str | Path | None = None,
+    identity: dict | None = None,
+    progress: bool | str = False,
+) -> SubLayerSearchResult:
+    """The greedy search over single sub-layers (a block's attention or MLP) at a budget of ``budget`` blocks.
+
+    ``costs`` maps every removable sub-layer, in block order, to its size in blocks' worth of parameters
+    (:func:`pudding.pruning.finercut.sublayer_costs`); barriers are applied by leaving sub-layers out of it.
+    Each step removes the candidate with the lowest ``loss`` among those that still fit the budget, so a
+    cheap attention can be taken where a whole block would not fit; the search stops when nothing fits.
+    Removed compute is therefore at most ``budget`` blocks, matching a whole-block search at ``k = budget``.
+    Ties go to the earlier sub-layer in ``costs``. Checkpointed like :func:`greedy_search`, but the budget
+    belongs in ``identity``: it decides which candidates a step may take, so a different budget is another search.
+    """
+    if not costs or budget <= 0 or budget >= sum(costs.values()):
+        raise ConfigError(f"a sub-layer search needs a budget above 0 and below the {sum(costs.values()):.2f} "
+                          f"blocks' worth of removable sub-layers, not {budget}")
+    total = evaluator.total_blocks
+    state = StepCheckpoint(Path(checkpoint) if checkpoint else None, identity or {}, SUBLAYER_CHECKPOINT_FORMAT,
+                           "sub-layer search", _read_sublayer_step, {"base_loss": None})
+    state.load()
+    if state.fields["base_loss"] is None:
+        state.fields["base_loss"] = loss(evaluator.evaluate([()])[0])
+        state.save()
+    desc = progress if isinstance(progress, str) else "sub-layer search"
+    removed = [s.removed for s in state.steps]
+    with tqdm(unit="set", desc=desc, disable=not progress) as bar:
+        while candidates := affordable(costs, removed, budget):
+            state.steps.append(_sublayer_step(evaluator, loss, candidates, removed, total))
+            state.save()
+            removed.append(state.steps[-1].removed)
+            bar.update(len(candidates))
+    return SubLayerSearchResult(tuple(state.steps), state.fields["base_loss"], budget, dict(costs), total)
+
+
+def _sublayer_step(evaluator, loss, candidates: list[str], removed: list[str], total: int) -> SubLayerStep:
+    start = time.perf_counter()
+    omissions = [parse_omission([*removed, c], total).key for c in candidates]
+    losses = {c: loss(scores) for c, scores in zip(candidates, evaluator.evaluate(omissions))}
+    best = min(candidates, key=lambda c: (losses[c], candidates.index(c)))
+    return SubLayerStep(best, losses[best], losses, time.perf_counter() - start)

@@ -21,6 +21,7 @@ import torch
 
 from pudding.core.errors import ConfigError
 from pudding.core.extras import require
+from pudding.core.omit import require_whole_blocks
 from pudding.routing.adaptive import TOLERANCE_HEADER, choose_by_tolerance
 from pudding.routing.model import PromptError, PuddingModel
 from pudding.serving.server import (
@@ -39,6 +40,8 @@ Request = require("fastapi", "serve").Request
 def parse_backends(specs: list[str], pudding: PuddingModel) -> dict[int, str]:
     """``["3=http://host:8001", "arc_easy-tl=http://..."]`` as {set index: base url}; ConfigError if bad."""
     names = {e.name: i for i, e in enumerate(pudding.pool.sets)}
+    for entry in pudding.pool.sets:  # every backend is an exported checkpoint, which only whole-block sets have
+        require_whole_blocks(entry.blocks, None, f"pudding gateway (set {entry.name})")
     backends = {}
     for spec in specs:
         key, sep, url = spec.partition("=")
