@@ -211,3 +211,60 @@ def test_stages_that_need_whole_blocks_refuse_a_sub_layer_artifact_in_one_line(r
     status = main(["heal", "--pool", str(out), "--out", str(tmp_path / "healed"), "--steps", "1", "--no-progress"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert status != 0 and "pudding heal (set 0, " in last and "takes whole blocks only" in last
+
+
+def test_the_benchmark_compares_routers_over_both_pools_on_the_same_documents(tiny_dir, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from pudding.pruning.finercut import SubBlockSet, save_subblock_sets
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import sublayer_routing
+
+    model = {"spec": tiny_dir, "name": "tiny", "fingerprint": model_fingerprint(tiny_model("llama").config)}
+
+    def save(name, sets, method="greedy"):
+        entries = tuple(PoolEntry(parse_omission(s, NUM_LAYERS).key,
+                                  (SetSource(method, task, objective, list(s), [], [], 0.0),))
+                        for s, task, objective in sets)
+        CandidatePool(entries, model, {"k": 1}).save_pretrained(tmp_path / name)
+
+    # the margin search's set is not a TL set: it stays out of the comparison
+    save("block", [([2], "piqa", "tl"), ([3], "piqa", "margin"), ([4], "arc_easy", "tl")])
+    save("sub", [(["1.attn", "3.mlp"], "piqa", "tl"), (["4.attn"], "arc_easy", "tl")])
+    save("baselines", [([3], None, "ppl")], method="sleb")
+    backbone = tmp_path / "bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(backbone)
+    tiny_tokenizer().save_pretrained(backbone)
+    save_subblock_sets(tmp_path / "finercut", [SubBlockSet("finercut", "2.attn,3.attn", ["2.attn", "3.attn"],
+                                                           [0.0, 0.1, 0.2], {"sublayers": 2}, [], 1.0)], model, {})
+    status = sublayer_routing.main([
+        "--block-pool", str(tmp_path / "block"), "--sublayer-pool", str(tmp_path / "sub"), "--baselines",
+        str(tmp_path / "baselines"), "--finercut", str(tmp_path / "finercut"), "--k", "1", "--calibration-samples",
+        "6", "--eval-samples", "3", "--seeds", "2", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+        "--backbone", str(backbone), "--epochs", "3", "--no-progress"])
+    assert status == 0
+    report = json.loads((tmp_path / "out" / "sublayer-routing.json").read_text())
+    rows = report["table"]["rows"]
+    assert report["n_eval"] == 18 and report["n_calibration"] == 36
+    assert {"dense", "SLEB", "FinerCut (2 sub-layers)", "PuDDing over sub-layers (mean of 2 seeds)",
+            "PuDDing over whole blocks (mean of 2 seeds)", "PuDDing over both (mean of 2 seeds)"} <= set(rows)
+    assert [s["blocks"] for s in report["pools"]["whole blocks"]["sets"]] == [[2], [4]]
+    assert report["block_equivalents"]["dense"] == 0 and report["block_equivalents"]["SLEB"] == pytest.approx(1.0)
+    routed = report["block_equivalents"]["PuDDing over sub-layers (mean of 2 seeds)"]
+    assert 0 < routed < 1  # every sub-layer set here is less than a block
+    # every routed document's correctness is one of its pool's sets' on that document
+    for name in ("whole blocks", "sub-layers"):
+        assert sum(report["pools"][name]["choice_shares"].values()) == pytest.approx(1.0)
+    assert (tmp_path / "out" / "sublayer-routing.png").stat().st_size > 1000
+    # a rerun resumes every stage (scores and routers) and writes the same table
+    sublayer_routing.main(["--block-pool", str(tmp_path / "block"), "--sublayer-pool",
+                           str(tmp_path / "sub"), "--baselines", str(tmp_path / "baselines"), "--finercut",
+                           str(tmp_path / "finercut"), "--k", "1", "--calibration-samples", "6", "--eval-samples",
+                           "3", "--seeds", "2", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "again"),
+                           "--backbone", str(backbone), "--epochs", "3", "--no-progress"])
+    again = json.loads((tmp_path / "again" / "sublayer-routing.json").read_text())
+    assert again["table"] == report["table"]

@@ -237,8 +237,9 @@ class SubBlockSet:
     seconds: float
 
 
-def block_equivalents(model, removed: Sequence[str]) -> float:
-    """Parameters of the ``removed`` sub-layers, in units of the mean parameter count of one block."""
+def block_equivalents(model, removed: Sequence[int | str]) -> float:
+    """Parameters of the ``removed`` sub-layers (``"12.attn"``) and whole blocks (``12``), in units of the mean
+    parameter count of one block."""
     arch, blocks = get_architecture(model.config), get_blocks(model)
 
     def params(block, path):
@@ -248,6 +249,9 @@ def block_equivalents(model, removed: Sequence[str]) -> float:
     per_block = sum(sum(p.numel() for p in b.parameters()) for b in blocks) / len(blocks)
     total = 0
     for item in removed:
+        if isinstance(item, int):
+            total += sum(p.numel() for p in blocks[item].parameters())
+            continue
         block, name = item.split(".")
         paths = (arch.attention_path,) if name == "attn" else arch.mlp_paths
         total += sum(params(blocks[int(block)], path) for path in paths)
