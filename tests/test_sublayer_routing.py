@@ -268,3 +268,14 @@ def test_the_benchmark_compares_routers_over_both_pools_on_the_same_documents(ti
                            "--backbone", str(backbone), "--epochs", "3", "--no-progress"])
     again = json.loads((tmp_path / "again" / "sublayer-routing.json").read_text())
     assert again["table"] == report["table"]
+
+
+def test_a_sub_layer_search_is_refused_where_it_cannot_run(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match="local executor only"):
+        PoolConfig(model=tiny_dir, granularity="sublayer", executor="ray", out=str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="unknown granularity"):
+        PoolConfig(model=tiny_dir, granularity="sub-layer", out=str(tmp_path / "x"))
+    from pudding.pruning.candidates import build_baselines
+
+    with pytest.raises(ConfigError, match="--methods finercut"):
+        build_baselines(PoolConfig(model=tiny_dir, granularity="sublayer", out=str(tmp_path / "x")))
