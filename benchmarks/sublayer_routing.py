@@ -91,6 +91,14 @@ def routers(args, name: str, entries: list[PoolEntry], scoring: CandidatePool, l
     return out
 
 
+def macro_average(correct: list[float], tasks: list[str]) -> float:
+    """The tables' average: each task's mean correctness, averaged over tasks."""
+    by_task: dict[str, list[float]] = {}
+    for value, task in zip(correct, tasks):
+        by_task.setdefault(task, []).append(value)
+    return sum(sum(v) / len(v) for v in by_task.values()) / len(by_task)
+
+
 def column_of(scoring: CandidatePool, blocks: tuple) -> int:
     return next(i for i, e in enumerate(scoring.sets) if e.blocks == blocks)
 
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                       "calibration_tl": round(float(calibration.labels[:, column_of(scoring, e.blocks)].mean()), 4)}
                      for e in entries],
             "best_static_tl": list(scoring.sets[best_tl].blocks),
-            "seed_averages": [round(sum(v[i] for i in range(len(v))) / len(v), 4) for v in per_seed],
+            "seed_averages": [round(macro_average(v, evaluation.tasks), 4) for v in per_seed],
             "choice_shares": {scoring.sets[c].name: round(sum(p.count(c) for p in chosen) / sum(map(len, chosen)), 4)
                               for c in sorted(set(sum(chosen, [])))},
         }

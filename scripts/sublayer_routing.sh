@@ -18,6 +18,15 @@ for T in winogrande arc_challenge hellaswag arc_easy piqa boolq; do
 done
 $P candidates --model default --granularity sublayer --k 3 --samples 16 --objectives tl \
     --tasks arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq --run-dir $RUN --out $POOL --no-progress
+# The dense scores of the same 2,400 documents are the medium run's (same documents, split, length and shards:
+# pudding label checks the identity file and refuses a mismatch); each set's scores are a file of their own.
+SRC=results/smollm2/medium-run/smollm2/medium/k6/scores-paper-tasks
+DST=results/smollm2/sublayer-routing-run/shards-evaluation
+if [ ! -e $DST ] && [ -f $SRC/identity.json ]; then
+    mkdir -p $DST.tmp && cp $SRC/identity.json $DST.tmp/
+    for s in $SRC/shard-*; do mkdir -p $DST.tmp/${s##*/} && cp $s/docs.parquet $s/set-dense.parquet $DST.tmp/${s##*/}/; done
+    mv $DST.tmp $DST
+fi
 .venv/bin/python benchmarks/sublayer_routing.py --block-pool results/smollm2/small/k3/pool --sublayer-pool $POOL \
     --baselines results/smollm2/small/k3/baselines --finercut results/smollm2/compress/finercut-k3 --k 3 \
     --eval-samples 400 --run-dir results/smollm2/sublayer-routing-run --out results/smollm2/sublayer-routing \

@@ -259,6 +259,8 @@ def test_the_benchmark_compares_routers_over_both_pools_on_the_same_documents(ti
     # every routed document's correctness is one of its pool's sets' on that document
     for name in ("whole blocks", "sub-layers"):
         assert sum(report["pools"][name]["choice_shares"].values()) == pytest.approx(1.0)
+        seeds = report["pools"][name]["seed_averages"]  # the row averages its seeds' documents: the same mean
+        assert sum(seeds) / 2 == pytest.approx(rows[f"PuDDing over {name} (mean of 2 seeds)"]["average"], abs=1e-4)
     assert (tmp_path / "out" / "sublayer-routing.png").stat().st_size > 1000
     # a rerun resumes every stage (scores and routers) and writes the same table
     sublayer_routing.main(["--block-pool", str(tmp_path / "block"), "--sublayer-pool",
