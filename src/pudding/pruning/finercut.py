@@ -43,6 +43,7 @@ from pudding.core.omit import SUBLAYERS, get_architecture, get_blocks, omit_bloc
 from pudding.core.provenance import atomic_write_json, provenance
 from pudding.core.score import LikelihoodScorer, PackedBatch, Request
 from pudding.pool.evaluator import capture_block_inputs, start_block, started_at
+from pudding.pruning.search import SubLayerSearchResult, SubLayerStep, read_sublayer_step
 
 CHECKPOINT_FORMAT = "pudding.finercut-checkpoint/1"
 SUBBLOCK_FILE = "subblock_sets.json"
@@ -128,43 +129,8 @@ class DivergenceEvaluator:
 # --- the greedy search ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FinerCutStep:
-    """One greedy step: the sub-layer removed, the divergence with it removed, and every candidate's."""
-
-    removed: str
-    loss: float
-    candidate_losses: dict[str, float]
-    seconds: float
-
-
-@dataclass(frozen=True)
-class FinerCutResult:
-    """Sub-layers in removal order and the divergence after each removal."""
-
-    steps: tuple[FinerCutStep, ...]
-    total_blocks: int
-
-    @property
-    def removal_order(self) -> list[str]:
-        return [s.removed for s in self.steps]
-
-    @property
-    def omission(self) -> tuple[int | str, ...]:
-        """The chosen set as a canonical key, e.g. ``(3, "12.attn")``: what ``pudding eval --omit`` takes."""
-        return parse_omission(self.removal_order, self.total_blocks).key
-
-    @property
-    def trajectory(self) -> list[float]:
-        return [0.0, *[s.loss for s in self.steps]]
-
-    @property
-    def seconds(self) -> float:
-        return sum(s.seconds for s in self.steps)
-
-
-def _read_step(step: dict) -> FinerCutStep:
-    return FinerCutStep(step["removed"], step["loss"], dict(step["candidate_losses"]), step["seconds"])
+FinerCutResult = SubLayerSearchResult
+"""FinerCut's sub-layers in removal order and the divergence after each removal (from 0, the dense model's)."""
 
 
 def finercut_search(
@@ -189,7 +155,7 @@ def finercut_search(
                           f"({evaluator.total_blocks} blocks, barriers {barriers[0]} first / {barriers[1]} last), "
                           f"not {n_remove}")
     state = StepCheckpoint(Path(checkpoint) if checkpoint else None, identity or {}, CHECKPOINT_FORMAT, "FinerCut",
-                           _read_step)
+                           read_sublayer_step)
     state.load()
     n_evals = sum(len(candidates) - step for step in range(n_remove))
     done = sum(len(candidates) - step for step in range(min(n_remove, len(state.steps))))
@@ -201,13 +167,13 @@ def finercut_search(
     return FinerCutResult(tuple(state.steps[:n_remove]), evaluator.total_blocks)
 
 
-def _step(evaluator: DivergenceEvaluator, candidates: list[str], removed: list[str], bar) -> FinerCutStep:
+def _step(evaluator: DivergenceEvaluator, candidates: list[str], removed: list[str], bar) -> SubLayerStep:
     start = time.perf_counter()
     remaining = [c for c in candidates if c not in removed]
     # All candidates at once, so they share the pass without the removed sub-layers; the bar moves per batch.
     losses = dict(zip(remaining, evaluator.evaluate([[*removed, c] for c in remaining], on_batch=bar.update)))
     best = min(remaining, key=lambda c: (losses[c], candidates.index(c)))
-    return FinerCutStep(best, losses[best], losses, time.perf_counter() - start)
+    return SubLayerStep(best, losses[best], losses, time.perf_counter() - start)
 
 
 # --- the artifact -----------------------------------------------------------------------------------------

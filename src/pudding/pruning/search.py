@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -114,11 +114,11 @@ def get_objective(name: str) -> Objective:
 
 @dataclass(frozen=True)
 class SearchStep:
-    """One greedy step: the block removed, the loss with it removed, and every candidate's loss."""
+    """One greedy step: the block (or sub-layer) removed, the loss with it removed, and every candidate's loss."""
 
-    removed: int
+    removed: int | str
     loss: float
-    candidate_losses: dict[int, float]
+    candidate_losses: dict[int, float] | dict[str, float]
     seconds: float
 
 
@@ -203,25 +203,20 @@ def _greedy_step(evaluator, loss, removable: list[int], removed: list[int]) -> S
 # --- the same search over sub-layers, at a budget of k blocks -------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SubLayerStep:
-    """One step of a sub-layer search: the sub-layer removed (``"12.attn"``), the loss, every candidate's."""
-
-    removed: str
-    loss: float
-    candidate_losses: dict[str, float]
-    seconds: float
+SubLayerStep = SearchStep
+"""A sub-layer search's step (or FinerCut's): ``removed`` is a sub-layer (``"12.attn"``), and FinerCut's loss is the
+divergence from the dense model."""
 
 
 @dataclass(frozen=True)
 class SubLayerSearchResult:
-    """Sub-layers in removal order, the loss trajectory, and what they cost in blocks' worth of parameters."""
+    """Sub-layers in removal order and the loss after each removal; FinerCut's result too (its loss is the
+    divergence from the dense model, so its ``base_loss`` is 0)."""
 
     steps: tuple[SubLayerStep, ...]
-    base_loss: float
-    budget: float
-    costs: dict[str, float]
     total_blocks: int
+    base_loss: float = 0.0
+    costs: dict[str, float] = field(default_factory=dict)  # blocks' worth of parameters per sub-layer, if known
 
     @property
     def removal_order(self) -> list[str]:
@@ -229,7 +224,8 @@ class SubLayerSearchResult:
 
     @property
     def omission(self) -> tuple[int | str, ...]:
-        """The chosen set's canonical key: a block with both sub-layers removed is the whole block."""
+        """The chosen set's canonical key, e.g. ``(3, "12.attn")``: what ``pudding eval --omit`` takes. A block
+        with both sub-layers removed is the whole block."""
         return parse_omission(self.removal_order, self.total_blocks).key
 
     @property
@@ -245,7 +241,7 @@ class SubLayerSearchResult:
         return sum(s.seconds for s in self.steps)
 
 
-def _read_sublayer_step(step: dict) -> SubLayerStep:
+def read_sublayer_step(step: dict) -> SubLayerStep:
     return SubLayerStep(step["removed"], step["loss"], dict(step["candidate_losses"]), step["seconds"])
 
 
@@ -284,7 +280,7 @@ def sublayer_search(
                           f"blocks' worth of removable sub-layers, not {budget}")
     total = evaluator.total_blocks
     state = StepCheckpoint(Path(checkpoint) if checkpoint else None, identity or {}, SUBLAYER_CHECKPOINT_FORMAT,
-                           "sub-layer search", _read_sublayer_step, {"base_loss": None})
+                           "sub-layer search", read_sublayer_step, {"base_loss": None})
     state.load()
     if state.fields["base_loss"] is None:
         state.fields["base_loss"] = loss(evaluator.evaluate([()])[0])
@@ -297,7 +293,7 @@ def sublayer_search(
             state.save()
             removed.append(state.steps[-1].removed)
             bar.update(len(candidates))
-    return SubLayerSearchResult(tuple(state.steps), state.fields["base_loss"], budget, dict(costs), total)
+    return SubLayerSearchResult(tuple(state.steps), total, state.fields["base_loss"], dict(costs))
 
 
 def _sublayer_step(evaluator, loss, candidates: list[str], removed: list[str], total: int) -> SubLayerStep:
