@@ -5,7 +5,9 @@ and saves a :class:`CandidatePool`. ``build_baselines`` produces the same artifa
 methods (SLEB = greedy with ``ppl``; Shortened-LLaMA PPL and Taylor+; ShortGPT), so later stages treat
 both alike. Each search checkpoints after every step under ``run_dir`` and resumes there.
 
-The paper chose its ten sets by hand; here the pool is every distinct set the searches find.
+The paper chose its ten sets by hand; here the pool is every distinct set the searches find. With
+``granularity="sublayer"`` the searches remove single attention or MLP sub-layers, up to k blocks' worth of
+parameters (:func:`pudding.pruning.search.sublayer_search`), and the pool is saved as ``pudding.pool/2``.
 """
 
 from __future__ import annotations
