@@ -25,11 +25,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from pudding.core.load import load_model
 from pudding.core.omit import parse_omission
 from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
 from pudding.core.tasks import PAPER_TASKS
-from pudding.evaluation.tables import Routed, RowId, correct_at, paired_differences, table
+from pudding.evaluation.tables import Routed, RowId, best_by, correct_at, macro_mean, paired_differences, table
 from pudding.pool.artifact import CandidatePool, PoolEntry, SetSource, deduplicate
 from pudding.pruning.finercut import block_equivalents, load_subblock_sets
 from pudding.routing.labels import LabelConfig, Labels, build_labels
@@ -91,14 +93,6 @@ def routers(args, name: str, entries: list[PoolEntry], scoring: CandidatePool, l
     return out
 
 
-def macro_average(correct: list[float], tasks: list[str]) -> float:
-    """The tables' average: each task's mean correctness, averaged over tasks."""
-    by_task: dict[str, list[float]] = {}
-    for value, task in zip(correct, tasks):
-        by_task.setdefault(task, []).append(value)
-    return sum(sum(v) / len(v) for v in by_task.values()) / len(by_task)
-
-
 def column_of(scoring: CandidatePool, blocks: tuple) -> int:
     return next(i for i, e in enumerate(scoring.sets) if e.blocks == blocks)
 
@@ -128,21 +122,21 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(scoring.model["spec"])
     scoring.check_model(model.config)
     calibration_dir = Path(args.run_dir) / "scores-calibration"
-    scores(args, scoring_dir, "calibration", args.calibration_samples, model, tokenizer)
+    calibration = routing_data(scores(args, scoring_dir, "calibration", args.calibration_samples, model, tokenizer))
     evaluation = routing_data(scores(args, scoring_dir, "evaluation", args.eval_samples, model, tokenizer))
-    calibration = routing_data(Labels.load(calibration_dir))
     train, _ = split_rows(calibration.texts, TrainConfig.val_fraction)
+    by_task = {t: [i for i, task in enumerate(evaluation.tasks) if task == t] for t in PAPER_TASKS}
 
     pools = {"whole blocks": block, "sub-layers": sub, "both": list(deduplicate(
         [(e.blocks, s) for e in [*block, *sub] for s in e.sources]))}
     columns: dict[RowId, list[float]] = {RowId(n): evaluation.correct[:, column_of(scoring, b)].tolist()
                                          for n, b in fixed.items()}
-    cost = {n: block_equivalents(model, list(b)) for n, b in fixed.items()}
-    details = {}
     set_cost = {e.blocks: block_equivalents(model, list(e.blocks)) for e in scoring.sets}
+    cost = {n: set_cost[b] for n, b in fixed.items()}
+    details = {}
     for name, entries in pools.items():
         pool_columns = [column_of(scoring, e.blocks) for e in entries]
-        best_tl = pool_columns[int(calibration.labels[train][:, pool_columns].mean(0).argmax())]
+        best_tl = best_by(calibration.labels[train].mean(0), pool_columns)
         static = RowId(f"best static TL set ({name})")
         columns[static] = evaluation.correct[:, best_tl].tolist()
         cost[static.label] = set_cost[scoring.sets[best_tl].blocks]
@@ -155,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         columns[row] = [sum(v) / len(v) for v in zip(*per_seed)]
         cost[row.label] = sum(set_cost[scoring.sets[c].blocks] for picks in chosen for c in picks) / sum(
             len(picks) for picks in chosen)
-        ceiling = {t: max(pool_columns, key=lambda c: evaluation.correct[[i for i, x in enumerate(evaluation.tasks)
-                                                                          if x == t], c].mean())
-                   for t in PAPER_TASKS}
+        ceiling = {t: best_by(evaluation.correct[rows].mean(0), pool_columns) for t, rows in by_task.items()}
         columns[RowId(f"pool ceiling ({name}; optimistic)")] = correct_at(
             evaluation, [ceiling[t] for t in evaluation.tasks])
         details[name] = {
@@ -165,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                       "calibration_tl": round(float(calibration.labels[:, column_of(scoring, e.blocks)].mean()), 4)}
                      for e in entries],
             "best_static_tl": list(scoring.sets[best_tl].blocks),
-            "seed_averages": [round(macro_average(v, evaluation.tasks), 4) for v in per_seed],
+            "seed_averages": [round(float(v), 4) for v in macro_mean(torch.tensor(per_seed).T, by_task)],
             "choice_shares": {scoring.sets[c].name: round(sum(p.count(c) for p in chosen) / sum(map(len, chosen)), 4)
                               for c in sorted(set(sum(chosen, [])))},
         }

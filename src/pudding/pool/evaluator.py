@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pudding.core.omit import OmissionSet, get_blocks, omit_blocks
+from pudding.core.omit import OmissionSet, get_blocks, omission_key, omit_blocks
 from pudding.core.score import ChoiceScore, LikelihoodScorer, PackedBatch, Request
 
 
@@ -129,11 +129,6 @@ class _Run:
     captures: dict[int, int] = field(default_factory=dict)  # position -> the block whose input holds it
 
 
-def _item_order(item: int | str) -> tuple[int, str]:
-    """Block order for omission items of either kind: ``12`` before ``"12.attn"`` before ``"13"``."""
-    return block_of(item), "" if isinstance(item, int) else str(item)
-
-
 def _first_kept(omitted: Sequence[int], position: int, total: int) -> int | None:
     return next((b for b in range(position, total) if b not in omitted), None)
 
@@ -149,7 +144,7 @@ def plan_runs(omissions: Sequence[OmissionSet], total: int) -> tuple[list[_Run],
     own block). Each set takes the source that lets it start latest. Returns the runs in order, the shared
     pass's omitted blocks, and the positions to capture in that pass (position -> block to hook).
     """
-    base = tuple(sorted(set.intersection(*map(set, omissions)), key=_item_order)) if omissions else ()
+    base = omission_key(set.intersection(*map(set, omissions)), None) if omissions else ()
     # Sets naming sub-layers start from the shared pass only: agreeing "on every block before f" is a
     # whole-block test, and a greedy step (the shape sub-layer searches score) shares little else.
     whole_blocks = not any(isinstance(i, str) for o in omissions for i in o)
