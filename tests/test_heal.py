@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from pudding.core.errors import ConfigError
 from pudding.core.load import model_fingerprint
 from pudding.core.omit import omit_blocks
+from pudding.core.tasks import load_docs
 from pudding.healing.adapters import ADAPTER_FILE, ADAPTERS_DIR, AdapterBank
 from pudding.healing.lora import (
     HealConfig,
@@ -231,7 +232,6 @@ def test_config_and_data_checks(tmp_path):
 
 
 def test_boolq_passages_exclude_evaluation_text():
-    from pudding.core.tasks import load_docs
 
     data = healing_data("boolq-passages")
     assert data.favours == ("boolq",) and len(data.texts) > 500
@@ -279,22 +279,54 @@ def test_heal_into_another_folder_copies_the_artifact(healed, tiny_dir, tmp_path
     assert pudding.adapters.adapter_for(SETS[1]) == "set-1" and pudding.adapters.adapter_for(SETS[0]) is None
 
 
-def test_heal_table_script_routes_documents_to_their_sets_scores(healed, tiny_dir, tmp_path, monkeypatch):
-    import runpy
-    import sys
-    from pathlib import Path
-
+def test_eval_routed_row_runs_each_document_without_its_own_set_with_its_adapter(healed, tiny_dir):
     from pudding.evaluation.zero_shot import EvalConfig, evaluate
 
     art = healed[0]
-    base = dict(model=tiny_dir, tasks=("piqa",), omissions=((), *SETS), limit=4, progress=False)
-    plain = evaluate(EvalConfig(**base, output_dir=str(tmp_path / "plain")))["path"]
-    per_set = evaluate(EvalConfig(**base, output_dir=str(tmp_path / "per-set"), adapter=str(art)))["path"]
-    script = Path(__file__).parents[1] / "scripts" / "heal_table.py"
-    monkeypatch.setattr(sys, "argv", ["heal_table.py", "--artifact", str(art), "--routed", f"unhealed={plain}",
-                                      "--routed", f"per-set={per_set}", "--rows", plain, "--out", str(tmp_path / "t")])
-    runpy.run_path(str(script), run_name="__main__")
-    result = json.loads((tmp_path / "t" / "healing-table.json").read_text())
-    assert set(result["rows"]) == {"dense", "omit 1,2", "omit 3,4", "PuDDing unhealed", "PuDDing per-set"}
-    assert set(result["paired_differences"]) == {"PuDDing unhealed", "PuDDing per-set"}
-    assert result["paired_differences"]["PuDDing per-set"]["PuDDing unhealed"]["n"] == 4
+    base = dict(model=tiny_dir, tasks=("piqa", "arc_easy"), limit=4, output_dir=None, progress=False,
+                adapter=str(art))
+    static = evaluate(EvalConfig(**base, omissions=SETS))["runs"]
+    routed = evaluate(EvalConfig(**base, routed=str(art)))["runs"]
+    assert len(routed) == 1  # --routed without --omit: the routed row alone
+    row = routed[0]
+    assert row["omitted"] is None and row["routed"]["k"] == 2 and sum(row["routed"]["sets"].values()) == 8
+    expected = {"omit 1,2": "set-0", "omit 3,4": None}  # set 0 alone was healed
+    assert row["adapter"] == {label: expected[label] for label in row["adapter"]}
+    pudding = PuddingModel.from_pretrained(art, model=_load_tiny(tiny_dir), tokenizer=tiny_tokenizer(),
+                                           adapters="none")
+    by_set = {tuple(r["omitted"]): r for r in static}
+    for task, samples in row["samples"].items():
+        docs = load_docs(task, "evaluation", limit=4)
+        chosen = [r.blocks for r in pudding.route([d.router_text for d in docs])]
+        assert [tuple(s["omitted"]) for s in samples] == chosen
+        for sample, blocks in zip(samples, chosen):  # the routed score is that set's static score, adapter included
+            reference = next(s for s in by_set[blocks]["samples"][task] if s["doc_id"] == sample["doc_id"])
+            assert sample["logprobs"] == pytest.approx(reference["logprobs"], abs=1e-4)
+
+
+def test_cli_eval_routed(healed, tiny_dir, tmp_path, capsys):
+    from pudding.cli import main
+
+    assert main(["eval", "--model", tiny_dir, "--tasks", "piqa", "--limit", "2", "--routed", str(healed[0]),
+                 "--omit", "none", "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"| PuDDing ({healed[0]}) | piqa |" in out and "| dense | piqa |" in out
+    result = json.loads(next(tmp_path.glob("eval-*.json")).read_text())
+    assert [r["label"] for r in result["runs"]] == ["dense", f"PuDDing ({healed[0]})"]
+
+
+def test_eval_routed_refuses_an_artifact_of_another_model(healed, tmp_path):
+    from pudding.evaluation.zero_shot import EvalConfig, evaluate
+
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_config(_load_tiny_config_with_more_blocks(healed[3])).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    with pytest.raises(ConfigError, match="Refusing to route a different model"):
+        evaluate(EvalConfig(model=str(other), tasks=("piqa",), limit=2, output_dir=None, progress=False,
+                            routed=str(healed[0])))
+
+
+def _load_tiny_config_with_more_blocks(model):
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.num_hidden_layers += 2
+    return config

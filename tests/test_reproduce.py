@@ -15,6 +15,7 @@ import torch
 import pudding.evaluation.reproduce
 from pudding.core.errors import ConfigError
 from pudding.core.tasks import get_task
+from pudding.evaluation.external import ExternalRow, blocks_removed
 from pudding.evaluation.report import plotted_rows
 from pudding.evaluation.reproduce import Budget, ReproduceConfig, reproduce
 from pudding.evaluation.tables import (
@@ -426,7 +427,7 @@ def test_reviewer_rows_from_pudding_eval_line_up_with_the_tables_own_rows(tiny_r
     # two sub-layers count as one block: four of them, in four blocks, are k=2
     evaluate(EvalConfig(model=tiny_dir, tasks=tasks, omissions=((), sleb, (1, "2.attn", "3.mlp")),
                         limit=main["budget"]["paper_tasks"], output_dir=str(tmp_path / "eval"), progress=False))
-    rows = [baselines_table.ExternalRow.parse(f"{name}={tmp_path / 'eval'}#{label}") for name, label in
+    rows = [ExternalRow.parse(f"{name}={tmp_path / 'eval'}#{label}") for name, label in
             (("dense again", "dense"), ("SLEB again", "omit " + ",".join(map(str, sleb))),
              ("sub-layers", "omit 1,2.attn,3.mlp"))]
     result = baselines_table.measure(out, rows)
@@ -453,6 +454,40 @@ def _averaged(row: dict) -> tuple[float, float]:
     return row["average"], sum(c["stderr"] ** 2 for c in cells) ** 0.5 / len(cells)
 
 
+def test_a_routed_eval_is_the_tables_pudding_row_and_the_heal_table_sets_it_beside_the_table(tiny_run, tiny_dir,
+                                                                                              tmp_path):
+    """`pudding eval --routed` with the table's own router, each document scored without the set routed to it, read
+    by scripts/heal_table.py as a row: it is exactly the table's PuDDing row, which came from the saved scores."""
+    import runpy
+
+    from pudding.evaluation.zero_shot import EvalConfig, evaluate
+
+    _, config, _ = tiny_run
+    out = config.folder
+    main = json.loads((out / "main.json").read_text())
+    label = next(name for name, kind in main["kinds"].items()
+                 if kind == "pudding" and name.startswith("PuDDing (paper: "))
+    router = label[label.index("(") + 1:-1].split(": ")[-1]
+    artifact = next(iter(main["artifacts"][f"router {router}"].values()))
+    tasks = tuple(main["metrics"])
+    evaluate(EvalConfig(model=tiny_dir, tasks=tasks, routed=artifact, limit=main["budget"]["paper_tasks"],
+                        output_dir=str(tmp_path / "routed"), progress=False))
+    heal_table = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "heal_table.py"))
+    assert heal_table["main"](["--run", str(out), "--row", f"PuDDing again={tmp_path / 'routed'}",
+                               "--favoured", tasks[0], "--out", str(tmp_path / "table")]) == 0
+    result = json.loads((tmp_path / "table" / "healing-table.json").read_text())
+    rows = result["rows"]
+    assert rows["PuDDing again"]["tasks"] == rows[label]["tasks"] == main["rows"][label]["tasks"]
+    assert result["paired_differences"]["PuDDing again"][label]["difference"] == 0
+    assert set(result["paired_differences"]) == {name for name in rows if name.startswith("PuDDing")}
+    assert result["kinds"]["PuDDing again"] == "pudding eval" and result["kinds"]["dense"] == "unhealed (the table's)"
+    others = [rows["dense"]["tasks"][t]["value"] for t in tasks[1:]]
+    assert rows["dense"]["average_without_favoured"] == pytest.approx(sum(others) / len(others))
+    assert (tmp_path / "table" / "healing-table-paired.png").stat().st_size > 10_000
+    with pytest.raises(ConfigError, match="--ours names rows that do not exist"):
+        heal_table["main"](["--run", str(out), "--ours", "nobody", "--out", str(tmp_path / "x")])
+
+
 def test_reviewer_rows_are_refused_at_another_k_on_other_documents_or_against_another_table(tiny_run, tiny_dir,
                                                                                            tmp_path):
     from pudding.evaluation.zero_shot import EvalConfig, evaluate
@@ -465,13 +500,13 @@ def test_reviewer_rows_are_refused_at_another_k_on_other_documents_or_against_an
                         output_dir=str(tmp_path / "short"), progress=False))
     measure = baselines_table.measure
     with pytest.raises(ConfigError, match="removes 1 blocks, the table is at k=2"):
-        measure(config.folder, [baselines_table.ExternalRow.parse(f"one={tmp_path / 'short'}#omit 1")])
+        measure(config.folder, [ExternalRow.parse(f"one={tmp_path / 'short'}#omit 1")])
     with pytest.raises(ConfigError, match=f"lacks {len(tasks)} of the table's"):
-        measure(config.folder, [baselines_table.ExternalRow.parse(f"two={tmp_path / 'short'}#omit 1,2")])
+        measure(config.folder, [ExternalRow.parse(f"two={tmp_path / 'short'}#omit 1,2")])
     with pytest.raises(ConfigError, match="has rows"):
-        measure(config.folder, [baselines_table.ExternalRow.parse(f"two={tmp_path / 'short'}")])
+        measure(config.folder, [ExternalRow.parse(f"two={tmp_path / 'short'}")])
     with pytest.raises(ConfigError, match="NAME=EVAL"):
-        baselines_table.ExternalRow.parse("no-path")
+        ExternalRow.parse("no-path")
     # a table whose saved scores no longer give its rows is not extended
     copy = tmp_path / "table"
     shutil.copytree(config.folder, copy)
@@ -479,4 +514,4 @@ def test_reviewer_rows_are_refused_at_another_k_on_other_documents_or_against_an
     (copy / "main.json").write_text(json.dumps(main))
     with pytest.raises(ConfigError, match="row 'sleb' recomputes to"):
         measure(copy, [])
-    assert baselines_table.blocks_removed({"model": {"num_blocks": 4}}, {"omitted": []}, 6) == 2
+    assert blocks_removed({"model": {"num_blocks": 4}}, {"omitted": []}, 6) == 2

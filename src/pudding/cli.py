@@ -64,7 +64,8 @@ EVAL_CONFIG = "pudding.evaluation.zero_shot:EvalConfig"
 
 def _add_eval(sub) -> None:
     parser = sub.add_parser("eval", help="zero-shot multiple-choice accuracy, dense or with blocks omitted",
-                            description="Score tasks zero-shot; each --omit gives one row of results.")
+                            description="Score tasks zero-shot; each --omit gives one row of results, and --routed "
+                                        "one more: the routed PuDDing model, each document without its set.")
     add_config_flags(parser, EVAL_CONFIG)
     parser.set_defaults(handler=_run_eval)
 

@@ -147,12 +147,13 @@ def plot_convergence(router_dirs: dict[str, Path], path: Path) -> None:
     atomic_write_figure(fig, path)
 
 
-def plot_paired_differences(table: dict[str, Any], path: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
+def plot_paired_differences(table: dict[str, Any], path: Path, title: str = "PuDDing minus each static row"
+                            ) -> dict[str, dict[str, dict[str, list[float]]]]:
     """The main table's answer in one picture: each PuDDing row minus each static row (left, one colour per
-    PuDDing row) and the gap's decomposition (right), as paired differences with their 95% intervals.
-    Returns what it drew, by panel, series and bar: ``[difference, low, high]``."""
+    PuDDing row; ``title`` names the panel) and the gap's decomposition (right), as paired differences with their
+    95% intervals. Returns what it drew, by panel, series and bar: ``[difference, low, high]``."""
     plt = _pyplot()
-    panels = {"PuDDing minus each static row": {ours: {other: _interval(d) for other, d in against.items()}
+    panels = {title: {ours: {other: _interval(d) for other, d in against.items()}
                                                 for ours, against in table["paired_differences"].items()},
               "where the gap is": {"": {name: _interval(d) for name, d in table.get("decomposition", {}).items()}}}
     panels = {title: series for title, series in panels.items() if any(series.values())}

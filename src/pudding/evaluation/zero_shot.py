@@ -2,6 +2,8 @@
 
 One entry function, :func:`evaluate`, configured by :class:`EvalConfig`; ``pudding eval`` is a thin wrapper.
 Each omission set is one row of results; the model is loaded once and every row scores the same documents.
+With ``routed``, one more row runs each document without the set a PuDDing artifact's router picks for it: the
+routed model as it serves, scored by the same rule as every static row.
 
 Example::
 
@@ -46,10 +48,11 @@ class EvalConfig(QuantizationFields):
         "help": "'default' (the embedded SmolLM2), a .gguf file, a model folder or a hub id"})
     tasks: tuple[str, ...] = field(default=("piqa", "arc_easy"), metadata={
         "help": "comma-separated task names (see `pudding tasks`)"})
-    omissions: tuple[OmissionSet, ...] = field(default=((),), metadata={
+    omissions: tuple[OmissionSet, ...] | None = field(default=None, metadata={
         "flag": "--omit", "append": True, "type": "omission", "metavar": "BLOCKS",
         "help": "comma-separated 0-based blocks to omit, or 'none' for dense; sub-layers too, e.g. "
-                "'3,12.attn,14.mlp' (docs/SUBBLOCK.md); repeat for more rows (default: dense only)"})
+                "'3,12.attn,14.mlp' (docs/SUBBLOCK.md); repeat for more rows (default: dense only; with "
+                "--routed, no static row)"})
     limit: int | None = field(default=None, metadata={
         "type": "positive_int", "help": "documents per task (a fixed, seeded sample of the split); default: all"})
     split: str = field(default="evaluation", metadata={
@@ -65,6 +68,10 @@ class EvalConfig(QuantizationFields):
         "metavar": "PATH", "help": "LoRA adapters from `pudding heal` (artifact, its adapters/ or one adapter "
                                    "folder): each row runs with its set's adapter, or the shared one "
                                    "(docs/HEALING.md)"})
+    routed: str | None = field(default=None, metadata={
+        "metavar": "ARTIFACT", "help": "add a row in which each document runs without the set this PuDDing "
+                                       "artifact's router picks for it ('default': the shipped one); with "
+                                       "--adapter, each set with its adapter"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -85,7 +92,9 @@ class EvalConfig(QuantizationFields):
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.max_batch_tokens < 1:
             raise ConfigError("max_batch_tokens must be positive")
-        if not self.omissions:
+        if self.omissions is None:
+            object.__setattr__(self, "omissions", ((),) if self.routed is None else ())
+        if not self.omissions and self.routed is None:
             raise ConfigError("omissions must list at least one set; () is the dense model")
         # The upper bound needs the model's block count, so evaluate() checks it; here all the rest.
         object.__setattr__(self, "omissions", tuple(omission_key(o, None) for o in self.omissions))
@@ -102,8 +111,9 @@ def score_docs(scorer: LikelihoodScorer, docs: list[MCDoc], progress: bool | str
     return scores_by_doc(docs, scorer.score(requests, progress=progress))
 
 
-def _task_summary(task_name: str, scored: list[DocScores], seconds: float) -> dict[str, Any]:
-    summary: dict[str, Any] = {"primary_metric": get_task(task_name).metric, "seconds": round(seconds, 2)}
+def _task_summary(task_name: str, scored: list[DocScores], seconds: float | None) -> dict[str, Any]:
+    summary: dict[str, Any] = {"primary_metric": get_task(task_name).metric,
+                               "seconds": None if seconds is None else round(seconds, 2)}
     for metric in REPORTED_METRICS:
         summary[metric] = dataclasses.asdict(aggregate(scored, metric))
     return summary
@@ -127,6 +137,52 @@ def _evaluate_omission(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]],
     return run
 
 
+def _evaluate_routed(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]], pudding, adapters=None) -> dict:
+    """One row: every document scored without the set the artifact's router picks for it (from the document's
+    router text, as a server would route it). Documents that share a set are scored together."""
+    flat = [doc for task_docs in docs.values() for doc in task_docs]
+    routes = pudding.route([doc.router_text for doc in flat])
+    by_set: dict[OmissionSet, list[int]] = {}
+    for i, route in enumerate(routes):
+        by_set.setdefault(route.blocks, []).append(i)
+    scored: list[DocScores | None] = [None] * len(flat)
+    start = time.perf_counter()
+    for blocks, indices in by_set.items():
+        healing = nullcontext() if adapters is None else adapters.activate(blocks)
+        with healing, omit_blocks(scorer.model, blocks):
+            desc = f"routed: {omission_label(blocks)}" if config.progress else False
+            for i, doc_scores in zip(indices, score_docs(scorer, [flat[i] for i in indices], progress=desc)):
+                scored[i] = doc_scores
+    seconds = time.perf_counter() - start
+    names = {}
+    for route in routes:
+        names[route.name] = names.get(route.name, 0) + 1
+    run: dict[str, Any] = {"omitted": None, "label": f"PuDDing ({config.routed})", "tasks": {}, "samples": {},
+                           "routed": {"artifact": config.routed, "k": _pool_k(pudding.pool),
+                                      "sets": names, "seconds": round(seconds, 2)}}
+    if adapters is not None:
+        run["adapter"] = {omission_label(b): adapters.adapter_for(b) for b in by_set}
+        run["label"] += " + lora"
+    position = 0
+    for task_name, task_docs in docs.items():
+        task_scored = scored[position:position + len(task_docs)]
+        task_routes = routes[position:position + len(task_docs)]
+        position += len(task_docs)
+        # one pass over every set: the time is the row's, not a task's
+        run["tasks"][task_name] = _task_summary(task_name, task_scored, None)
+        if config.save_samples:
+            run["samples"][task_name] = [d.to_json() | {"omitted": list(r.blocks), "set": r.name}
+                                         for d, r in zip(task_scored, task_routes)]
+    return run
+
+
+def _pool_k(pool) -> float | None:
+    """The blocks every set of ``pool`` removes (a sub-layer counts half, :attr:`PoolEntry.k`); None when they
+    differ (a depth ladder, or sub-layer sets of one parameter budget)."""
+    sizes = {entry.k for entry in pool.sets}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     """Run ``config`` and return the result dict (also written as JSON when ``config.output_dir`` is set).
 
@@ -146,6 +202,7 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any
     else:
         # the result records config.quantize
         check_quantized(model, config.quantize, config.quantize_head, config.quantize_skip)
+    pudding = _load_router(config.routed, model, tokenizer)  # before the adapters wrap the model's layers
     adapters = _load_adapters(model, config.adapter)
     scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens)
     result = {
@@ -155,12 +212,23 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any
         "provenance": provenance(),
         "runs": [_evaluate_omission(config, scorer, docs, omitted, adapters) for omitted in config.omissions],
     }
+    if pudding is not None:
+        result["runs"].append(_evaluate_routed(config, scorer, docs, pudding, adapters))
     if config.output_dir is not None:
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         path = Path(config.output_dir) / f"eval-{stamp}.json"
         result["path"] = str(atomic_write_json(path, result))
         atomic_write_text(path.with_suffix(".md"), render_markdown(result))
     return result
+
+
+def _load_router(artifact: str | None, model, tokenizer):
+    """The PuDDing artifact ``artifact`` on ``model`` (None without one); it refuses a model it was not built for."""
+    if artifact is None:
+        return None
+    from pudding.routing.model import PuddingModel
+
+    return PuddingModel.from_pretrained(artifact, model=model, tokenizer=tokenizer, adapters="none")
 
 
 def _load_adapters(model, path: str | None):
