@@ -35,7 +35,7 @@ from pudding.core.errors import ConfigError
 from pudding.core.identity import claim_identity
 from pudding.core.metrics import choice_scores, first_argmax
 from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance, read_json
-from pudding.core.quantize import weight_bytes
+from pudding.core.quantize import QUANTIZATIONS, weight_bytes
 from pudding.core.tasks import get_task, load_docs
 from pudding.evaluation.tables import mean_stderr, paired_differences
 from pudding.pool.artifact import DEFAULT_ARTIFACT
@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--scores", required=True, help="a reproduction's scores/paper-tasks folder (fp32)")
     parser.add_argument("--artifact", default=str(DEFAULT_ARTIFACT), help="the PuDDing artifact that routes")
     parser.add_argument("--model", default="default")
-    parser.add_argument("--quantize", default="int8-smooth", choices=("int8", "int8-smooth"))
+    parser.add_argument("--quantize", default="int8-smooth", choices=[q for q in QUANTIZATIONS if q != "none"])
     parser.add_argument("--quantize-skip", default="", help="comma-separated layer suffixes kept fp32")
     parser.add_argument("--run-dir", required=True, help="checkpointed int8 shards; a rerun resumes")
     parser.add_argument("--out", required=True, help="folder for quantized-table.json and .md")

@@ -44,7 +44,8 @@ TEXTS = ("Question: Which gas do plants take in from the air?\nAnswer: carbon di
          "The cat sat on the mat, and then it went to sleep in the warm sun.")
 OMITTED = (1, 3)
 # (method, skip): the two new variants, and both together
-VARIANTS = [("int8-smooth", ()), ("int8", ("down_proj",)), ("int8-smooth", ("mlp.down_proj",))]
+VARIANTS = [("int8-smooth", ()), ("int8", ("down_proj",)), ("int8-smooth", ("mlp.down_proj",)), ("int8-mm-smooth", ()),
+            ("int8-mm", ("down_proj",))]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_omission_on_a_smoothed_or_partly_fp32_model_equals_it_pruned(model_type
     fp32 = tiny_model(model_type)
     model = _quantize(copy.deepcopy(fp32), method, skip, tokenizer)
     references = [prune_blocks(model, OMITTED)]
-    if method == "int8":
+    if not method.endswith("-smooth"):
         # Without smoothing the layers do not depend on calibration, so pruning the fp32 model first and then
         # quantizing gives the same model. Smoothing's statistics come from the whole model's activations, so
         # there the reference is the smoothed, quantized model pruned for good.

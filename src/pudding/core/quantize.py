@@ -17,12 +17,17 @@ Methods (``QUANTIZATIONS``):
   without VNNI and ran 16x slower than fp32 here (see ``benchmarks/bench_quantize.py``).
 - ``int8-smooth``: ``int8`` after SmoothQuant's outlier migration (:mod:`pudding.core.smooth`), calibrated on
   the tasks' calibration prompts.
+- ``int8-mm``, ``int8-mm-smooth``: the same two, with symmetric 8-bit activations (127 steps each side of zero,
+  twice ``int8``'s 7-bit grid) through ``torch._int_mm`` (:class:`IntMMInt8Linear`). That kernel is fast on CPUs
+  with VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and slow on plain AVX2, so which int8 path is faster depends on the
+  machine; ``benchmarks/bench_quantize.py`` measures both where it runs.
 
 ``skip`` (``--quantize-skip``) keeps the linear layers whose names end with the given suffixes (``down_proj``)
 in fp32.
 
-Left out, measured on this 2-core AVX2 machine with torchao 0.18: its per-token int8 path (``torch._int_mm``,
-36x slower than an fp32 matmul of the same shape here) and its int8 weight-only path (no faster than fp32 on
+Left out, measured on a 2-core AVX2 machine without VNNI with torchao 0.18: its per-token int8 path
+(``torch._int_mm``, 36x slower than an fp32 matmul of the same shape there; ``int8-mm`` is the same product
+without torchao) and its int8 weight-only path (no faster than fp32 on
 CPU, where the weights are de-quantized for each product); its int4 weight-only formats have no CPU layout.
 GPU users quantize through transformers instead (bitsandbytes, AWQ, GPTQ, torchao configs); such a model
 goes through block omission unchanged, since omission only re-lists the blocks.
@@ -115,14 +120,63 @@ class PerTokenInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-token{smoothed}"
 
 
+class IntMMInt8Linear(nn.Module):
+    """A linear layer with int8 weights (per output channel) and symmetric int8 activations (per token), through
+    ``torch._int_mm``: the int8 GEMM torchao's per-token path uses.
+
+    Its activation grid is twice as fine as :class:`PerTokenInt8Linear`'s: 127 steps each side of zero, where
+    fbgemm's AVX2 kernel needs ``reduce_range`` (7-bit activations) to keep its int16 pair sums from saturating.
+    ``torch._int_mm`` is fast only on CPUs with VNNI (AVX-512 VNNI, AVX-VNNI or AMX); without them it is many
+    times slower than fp32 (``benchmarks/bench_quantize.py`` measures both on the machine it runs on).
+    Accumulation is exact in int32: 127 * 127 * in_features stays below 2**31 for in_features < 133,000.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        weight, bias = _linear_weight(module)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight_int8", quantized.t().contiguous(), persistent=False)  # (in, out) for _int_mm
+        self.register_buffer("weight_scale", scales, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        input_scale = getattr(module, "input_scale", None)
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().clone(),
+                             persistent=False)
+        self.smoothed = bool(getattr(module, "smoothed", False))
+        self.weight_bytes = self.out_features * self.in_features + 4 * self.out_features  # int8 + fp32 scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        if self.input_scale is not None:
+            rows = rows * self.input_scale
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+        quantized = torch.round(rows / scale).clamp(-127, 127).to(torch.int8)
+        out = torch._int_mm(quantized, self.weight_int8).float() * (scale * self.weight_scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        smoothed = ", smoothed" if self.smoothed else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-token (_int_mm){smoothed}"
+
+
 QUANTIZATIONS: dict[str, Quantization] = {
     q.name: q for q in (
         Quantization("none", "the model as loaded", None),
         Quantization("int8", "int8 weights per channel, int8 activations per token (fbgemm)", PerTokenInt8Linear),
         Quantization("int8-smooth", "int8 after SmoothQuant outlier migration (alpha 0.5, calibration prompts)",
                      PerTokenInt8Linear, SMOOTH_ALPHA),
+        Quantization("int8-mm", "int8 weights per channel, symmetric int8 activations per token (torch._int_mm; "
+                                "fast with VNNI)", IntMMInt8Linear),
+        Quantization("int8-mm-smooth", "int8-mm after SmoothQuant outlier migration", IntMMInt8Linear,
+                     SMOOTH_ALPHA),
     )
 }
+
+
+QUANTIZED_LINEARS = (PerTokenInt8Linear, IntMMInt8Linear)
 
 
 def get_quantization(name: str) -> Quantization:
@@ -133,13 +187,13 @@ def get_quantization(name: str) -> Quantization:
 
 
 def _cpu_only(devices: set[str]) -> ConfigError:
-    return ConfigError(f"--quantize int8 runs on CPU (fbgemm) only; the model is on {', '.join(sorted(devices))}. "
+    return ConfigError(f"--quantize int8 (and its variants) runs on CPU only; the model is on {', '.join(sorted(devices))}. "
                        "On GPU load a quantized checkpoint through transformers (bitsandbytes, AWQ, GPTQ) instead")
 
 
 def _check_device(model: nn.Module, method: Quantization) -> None:
     devices = {p.device.type for p in model.parameters()}
-    if method.replace is PerTokenInt8Linear and devices != {"cpu"}:
+    if method.replace is not None and devices != {"cpu"}:
         raise _cpu_only(devices)
 
 
@@ -167,7 +221,7 @@ def check_quantization(method: str, head: bool = False, device: str | torch.devi
     if skip_names(skip) and quantization.replace is None:
         raise ConfigError("--quantize-skip keeps some quantized layers in fp32, so it needs a --quantize method "
                           "(e.g. int8)")
-    if device is not None and quantization.replace is PerTokenInt8Linear and torch.device(device).type != "cpu":
+    if device is not None and quantization.replace is not None and torch.device(device).type != "cpu":
         raise _cpu_only({torch.device(device).type})
     return quantization
 
@@ -188,10 +242,13 @@ def quantize_identity(method: str, head: bool = False, skip: str | Sequence[str]
 
 def quantization_of(model: nn.Module) -> tuple[str, bool]:
     """``(method, head)`` of a model as it is now: ``("int8", False)`` after ``quantize_model(m, "int8")``."""
-    layers = [m for m in model.modules() if isinstance(m, PerTokenInt8Linear)]
-    method = "none" if not layers else "int8-smooth" if any(m.smoothed for m in layers) else "int8"
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)]
+    if not layers:
+        return "none", False
+    base = "int8-mm" if isinstance(layers[0], IntMMInt8Linear) else "int8"
+    method = f"{base}-smooth" if any(m.smoothed for m in layers) else base
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    return method, isinstance(head, PerTokenInt8Linear)
+    return method, isinstance(head, QUANTIZED_LINEARS)
 
 
 def kept_fp32(model: nn.Module) -> tuple[str, ...]:
@@ -215,7 +272,7 @@ def check_quantized(model: nn.Module, method: str, head: bool = False, skip: str
 
 def _matching(model: nn.Module, skip: Sequence[str]) -> tuple[str, ...]:
     names = {name for block in get_blocks(model) for name, m in block.named_modules()
-             if is_linear(m) or isinstance(m, PerTokenInt8Linear)}
+             if is_linear(m) or isinstance(m, QUANTIZED_LINEARS)}
     return tuple(sorted(n for n in names if matches(n, skip)))
 
 
@@ -283,7 +340,7 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes held by the model's weights as they are now (quantized layers counted at their int8 size)."""
     seen, total = set(), 0
     for module in model.modules():
-        if isinstance(module, PerTokenInt8Linear):  # its bias is an fp32 buffer beside the packed int8 matrix
+        if isinstance(module, QUANTIZED_LINEARS):  # bias and scales are fp32 buffers beside the int8 matrix
             total += module.weight_bytes + sum(_tensor_bytes(t) for t in (module.bias, module.input_scale)
                                                if t is not None)
             continue
