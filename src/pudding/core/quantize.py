@@ -188,7 +188,8 @@ def get_quantization(name: str) -> Quantization:
 
 def _cpu_only(devices: set[str]) -> ConfigError:
     return ConfigError(f"--quantize int8 (and its variants) runs on CPU only; the model is on "
-                       f"{', '.join(sorted(devices))}. On GPU load a quantized checkpoint through transformers (bitsandbytes, AWQ, GPTQ) instead")
+                       f"{', '.join(sorted(devices))}. On GPU load a quantized checkpoint through transformers "
+                       "(bitsandbytes, AWQ, GPTQ) instead")
 
 
 def _check_device(model: nn.Module, method: Quantization) -> None:
