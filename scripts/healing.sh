@@ -14,6 +14,7 @@ RUN=${RUN:-results/smollm2/healing-run}  # training checkpoints
 ART=$H/pudding                     # a copy of the paper's PuDDing (TL pool, TL labels, embed-mlp MSE router)
 TASKS=arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq
 STEPS=${STEPS:-60}
+LIMIT=${LIMIT:-400}   # documents per task: the table's 400 (smaller only for a smoke run; the table needs all)
 mkdir -p $H
 [ -e $ART ] || { cp -r $T/routers/embed-mlp-mse $ART.tmp && mv $ART.tmp $ART; }
 heal() { $P heal --steps "$STEPS" --no-progress "$@"; }
@@ -26,7 +27,7 @@ heal --pool $ART --mode shared --include-dense --run-dir $RUN/shared
 score() {
     local out=$1; shift
     if ! ls $out/eval-*.json >/dev/null 2>&1; then
-        $P eval --model default --tasks $TASKS --limit 400 --output-dir $out.tmp --no-progress "$@"
+        $P eval --model default --tasks $TASKS --limit $LIMIT --output-dir $out.tmp --no-progress "$@"
         rm -rf $out && mv $out.tmp $out
     fi
 }
