@@ -54,8 +54,25 @@ def provenance() -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": sys.argv,
         "versions": library_versions(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), **cpu_description()},
     }
+
+
+# The CPU features int8 speed depends on: fbgemm's kernels need AVX2, torch._int_mm is fast only with VNNI or AMX.
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_description(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU's model name and which of :data:`INT8_FLAGS` it has (empty off Linux): timings are only
+    comparable between machines with the same ones."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)  # CPU 0
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name"), "cpu_flags": [f for f in INT8_FLAGS if f in flags]}
 
 
 def _read_umask() -> int:
