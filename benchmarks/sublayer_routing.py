@@ -5,8 +5,9 @@ the paper's whole-block greedy search per task (``pudding candidates``) and the 
 (``pudding candidates --granularity sublayer``), which removes attention or MLP sub-layers up to k blocks'
 worth of parameters. For each pool the paper's router (frozen MiniLM + MLP head, MSE on TL labels) is trained on
 the same calibration prompts, over several seeds, and both are scored on the same evaluation documents. So are a
-router over the union of the two pools, the static references (dense, SLEB and FinerCut at the same k) and each
-pool's best static TL set, chosen on calibration prompts.
+router over the union of the two pools, the static references (dense, SLEB, Shortened-LLaMA PPL and Taylor+,
+ShortGPT and FinerCut at the same k), each pool's best static TL set, and the best single set at the budget by
+calibration accuracy (any baseline's or either pool's), each chosen on calibration prompts.
 
 Every set is scored once on every document (one scoring pool, ``pudding label`` on each split, checkpointed in
 shards under ``--run-dir``: a rerun resumes). Nothing is chosen on evaluation documents; the per-task pool ceiling
@@ -50,17 +51,25 @@ def tl_sets(pool: CandidatePool) -> list[PoolEntry]:
     return out
 
 
+BEST_STATIC = "best static set (chosen on calibration accuracy)"
+# the static baselines' rows, by the method their pool records (pudding baselines)
+BASELINE_ROWS = {"sleb": "SLEB", "shortened_ppl": "Shortened-LLaMA PPL", "taylor": "Shortened-LLaMA Taylor+",
+                 "shortgpt": "ShortGPT"}
+
+
 def scoring_pool(args, block: list[PoolEntry], sub: list[PoolEntry]) -> tuple[CandidatePool, dict[str, tuple]]:
-    """Every set to score, once: dense, SLEB, FinerCut, then both pools; and the fixed rows' sets."""
+    """Every set to score, once: dense, the static baselines, FinerCut, then both pools; and the fixed rows'
+    sets."""
     base = CandidatePool.from_pretrained(args.block_pool)
-    sleb = next(e for e in CandidatePool.from_pretrained(args.baselines).sets if e.sources[0].method == "sleb")
+    baselines = [e for e in CandidatePool.from_pretrained(args.baselines).sets if e.sources[0].method in BASELINE_ROWS]
     finercut = load_subblock_sets(args.finercut)[0]
     total = base.model["fingerprint"]["num_blocks"]
-    fixed = {"dense": (), "SLEB": sleb.blocks,
-             f"FinerCut ({finercut.budget['sublayers']} sub-layers)": parse_omission(finercut.omit, total).key}
-    found = [((), SetSource("dense", None, None, [], [], [], 0.0)), (sleb.blocks, sleb.sources[0]),
-             (fixed[list(fixed)[2]], SetSource("finercut", None, "js", finercut.removal_order, finercut.trajectory,
-                                               finercut.sample_ids, finercut.seconds))]
+    finercut_key = parse_omission(finercut.omit, total).key
+    fixed = {"dense": (), **{BASELINE_ROWS[e.sources[0].method]: e.blocks for e in baselines},
+             f"FinerCut ({finercut.budget['sublayers']} sub-layers)": finercut_key}
+    found = [((), SetSource("dense", None, None, [], [], [], 0.0)), *((e.blocks, e.sources[0]) for e in baselines),
+             (finercut_key, SetSource("finercut", None, "js", finercut.removal_order, finercut.trajectory,
+                                      finercut.sample_ids, finercut.seconds))]
     found += [(e.blocks, s) for e in [*block, *sub] for s in e.sources]
     return CandidatePool(deduplicate(found), base.model, {"k": args.k, "barriers": [1, 1]}, provenance()), fixed
 
@@ -133,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
                                          for n, b in fixed.items()}
     set_cost = {e.blocks: block_equivalents(model, list(e.blocks)) for e in scoring.sets}
     cost = {n: set_cost[b] for n, b in fixed.items()}
-    details = {}
+    # the best single set at the budget, by calibration accuracy: any baseline's or either pool's
+    at_budget = [column_of(scoring, b) for n, b in fixed.items() if n in BASELINE_ROWS.values()]
+    at_budget += [column_of(scoring, e.blocks) for e in [*block, *sub]]
+    best_static = best_by(calibration.correct[train].mean(0), at_budget)
+    columns[RowId(BEST_STATIC)] = evaluation.correct[:, best_static].tolist()
+    cost[BEST_STATIC] = set_cost[scoring.sets[best_static].blocks]
+    details = {"best static set": list(scoring.sets[best_static].blocks)}
     for name, entries in pools.items():
         pool_columns = [column_of(scoring, e.blocks) for e in entries]
         best_tl = best_by(calibration.labels[train].mean(0), pool_columns)
@@ -163,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     result = table(evaluation, columns, PAPER_TASKS)
     row = {name: RowId(f"PuDDing over {name} (mean of {args.seeds} seeds)") for name in pools}
-    comparisons = [(row["sub-layers"], row["whole blocks"]), (row["both"], row["whole blocks"]),
-                   (row["sub-layers"], RowId("SLEB")), (row["whole blocks"], RowId("SLEB"))]
+    statics = [RowId(n) for n in fixed if n in BASELINE_ROWS.values()] + [RowId(BEST_STATIC), RowId("dense")]
+    comparisons = [(row["sub-layers"], row["whole blocks"]), (row["both"], row["whole blocks"])]
+    comparisons += [(row[name], other) for name in ("whole blocks", "sub-layers") for other in statics]
     paired = {f"{a.label} minus {b.label}": paired_differences(columns, a, [b])[b] for a, b in comparisons}
     report = {"format": "pudding.sublayer-routing/1", "k": args.k, "n_eval": len(evaluation.texts),
               "n_calibration": len(calibration.texts), "table": result,
