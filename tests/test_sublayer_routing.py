@@ -233,7 +233,9 @@ def test_the_benchmark_compares_routers_over_both_pools_on_the_same_documents(ti
     # the margin search's set is not a TL set: it stays out of the comparison
     save("block", [([2], "piqa", "tl"), ([3], "piqa", "margin"), ([4], "arc_easy", "tl")])
     save("sub", [(["1.attn", "3.mlp"], "piqa", "tl"), (["4.attn"], "arc_easy", "tl")])
-    save("baselines", [([3], None, "ppl")], method="sleb")
+    baselines = (PoolEntry((3,), (SetSource("sleb", None, "ppl", [3], [], [], 0.0),)),
+                 PoolEntry((1,), (SetSource("shortgpt", None, None, [1], [], [], 0.0),)))
+    CandidatePool(baselines, model, {"k": 1}).save_pretrained(tmp_path / "baselines")
     backbone = tmp_path / "bert"
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -254,6 +256,13 @@ def test_the_benchmark_compares_routers_over_both_pools_on_the_same_documents(ti
             "PuDDing over whole blocks (mean of 2 seeds)", "PuDDing over both (mean of 2 seeds)"} <= set(rows)
     assert [s["blocks"] for s in report["pools"]["whole blocks"]["sets"]] == [[2], [4]]
     assert report["block_equivalents"]["dense"] == 0 and report["block_equivalents"]["SLEB"] == pytest.approx(1.0)
+    # every baseline is a row, and so is the best single set at the budget, picked on calibration accuracy from
+    # the baselines' and both pools' sets (never dense or FinerCut)
+    best = "best static set (chosen on calibration accuracy)"
+    assert {"ShortGPT", best} <= set(rows) and 0 < report["block_equivalents"][best] <= 1 + 1e-9
+    assert report["pools"]["best static set"] in ([3], [1], [2], [4], ["1.attn", "3.mlp"], ["4.attn"])
+    assert {f"PuDDing over {name} (mean of 2 seeds) minus {other}" for name in ("whole blocks", "sub-layers")
+            for other in ("SLEB", "ShortGPT", best, "dense")} <= set(report["paired"])
     routed = report["block_equivalents"]["PuDDing over sub-layers (mean of 2 seeds)"]
     assert 0 < routed < 1  # every sub-layer set here is less than a block
     # every routed document's correctness is one of its pool's sets' on that document
