@@ -45,6 +45,11 @@ FOLDERS = {
     "smollm2/compress": ("the reviewers' baselines (scripts/reviewer_baselines.sh): LaCo and LLM-Streamline records "
                          "(compress.json, training curves), FinerCut's search, and each row's `pudding eval` on the "
                          "small and medium tables' documents"),
+    "smollm2/pool-sublayer-run": ("sub-layer TL search checkpoints at k=3 (at most 3 blocks' worth of parameters), "
+                                  "16 documents per task"),
+    "smollm2/sublayer-routing": ("routing over sub-layer sets against whole-block sets at k=3, with every static "
+                                 "baseline, on the medium table's 2,400 documents"),
+    "smollm2/sublayer-routing-run": "its per-set score shards (both splits), scoring pool, pools and routers",
     "smollm2/bench-int8-smooth": "pre-fill and decode of dense, static and routed SmolLM2 with int8-smooth blocks",
     "smollm2/bench": "pre-fill and decode speed of dense, static and routed SmolLM2 (the shipped router)",
     "smollm2/bench-llm-embed": "the same with the llm-embed router",

@@ -18,6 +18,7 @@ import dataclasses
 import datetime as _dt
 import json
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,12 +155,10 @@ def _evaluate_routed(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]], p
             for i, doc_scores in zip(indices, score_docs(scorer, [flat[i] for i in indices], progress=desc)):
                 scored[i] = doc_scores
     seconds = time.perf_counter() - start
-    names = {}
-    for route in routes:
-        names[route.name] = names.get(route.name, 0) + 1
     run: dict[str, Any] = {"omitted": None, "label": f"PuDDing ({config.routed})", "tasks": {}, "samples": {},
                            "routed": {"artifact": config.routed, "k": _pool_k(pudding.pool),
-                                      "sets": names, "seconds": round(seconds, 2)}}
+                                      "sets": dict(Counter(route.name for route in routes)),
+                                      "seconds": round(seconds, 2)}}
     if adapters is not None:
         run["adapter"] = {omission_label(b): adapters.adapter_for(b) for b in by_set}
         run["label"] += " + lora"
