@@ -68,17 +68,13 @@ def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return weight.contiguous(), bias
 
 
-class PerTokenInt8Linear(nn.Module):
-    """A linear layer with int8 weights (per output channel) and int8 activations (per token), on fbgemm."""
+class _Int8Linear(nn.Module):
+    """What every int8 layer keeps beside its int8 matrix, and the fp32 work around its product."""
 
-    def __init__(self, module: nn.Module):
-        super().__init__()
+    def _adopt(self, module: nn.Module) -> torch.Tensor:
+        """Take ``module``'s sizes, bias and SmoothQuant marks; return its weight as (out_features, in_features)."""
         weight, bias = _linear_weight(module)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).double()
-        zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.register_buffer("bias", bias, persistent=False)
         # SmoothQuant's 1/s where no norm absorbed it (pudding.core.smooth.InputScaledLinear)
         input_scale = getattr(module, "input_scale", None)
@@ -86,21 +82,40 @@ class PerTokenInt8Linear(nn.Module):
                              persistent=False)
         self.smoothed = bool(getattr(module, "smoothed", False))
         self.weight_bytes = self.out_features * self.in_features + 4 * self.out_features  # int8 + fp32 scales
+        return weight
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as fp32 token rows, SmoothQuant's input scale applied."""
+        rows = x.reshape(-1, self.in_features).float()
+        return rows if self.input_scale is None else rows * self.input_scale
+
+    def _output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The product's rows with the bias added, in ``x``'s shape and dtype."""
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class PerTokenInt8Linear(_Int8Linear):
+    """A linear layer with int8 weights (per output channel) and int8 activations (per token), on fbgemm."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        weight = self._adopt(module)
+        scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).double()
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(quantized, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        if self.input_scale is not None:
-            rows = rows * self.input_scale
+        rows = self._rows(x)
         scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
         anchor = rows.new_zeros(1, self.in_features)
         anchor[0, 0], anchor[0, -1] = 1.0, -1.0
         # reduce_range=True: fbgemm's AVX2 kernel sums pairs of uint8 x int8 products in int16, which 7-bit
         # activations keep from saturating.
         out = torch.ops.quantized.linear_dynamic(torch.cat([rows / scale, anchor]), self._packed, True)[:-1]
-        out = out * scale
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self._output(out * scale, x)
 
     def __deepcopy__(self, memo):
         # fbgemm's packed weight is a TorchScript object: share it (it is never modified) instead of copying.
@@ -120,7 +135,7 @@ class PerTokenInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-token{smoothed}"
 
 
-class IntMMInt8Linear(nn.Module):
+class IntMMInt8Linear(_Int8Linear):
     """A linear layer with int8 weights (per output channel) and symmetric int8 activations (per token), through
     ``torch._int_mm``: the int8 GEMM torchao's per-token path uses.
 
@@ -133,29 +148,17 @@ class IntMMInt8Linear(nn.Module):
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        weight, bias = _linear_weight(module)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        weight = self._adopt(module)
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("weight_int8", quantized.t().contiguous(), persistent=False)  # (in, out) for _int_mm
         self.register_buffer("weight_scale", scales, persistent=False)
-        self.register_buffer("bias", bias, persistent=False)
-        input_scale = getattr(module, "input_scale", None)
-        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().clone(),
-                             persistent=False)
-        self.smoothed = bool(getattr(module, "smoothed", False))
-        self.weight_bytes = self.out_features * self.in_features + 4 * self.out_features  # int8 + fp32 scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        if self.input_scale is not None:
-            rows = rows * self.input_scale
+        rows = self._rows(x)
         scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
         quantized = torch.round(rows / scale).clamp(-127, 127).to(torch.int8)
-        out = torch._int_mm(quantized, self.weight_int8).float() * (scale * self.weight_scale)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self._output(torch._int_mm(quantized, self.weight_int8).float() * (scale * self.weight_scale), x)
 
     def extra_repr(self) -> str:
         smoothed = ", smoothed" if self.smoothed else ""
@@ -176,7 +179,7 @@ QUANTIZATIONS: dict[str, Quantization] = {
 }
 
 
-QUANTIZED_LINEARS = (PerTokenInt8Linear, IntMMInt8Linear)
+QUANTIZED_LINEARS = (_Int8Linear,)  # isinstance: every int8 layer
 
 
 def get_quantization(name: str) -> Quantization:
