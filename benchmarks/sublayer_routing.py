@@ -92,7 +92,8 @@ def routers(args, name: str, entries: list[PoolEntry], scoring: CandidatePool, l
     out = []
     for seed in range(args.seeds):
         folder = Path(args.run_dir) / "routers" / f"{name}-seed{seed}"
-        if (folder / "training.json").exists():
+        # a finished router has both files; results/ keeps no seed router's weights (.gitignore): retrain those
+        if (folder / "training.json").exists() and (folder / "router.safetensors").exists():
             out.append(PuddingModel.from_pretrained(folder, model=model, tokenizer=tokenizer))
             continue
         out.append(train_router(TrainConfig(labels=str(labels_dir), pool=str(pool_dir), out=str(folder),
