@@ -4,7 +4,8 @@
 # Shortened-LLaMA PPL, same data and steps; each healed model scored by `pudding eval` on the medium table's
 # documents; the table's unhealed rows reused, not scored again (scripts/heal_table.py checks them).
 # Every stage resumes: a finished adapter is kept, an unfinished one resumes from its checkpoint in $RUN, and a
-# scored row is not scored again. $RUN is under results/ so that a later session resumes from committed files.
+# scored row is not scored again. $RUN is under results/ so that a later session resumes from committed files:
+# commit the checkpoint of the adapter still training; a finished adapter's checkpoint is not needed again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=${P:-.venv/bin/pudding}
