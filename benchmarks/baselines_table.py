@@ -31,6 +31,7 @@ from pudding.core.provenance import atomic_write_json, atomic_write_text, proven
 from pudding.evaluation.external import (
     ExternalRow,
     TableDocuments,
+    difference_cell,
     external_cells,
     pudding_cells,
     row_summary,
@@ -72,13 +73,9 @@ def render(result: dict) -> str:
              "|---|---|" + "---|" * (len(tasks) + len(ours))]
     for name, row in result["rows"].items():
         cells = " | ".join(f"{row['tasks'][t]['value']:.3f}" for t in tasks)
-        diffs = " | ".join(_difference(result["paired_differences"][o].get(name)) for o in ours)
+        diffs = " | ".join(difference_cell(result["paired_differences"][o].get(name)) for o in ours)
         lines.append(f"| {name} | {row['average']:.3f} | {cells} | {diffs} |")
     return "\n".join(lines) + "\n"
-
-
-def _difference(d: dict | None) -> str:
-    return "" if d is None else f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
 
 
 def main() -> None:

@@ -213,3 +213,11 @@ def row_summary(tasks: list[str], values: list[float]) -> dict:
     """Per task mean and standard error, and their unweighted average (the tables' rule)."""
     per_task = {t: mean_stderr([v for v, task in zip(values, tasks) if task == t]) for t in dict.fromkeys(tasks)}
     return {"tasks": per_task, "average": sum(c["value"] for c in per_task.values()) / len(per_task)}
+
+
+def difference_cell(difference: dict | None) -> str:
+    """A paired difference as a table cell, ``+0.013 [-0.006, +0.031]`` (empty where there is none)."""
+    if difference is None:
+        return ""
+    low, high = difference["ci95"]
+    return f"{difference['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
