@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 # pudding.core.quantize.QUANTIZATIONS's keys (tests/test_cli_config.py checks), spelled out to keep torch out.
 QUANTIZE_FIELD = {"help": "int8: int8 weights and per-token int8 activations in the blocks' linear layers, on CPU; "
                           "int8-smooth: the same after SmoothQuant outlier migration; int8-mm, int8-mm-smooth: the "
-                          "same with symmetric 8-bit activations through torch._int_mm, fast on CPUs with VNNI "
-                          "(docs/QUANTIZATION.md)",
-                  "choices": ("none", "int8", "int8-smooth", "int8-mm", "int8-mm-smooth")}
+                          "same with symmetric 8-bit activations through torch._int_mm, fast on CPUs with VNNI; "
+                          "bf16: bf16 weights and activations with fp32 accumulation, fast on CPUs with AVX-512 BF16 "
+                          "or AMX (docs/QUANTIZATION.md)",
+                  "choices": ("none", "int8", "int8-smooth", "int8-mm", "int8-mm-smooth", "bf16")}
 QUANTIZE_HEAD_FIELD = {"help": "with --quantize: the LM head too (else fp32)"}
 QUANTIZE_SKIP_FIELD = {"metavar": "SUFFIXES", "help": "with --quantize: keep the blocks' linear layers whose names "
                                                       "end with these comma-separated suffixes in fp32, e.g. "

@@ -21,6 +21,9 @@ Methods (``QUANTIZATIONS``):
   twice ``int8``'s 7-bit grid) through ``torch._int_mm`` (:class:`IntMMInt8Linear`). That kernel is fast on CPUs
   with VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and slow on plain AVX2, so which int8 path is faster depends on the
   machine; ``benchmarks/bench_quantize.py`` measures both where it runs.
+- ``bf16``: the blocks' linear layers in bfloat16 with fp32 accumulation (:class:`Bf16Linear`), everything else
+  fp32. A floating grid keeps each element's relative precision, so outlier channels cost nothing; fast on CPUs
+  with AVX-512 BF16 or AMX, emulated (slower than fp32) elsewhere.
 
 ``skip`` (``--quantize-skip``) keeps the linear layers whose names end with the given suffixes (``down_proj``)
 in fp32.
@@ -38,6 +41,7 @@ SmolLM2 ties it to the embedding matrix, so quantizing it keeps a second copy of
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,8 +72,14 @@ def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return weight.contiguous(), bias
 
 
-class _Int8Linear(nn.Module):
-    """What every int8 layer keeps beside its int8 matrix, and the fp32 work around its product."""
+class _LowPrecisionLinear(nn.Module):
+    """What every quantized layer keeps beside its low-precision matrix, and the fp32 work around its product.
+
+    ``method`` is the ``--quantize`` method the class implements (without ``-smooth``); ``weight_bytes`` what its
+    matrix and scales hold, since no parameter holds them.
+    """
+
+    method = ""
 
     def _adopt(self, module: nn.Module) -> torch.Tensor:
         """Take ``module``'s sizes, bias and SmoothQuant marks; return its weight as (out_features, in_features)."""
@@ -96,8 +106,14 @@ class _Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+class _Int8Linear(_LowPrecisionLinear):
+    """An int8 layer: int8 matrix, one fp32 scale per output channel."""
+
+
 class PerTokenInt8Linear(_Int8Linear):
     """A linear layer with int8 weights (per output channel) and int8 activations (per token), on fbgemm."""
+
+    method = "int8"
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -146,6 +162,8 @@ class IntMMInt8Linear(_Int8Linear):
     Accumulation is exact in int32: 127 * 127 * in_features stays below 2**31 for in_features < 133,000.
     """
 
+    method = "int8-mm"
+
     def __init__(self, module: nn.Module):
         super().__init__()
         weight = self._adopt(module)
@@ -165,6 +183,33 @@ class IntMMInt8Linear(_Int8Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-token (_int_mm){smoothed}"
 
 
+class Bf16Linear(_LowPrecisionLinear):
+    """A linear layer computed in bfloat16: bf16 weights, each input rounded to bf16, the product accumulated in
+    fp32 by oneDNN and rounded to bf16 once, then returned in fp32 with the fp32 bias added.
+
+    Not an integer grid but a floating one: every element keeps 8 significant bits *relative to itself*, so an
+    outlier channel costs its neighbours nothing, where a per-token int8 scale gives every element the same step
+    as the token's largest. The residual stream, norms, attention's own products, the embeddings and the LM head
+    stay fp32. Fast on CPUs with native bf16 dot products (AVX-512 BF16, AMX); elsewhere PyTorch emulates it
+    (slower than fp32), and :func:`quantize_model` warns.
+    """
+
+    method = "bf16"
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        weight = self._adopt(module)
+        self.register_buffer("weight_bf16", weight.to(torch.bfloat16), persistent=False)
+        self.weight_bytes = 2 * self.out_features * self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(x).to(torch.bfloat16)
+        return self._output(nn.functional.linear(rows, self.weight_bf16).float(), x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+
+
 QUANTIZATIONS: dict[str, Quantization] = {
     q.name: q for q in (
         Quantization("none", "the model as loaded", None),
@@ -175,11 +220,13 @@ QUANTIZATIONS: dict[str, Quantization] = {
                                 "fast with VNNI)", IntMMInt8Linear),
         Quantization("int8-mm-smooth", "int8-mm after SmoothQuant outlier migration", IntMMInt8Linear,
                      SMOOTH_ALPHA),
+        Quantization("bf16", "bf16 weights and activations, fp32 accumulation (fast with AVX-512 BF16 or AMX)",
+                     Bf16Linear),
     )
 }
 
 
-QUANTIZED_LINEARS = (_Int8Linear,)  # isinstance: every int8 layer
+QUANTIZED_LINEARS = (_LowPrecisionLinear,)  # isinstance: every quantized layer
 
 
 def get_quantization(name: str) -> Quantization:
@@ -190,8 +237,8 @@ def get_quantization(name: str) -> Quantization:
 
 
 def _cpu_only(devices: set[str]) -> ConfigError:
-    return ConfigError(f"--quantize int8 (and its variants) runs on CPU only; the model is on "
-                       f"{', '.join(sorted(devices))}. On GPU load a quantized checkpoint through transformers "
+    return ConfigError(f"--quantize runs on CPU only; the model is on {', '.join(sorted(devices))}. On GPU load "
+                       "the model in bf16 (dtype=torch.bfloat16) or a quantized checkpoint through transformers "
                        "(bitsandbytes, AWQ, GPTQ) instead")
 
 
@@ -249,7 +296,7 @@ def quantization_of(model: nn.Module) -> tuple[str, bool]:
     layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)]
     if not layers:
         return "none", False
-    base = "int8-mm" if isinstance(layers[0], IntMMInt8Linear) else "int8"
+    base = layers[0].method
     method = f"{base}-smooth" if any(m.smoothed for m in layers) else base
     head = getattr(model, "get_output_embeddings", lambda: None)()
     return method, isinstance(head, QUANTIZED_LINEARS)
@@ -301,6 +348,10 @@ def quantize_model(model: nn.Module, method: str, *, head: bool = False, skip: s
         return model
     _check_device(model, quantization)
     _check_skip(model, skip)
+    if quantization.replace is Bf16Linear and not native_bf16():
+        warnings.warn("--quantize bf16: this CPU has no native bf16 dot products (AVX-512 BF16 or AMX), so PyTorch "
+                      "emulates them and bf16 runs slower than fp32; int8-smooth is the fast path here",
+                      stacklevel=2)
     if quantization.smooth is not None:
         if tokenizer is None:
             raise ConfigError(f"--quantize {method} calibrates on prompts, so quantize_model needs the tokenizer")
@@ -310,6 +361,11 @@ def quantize_model(model: nn.Module, method: str, *, head: bool = False, skip: s
     if head:
         _replace_head(model, quantization.replace)
     return model
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), as oneDNN reports it."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _check_skip(model: nn.Module, skip: Sequence[str]) -> None:
@@ -341,7 +397,7 @@ def _replace_head(model: nn.Module, replace: Callable[[nn.Module], nn.Module]) -
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's weights as they are now (quantized layers counted at their int8 size)."""
+    """Bytes held by the model's weights as they are now (quantized layers counted at their int8 or bf16 size)."""
     seen, total = set(), 0
     for module in model.modules():
         if isinstance(module, QUANTIZED_LINEARS):  # bias and scales are fp32 buffers beside the int8 matrix
