@@ -53,12 +53,13 @@ def test_atomic_outputs_are_readable_by_others_even_when_the_writer_recreates_th
     assert sorted(p.name for p in tmp_path.iterdir()) == ["router.safetensors"]
 
 
-def test_provenance_names_the_cpu_features_int8_speed_depends_on(tmp_path):
+def test_provenance_names_the_cpu_features_low_precision_speed_depends_on(tmp_path):
     from pudding.core.provenance import cpu_description, provenance
 
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse avx2 avx512_vnni\n\n"
+    info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\n"
+                    "flags\t\t: fpu sse avx2 avx512_bf16 avx512_vnni\n\n"
                     "processor\t: 1\nmodel name\t: Other\nflags\t\t: amx_int8\n")
-    assert cpu_description(info) == {"cpu": "Example CPU 9000", "cpu_flags": ["avx2", "avx512_vnni"]}
+    assert cpu_description(info) == {"cpu": "Example CPU 9000", "cpu_flags": ["avx2", "avx512_vnni", "avx512_bf16"]}
     assert cpu_description(tmp_path / "missing") == {}
     assert {"platform", "cpus"} <= set(provenance()["machine"])

@@ -58,12 +58,12 @@ def provenance() -> dict[str, Any]:
     }
 
 
-# The CPU features int8 speed depends on: fbgemm's kernels need AVX2, torch._int_mm is fast only with VNNI or AMX.
-INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+# fbgemm's int8 kernels need AVX2, torch._int_mm is fast only with VNNI or AMX, bf16 products need AVX-512 BF16 or AMX.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
 
 
 def cpu_description(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
-    """The CPU's model name and which of :data:`INT8_FLAGS` it has (empty off Linux): timings are only
+    """The CPU's model name and which of :data:`SPEED_FLAGS` it has (empty off Linux): timings are only
     comparable between machines with the same ones."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
@@ -72,7 +72,7 @@ def cpu_description(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
     fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)  # CPU 0
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
-    return {"cpu": fields.get("model name"), "cpu_flags": [f for f in INT8_FLAGS if f in flags]}
+    return {"cpu": fields.get("model name"), "cpu_flags": [f for f in SPEED_FLAGS if f in flags]}
 
 
 def _read_umask() -> int:
