@@ -304,6 +304,35 @@ def test_eval_routed_row_runs_each_document_without_its_own_set_with_its_adapter
             assert sample["logprobs"] == pytest.approx(reference["logprobs"], abs=1e-4)
 
 
+def test_an_interrupted_routed_eval_resumes_from_its_parts(healed, tiny_dir, tmp_path, monkeypatch):
+    """Killed after every part was scored but before the result was written: the rerun scores nothing and
+    rebuilds the routed row (its set's part) and the static row exactly."""
+    import pudding.evaluation.zero_shot as zero_shot
+    from pudding.evaluation.zero_shot import EvalConfig, evaluate
+
+    art = healed[0]
+    make = lambda out: EvalConfig(model=tiny_dir, tasks=("piqa", "arc_easy"), limit=4, output_dir=str(out),  # noqa: E731
+                                  omissions=(SETS[0],), progress=False, adapter=str(art), routed=str(art))
+    whole = evaluate(make(tmp_path / "whole"))["runs"]
+    write = zero_shot.atomic_write_json
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(zero_shot, "atomic_write_json", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate(make(tmp_path / "resumed"))
+    monkeypatch.setattr(zero_shot, "atomic_write_json", write)
+    monkeypatch.setattr(zero_shot, "score_docs", killed)  # everything must come from the parts
+    resumed = evaluate(make(tmp_path / "resumed"))
+    routed_sets = dict.fromkeys(tuple(d["omitted"]) for samples in whole[1]["samples"].values() for d in samples)
+    assert resumed["resumed_parts"] == ["row-0-piqa", "row-0-arc_easy",
+                                        *["routed-" + "-".join(map(str, blocks)) for blocks in routed_sets]]
+    for got, want in zip(resumed["runs"], whole, strict=True):
+        assert got["samples"] == want["samples"] and got.get("adapter") == want.get("adapter")
+        assert {t: s["acc"] for t, s in got["tasks"].items()} == {t: s["acc"] for t, s in want["tasks"].items()}
+
+
 def test_cli_eval_routed(healed, tiny_dir, tmp_path, capsys):
     from pudding.cli import main
 

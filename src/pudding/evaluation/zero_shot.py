@@ -2,6 +2,8 @@
 
 One entry function, :func:`evaluate`, configured by :class:`EvalConfig`; ``pudding eval`` is a thin wrapper.
 Each omission set is one row of results; the model is loaded once and every row scores the same documents.
+Each finished task of a row (and each set's documents of the routed row) is saved under the output folder as it
+ends, so an interrupted run resumes (:mod:`pudding.evaluation.eval_parts`).
 With ``routed``, one more row runs each document without the set a PuDDing artifact's router picks for it: the
 routed model as it serves, scored by the same rule as every static row.
 
@@ -33,6 +35,7 @@ from pudding.core.provenance import atomic_write_json, atomic_write_text, proven
 from pudding.core.quantize import check_quantized
 from pudding.core.score import LikelihoodScorer, doc_requests
 from pudding.core.tasks import SPLITS, MCDoc, get_task, load_docs
+from pudding.evaluation.eval_parts import EvalParts, run_identity
 
 REPORTED_METRICS = ("acc", "acc_norm", "task_likelihood")
 
@@ -120,8 +123,22 @@ def _task_summary(task_name: str, scored: list[DocScores], seconds: float | None
     return summary
 
 
+def _scored_part(parts: EvalParts, name: str, scorer, docs: list[MCDoc], desc: bool | str
+                 ) -> tuple[list[DocScores], float | None]:
+    """``docs`` scored, from the saved part ``name`` if an earlier run of the same identity finished it."""
+    saved = parts.load(name, [d.doc_id for d in docs])
+    if saved is not None:
+        return saved
+    start = time.perf_counter()
+    scored = score_docs(scorer, docs, progress=desc)
+    seconds = time.perf_counter() - start
+    parts.save(name, scored, seconds)
+    return scored, seconds
+
+
 def _evaluate_omission(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]], omitted: OmissionSet,
-                       adapters=None) -> dict:
+                       adapters=None, parts: EvalParts | None = None, row: int = 0) -> dict:
+    parts = parts or EvalParts(None, {})
     run: dict[str, Any] = {"omitted": list(omitted), "label": omission_label(omitted), "tasks": {}, "samples": {}}
     healing = nullcontext() if adapters is None else adapters.activate(omitted)  # entered before omit_blocks
     if adapters is not None:
@@ -129,32 +146,35 @@ def _evaluate_omission(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]],
         run["label"] += f" + lora {run['adapter']}" if run["adapter"] else ""
     with healing, omit_blocks(scorer.model, omitted):
         for task_name, task_docs in docs.items():
-            start = time.perf_counter()
             desc = f"{omission_label(omitted)} {task_name}" if config.progress else False
-            scored = score_docs(scorer, task_docs, progress=desc)
-            run["tasks"][task_name] = _task_summary(task_name, scored, time.perf_counter() - start)
+            scored, seconds = _scored_part(parts, f"row-{row}-{task_name}", scorer, task_docs, desc)
+            run["tasks"][task_name] = _task_summary(task_name, scored, seconds)
             if config.save_samples:
                 run["samples"][task_name] = [d.to_json() for d in scored]
     return run
 
 
-def _evaluate_routed(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]], pudding, adapters=None) -> dict:
+def _evaluate_routed(config: EvalConfig, scorer, docs: dict[str, list[MCDoc]], pudding, adapters=None,
+                     parts: EvalParts | None = None) -> dict:
     """One row: every document scored without the set the artifact's router picks for it (from the document's
     router text, as a server would route it). Documents that share a set are scored together."""
+    parts = parts or EvalParts(None, {})
     flat = [doc for task_docs in docs.values() for doc in task_docs]
     routes = pudding.route([doc.router_text for doc in flat])
     by_set: dict[OmissionSet, list[int]] = {}
     for i, route in enumerate(routes):
         by_set.setdefault(route.blocks, []).append(i)
     scored: list[DocScores | None] = [None] * len(flat)
-    start = time.perf_counter()
+    seconds = 0.0
     for blocks, indices in by_set.items():
         healing = nullcontext() if adapters is None else adapters.activate(blocks)
         with healing, omit_blocks(scorer.model, blocks):
             desc = f"routed: {omission_label(blocks)}" if config.progress else False
-            for i, doc_scores in zip(indices, score_docs(scorer, [flat[i] for i in indices], progress=desc)):
+            name = "routed-" + ("-".join(map(str, blocks)) or "dense")
+            group, group_seconds = _scored_part(parts, name, scorer, [flat[i] for i in indices], desc)
+            seconds += group_seconds or 0.0
+            for i, doc_scores in zip(indices, group):
                 scored[i] = doc_scores
-    seconds = time.perf_counter() - start
     run: dict[str, Any] = {"omitted": None, "label": f"PuDDing ({config.routed})", "tasks": {}, "samples": {},
                            "routed": {"artifact": config.routed, "k": _pool_k(pudding.pool),
                                       "sets": dict(Counter(route.name for route in routes)),
@@ -204,20 +224,25 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None) -> dict[str, Any
     pudding = _load_router(config.routed, model, tokenizer)  # before the adapters wrap the model's layers
     adapters = _load_adapters(model, config.adapter)
     scorer = LikelihoodScorer(model, tokenizer, max_batch_tokens=config.max_batch_tokens)
+    parts = EvalParts(config.output_dir, run_identity(config, model, docs))
     result = {
         "config": dataclasses.asdict(config),
         "model": {"spec": config.model, "name": model_name(config.model), "model_type": model.config.model_type,
                   "num_blocks": total},
         "provenance": provenance(),
-        "runs": [_evaluate_omission(config, scorer, docs, omitted, adapters) for omitted in config.omissions],
+        "runs": [_evaluate_omission(config, scorer, docs, omitted, adapters, parts, row)
+                 for row, omitted in enumerate(config.omissions)],
     }
     if pudding is not None:
-        result["runs"].append(_evaluate_routed(config, scorer, docs, pudding, adapters))
+        result["runs"].append(_evaluate_routed(config, scorer, docs, pudding, adapters, parts))
+    if parts.reused:  # say which parts an earlier, interrupted run scored
+        result["resumed_parts"] = parts.reused
     if config.output_dir is not None:
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         path = Path(config.output_dir) / f"eval-{stamp}.json"
         result["path"] = str(atomic_write_json(path, result))
         atomic_write_text(path.with_suffix(".md"), render_markdown(result))
+        parts.finish()
     return result
 
 
