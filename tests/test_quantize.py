@@ -126,19 +126,27 @@ def test_each_row_is_close_to_fp32_even_beside_an_outlier_channel(make, kind):
     assert torch.equal(quantized(x.reshape(2, 3, 64)), got.reshape(2, 3, 48))
 
 
-def test_the_symmetric_8_bit_grid_is_finer_than_fbgemms_7_bit_one():
-    """int8-mm quantizes activations to 127 steps each side of zero, int8 (fbgemm's reduce_range) to about half
-    that: on the same layer and inputs its error is clearly smaller (about half), and it is batch invariant too."""
+def _errors_beside_an_outlier_channel(kinds, outlier: float) -> tuple[dict[str, float], nn.Linear, torch.Tensor]:
+    """Each layer kind's mean relative row error on one layer whose input has an outlier channel ``outlier``
+    times the others, with the layer and the input."""
     torch.manual_seed(0)
     layer = nn.Linear(256, 128)
     x = torch.randn(64, 256)
-    x[:, 7] *= 30  # an outlier channel
+    x[:, 7] *= outlier
     with torch.no_grad():
         want = layer(x)
         errors = {kind.__name__: float(((kind(layer)(x) - want).norm(dim=1) / want.norm(dim=1)).mean())
-                  for kind in (PerTokenInt8Linear, IntMMInt8Linear)}
-        assert errors["IntMMInt8Linear"] < 0.75 * errors["PerTokenInt8Linear"], errors
-        mm = IntMMInt8Linear(layer)
+                  for kind in kinds}
+    return errors, layer, x
+
+
+def test_the_symmetric_8_bit_grid_is_finer_than_fbgemms_7_bit_one():
+    """int8-mm quantizes activations to 127 steps each side of zero, int8 (fbgemm's reduce_range) to about half
+    that: on the same layer and inputs its error is clearly smaller (about half), and it is batch invariant too."""
+    errors, layer, x = _errors_beside_an_outlier_channel((PerTokenInt8Linear, IntMMInt8Linear), outlier=30)
+    assert errors["IntMMInt8Linear"] < 0.75 * errors["PerTokenInt8Linear"], errors
+    mm = IntMMInt8Linear(layer)
+    with torch.no_grad():
         assert torch.equal(mm(x[3:4]), mm(x)[3:4])
 
 
@@ -146,16 +154,10 @@ def test_bf16_keeps_each_elements_relative_precision_where_int8_shares_one_step(
     """bf16 rounds each element relative to itself, so an outlier channel does not coarsen its neighbours: on an
     outlier-heavy input its error is several times below even the finer int8 grid's, and it is batch invariant
     (each row's product is computed on its own values only)."""
-    torch.manual_seed(0)
-    layer = nn.Linear(256, 128)
-    x = torch.randn(64, 256)
-    x[:, 7] *= 100  # an outlier channel, as small LLMs have
+    errors, layer, x = _errors_beside_an_outlier_channel((IntMMInt8Linear, Bf16Linear), outlier=100)
+    assert errors["Bf16Linear"] < 0.25 * errors["IntMMInt8Linear"], errors
+    bf16 = Bf16Linear(layer)
     with torch.no_grad():
-        want = layer(x)
-        errors = {kind.__name__: float(((kind(layer)(x) - want).norm(dim=1) / want.norm(dim=1)).mean())
-                  for kind in (IntMMInt8Linear, Bf16Linear)}
-        assert errors["Bf16Linear"] < 0.25 * errors["IntMMInt8Linear"], errors
-        bf16 = Bf16Linear(layer)
         assert bf16(x).dtype == torch.float32
         assert torch.equal(bf16(x[3:4]), bf16(x)[3:4])
 
