@@ -381,18 +381,19 @@ def test_pudding_model_loads_its_llm_quantized_and_refuses_an_unquantized_one(ar
     assert given.model is fp32  # used as passed, not copied or quantized again
 
 
-def test_bench_runs_every_variant_quantized(artifact, tiny_dir, tmp_path):
+@pytest.mark.parametrize("method", ["int8", "bf16"])
+def test_bench_runs_every_variant_quantized(artifact, tiny_dir, tmp_path, method):
     from pudding.evaluation.bench import BenchConfig, run_bench
 
     report = run_bench(BenchConfig(model=str(artifact), lengths="16", new_tokens=3, repeats=1, threads=1,
-                                   cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "out"), quantize="int8"))
+                                   cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "out"), quantize=method))
     variants = report["variants"]
-    int8 = weight_bytes(quantize_model(load_model(tiny_dir)[0], "int8"))
-    assert variants["dense"]["resident_weight_bytes"] == int8  # the subprocess ran the quantized model
-    assert variants["routed"]["resident_weight_bytes"] == int8  # no fp32 block cache: the whole model stays
-    assert variants["static"]["resident_weight_bytes"] < int8
-    assert not (tmp_path / "cache").exists(), "an int8 run must not write the fp32 block cache"
-    assert report["config"]["quantize"] == "int8" and "int8 model" in (tmp_path / "out" / "bench.md").read_text()
+    quantized = weight_bytes(quantize_model(load_model(tiny_dir)[0], method))
+    assert variants["dense"]["resident_weight_bytes"] == quantized  # the subprocess ran the quantized model
+    assert variants["routed"]["resident_weight_bytes"] == quantized  # no fp32 block cache: the whole model stays
+    assert variants["static"]["resident_weight_bytes"] < quantized
+    assert not (tmp_path / "cache").exists(), "a quantized run must not write the fp32 block cache"
+    assert report["config"]["quantize"] == method and f"{method} model" in (tmp_path / "out" / "bench.md").read_text()
 
 
 @pytest.mark.slow  # a whole tiny reproduction: minutes on 2 shared cores
