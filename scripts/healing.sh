@@ -38,11 +38,13 @@ score $H/eval/sleb --omit $SLEB --adapter $H/baselines
 score $H/eval/shortened-ppl --omit $PPL --adapter $H/baselines
 score $H/eval/per-set --routed $ART --adapter $ART/adapters
 score $H/eval/shared --routed $ART --omit none --adapter $ART/adapters/shared
-# 3. the table: the unhealed rows are the table's; healed PuDDing minus every other row
+# 3. the table: the unhealed rows are the table's; healed PuDDing minus every other row, and each healed row minus
+#    the rest (so healed minus unhealed, per method, and dense with the shared adapter minus dense)
 .venv/bin/python scripts/heal_table.py --run $T \
     --row "SLEB + LoRA=$H/eval/sleb" --row "Shortened-LLaMA PPL + LoRA=$H/eval/shortened-ppl" \
     --row "PuDDing + LoRA per set=$H/eval/per-set" \
     --row "PuDDing + LoRA shared=$H/eval/shared#PuDDing ($ART) + lora" \
     --row "dense + LoRA shared=$H/eval/shared#dense + lora shared" \
     --ours "PuDDing + LoRA per set" --ours "PuDDing + LoRA shared" --ours "PuDDing (paper: embed-mlp-mse)" \
+    --ours "SLEB + LoRA" --ours "Shortened-LLaMA PPL + LoRA" --ours "dense + LoRA shared" \
     --out $H
