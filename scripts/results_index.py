@@ -50,8 +50,10 @@ FOLDERS = {
     "smollm2/sublayer-routing": ("routing over sub-layer sets against whole-block sets at k=3, with every static "
                                  "baseline, on the medium table's 2,400 documents"),
     "smollm2/sublayer-routing-run": "its per-set score shards (both splits), scoring pool, pools and routers",
-    "smollm2/healing": ("healing at k=6 (scripts/healing.sh, in progress): the LoRA adapters of the baselines and of "
-                        "the paper's PuDDing, with their training curves"),
+    "smollm2/healing": ("healing at k=6 (scripts/healing.sh): the LoRA adapters of the baselines and of the paper's "
+                        "PuDDing with their training curves, the healed rows' scores, and the healing table"),
+    "smollm2/adaptive": ("adaptive depth (scripts/adaptive_depth.sh, in progress): the depth ladder, its labels and "
+                         "router, and the per-set score shards of the main table's documents"),
     "smollm2/bench-int8-smooth": "pre-fill and decode of dense, static and routed SmolLM2 with int8-smooth blocks",
     "smollm2/bench": "pre-fill and decode speed of dense, static and routed SmolLM2 (the shipped router)",
     "smollm2/bench-llm-embed": "the same with the llm-embed router",
