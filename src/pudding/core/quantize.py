@@ -91,8 +91,11 @@ class _LowPrecisionLinear(nn.Module):
         self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().clone(),
                              persistent=False)
         self.smoothed = bool(getattr(module, "smoothed", False))
-        self.weight_bytes = self.out_features * self.in_features + 4 * self.out_features  # int8 + fp32 scales
         return weight
+
+    @property
+    def weight_bytes(self) -> int:
+        raise NotImplementedError
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """The input as fp32 token rows, SmoothQuant's input scale applied."""
@@ -108,6 +111,10 @@ class _LowPrecisionLinear(nn.Module):
 
 class _Int8Linear(_LowPrecisionLinear):
     """An int8 layer: int8 matrix, one fp32 scale per output channel."""
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.out_features * self.in_features + 4 * self.out_features
 
 
 class PerTokenInt8Linear(_Int8Linear):
@@ -139,7 +146,7 @@ class PerTokenInt8Linear(_Int8Linear):
         memo[id(self)] = copied
         nn.Module.__init__(copied)
         copied.in_features, copied.out_features = self.in_features, self.out_features
-        copied._packed, copied.weight_bytes, copied.smoothed = self._packed, self.weight_bytes, self.smoothed
+        copied._packed, copied.smoothed = self._packed, self.smoothed
         for name in ("bias", "input_scale"):
             value = getattr(self, name)
             copied.register_buffer(name, None if value is None else value.clone(), persistent=False)
@@ -200,7 +207,10 @@ class Bf16Linear(_LowPrecisionLinear):
         super().__init__()
         weight = self._adopt(module)
         self.register_buffer("weight_bf16", weight.to(torch.bfloat16), persistent=False)
-        self.weight_bytes = 2 * self.out_features * self.in_features
+
+    @property
+    def weight_bytes(self) -> int:
+        return 2 * self.out_features * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x).to(torch.bfloat16)
