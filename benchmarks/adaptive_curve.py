@@ -87,7 +87,26 @@ def render(result: dict) -> str:
         lines.append(f"{m['row']} at k={m['k']}: {m['row_accuracy']:.3f}; adaptive at tolerance {m['tolerance']:.4g} "
                      f"(mean k {m['adaptive_mean_k']:.2f}) {m['adaptive_accuracy']:.3f}; paired difference "
                      f"{m['difference']:+.3f} [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}] (N={m['n']})")
+    lines += _mixture_summary(curve["versus_mixture"])
     return "\n".join(lines)
+
+
+def _mixture_summary(comparisons: list[dict]) -> list[str]:
+    """Per row: at how many adaptive points (mean k > 0) adaptive is above or below the row mixed to the same
+    mean k with 95% confidence, and the point where it does worst."""
+    lines = ["adaptive against each row mixed to the same mean k (the straight lines between its points):"]
+    by_row: dict[str, list[dict]] = {}
+    for m in comparisons:
+        if m["mean_k"] > 1e-9:  # at mean k 0 every row is dense, as is adaptive
+            by_row.setdefault(m["row"], []).append(m)
+    for row, points in by_row.items():
+        above = sum(m["ci95"][0] > 0 for m in points)
+        below = sum(m["ci95"][1] < 0 for m in points)
+        worst = min(points, key=lambda m: m["difference"])
+        lines.append(f"  {row}: above in {above} and below in {below} of {len(points)} points; worst "
+                     f"{worst['difference']:+.3f} [{worst['ci95'][0]:+.3f}, {worst['ci95'][1]:+.3f}] at mean k "
+                     f"{worst['mean_k']:.2f}")
+    return lines
 
 
 def main(argv=None) -> int:

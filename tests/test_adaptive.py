@@ -23,6 +23,7 @@ from pudding.routing.adaptive import (
     check_tolerance,
     choose_by_tolerance,
     combine_labels,
+    mixture_of,
     save_labels,
 )
 from pudding.routing.model import PuddingModel
@@ -501,3 +502,27 @@ def test_curve_script_end_to_end_on_a_tiny_model(ladder, tiny_dir, tmp_path, cap
                                   "--baselines", str(tmp_path / "baselines"), "--methods", "taylor",
                                   "--out", str(tmp_path / "x")])
     assert status == 2 and "no ['taylor']" in capsys.readouterr().err
+
+
+def test_a_static_row_mixed_to_a_mean_k_is_the_line_between_its_neighbouring_depths():
+    right_at = {0: torch.tensor([1.0, 1.0]), 3: torch.tensor([1.0, 0.0]), 6: torch.tensor([0.0, 0.0])}
+    assert mixture_of(right_at, 3.0).tolist() == [1.0, 0.0]
+    assert mixture_of(right_at, 1.5).tolist() == [1.0, 0.5]
+    assert mixture_of(right_at, 5.0).tolist() == pytest.approx([1 / 3, 0.0])
+    assert mixture_of(right_at, 6.5) is None and mixture_of({3: right_at[3]}, 1.0) is None
+
+
+def test_curve_compares_each_adaptive_point_with_each_row_mixed_to_its_mean_k():
+    scores = torch.tensor([[0.0, -0.1, -0.4, -0.3], [0.0, -0.5, -0.6, -0.05],
+                           [0.0, -0.2, -0.1, -0.9], [0.0, -0.7, -0.8, -0.9]])
+    correct = torch.tensor([[1, 1, 0, 0, 1], [1, 0, 1, 1, 0], [0, 0, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float64)
+    curve = adaptive_curve(scores, [0, 3, 3, 6], correct, [0, 1, 2, 3], ["a", "a", "b", "b"],
+                           {"sleb": {3: 4, 6: 3}}, dense=0, points=50)
+    sleb = {m["tolerance"]: m for m in curve["versus_mixture"] if m["row"] == "sleb"}
+    # tolerance 0.05 sends document 1 to column 3 (k=6): mean k 1.5, halfway between dense and SLEB at k=3.
+    # adaptive is right on documents 0, 1, 3; the mixture on each is (dense + SLEB k=3) / 2 = 1, .5, 0, .5
+    point = next(m for t, m in sleb.items() if t == pytest.approx(0.05))
+    assert point["mean_k"] == 1.5
+    assert point["difference"] == pytest.approx(((1 - 1) + (1 - 0.5) + (0 - 0) + (1 - 0.5)) / 4)
+    assert point["adaptive_accuracy"] == pytest.approx(0.75) and point["row_accuracy"] == pytest.approx(0.5)
+    assert {m["row"] for m in curve["versus_mixture"]} == {"sleb", "PuDDing, fixed k"}

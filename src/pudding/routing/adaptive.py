@@ -164,6 +164,8 @@ def adaptive_curve(scores: torch.Tensor, depths: Sequence[int], correct: torch.T
     ``matched``: for every static and fixed-k point, the smallest tolerance whose mean k reaches that k and
     the paired difference adaptive minus that row over the documents, with its 95% interval. The tolerance is
     matched on mean k alone, which depends on the router's predictions and never on the answers.
+    ``versus_mixture``: every adaptive point against every row mixed to exactly its mean k (:func:`mixture_of`;
+    dense is each row's point at k=0), with the paired difference and its interval.
     """
     n, depth = len(scores), torch.as_tensor(depths, dtype=torch.long)
     if scores.shape[1] != len(depths) or len(columns) != len(depths) or len(correct) != n or len(tasks) != n:
@@ -201,6 +203,13 @@ def adaptive_curve(scores: torch.Tensor, depths: Sequence[int], correct: torch.T
                     for name, by_k in rows_at.items() for k, (right, _) in by_k.items()]}
     if dense is not None:
         out["dense"] = {"k": 0, **_point(*constant(dense, 0), tasks)}
+        for by_k in rows_at.values():  # every static row starts at the dense model: skipping 0 blocks
+            by_k[0] = constant(dense, 0)
+    out["versus_mixture"] = [
+        _versus_mixture(name, {k: right for k, (right, _) in by_k.items()}, t, mean_k(t), routed(chosen_at(t))[0],
+                        tasks)
+        for t in picks for name, by_k in rows_at.items()]
+    out["versus_mixture"] = [m for m in out["versus_mixture"] if m is not None]
     return out
 
 
@@ -219,6 +228,33 @@ def _matched(name: str, k: int, right: torch.Tensor, breaks: list[float], mean_k
             **paired_difference(ours, right)}
 
 
+def mixture_of(right_at: Mapping[int, torch.Tensor], mean_k: float) -> torch.Tensor | None:
+    """Per document, the expected correctness of a static row run at a *mean* depth between two of its k: each
+    prompt skips the deeper rung's blocks with probability p and the shallower's otherwise, p chosen so the mean
+    k is ``mean_k``. That is the straight line between the row's neighbouring points, which any static method can
+    reach by mixing at random, so it is the static curve an adaptive point must beat at the same mean k. None
+    outside the row's depths."""
+    ks = sorted(right_at)
+    if not ks or not ks[0] - 1e-9 <= mean_k <= ks[-1] + 1e-9:
+        return None
+    hi = next((k for k in ks if k >= mean_k - 1e-9), ks[-1])
+    lo = max((k for k in ks if k <= mean_k + 1e-9), default=hi)
+    if hi == lo:
+        return right_at[lo].double()
+    p = (mean_k - lo) / (hi - lo)
+    return (1 - p) * right_at[lo].double() + p * right_at[hi].double()
+
+
+def _versus_mixture(name: str, right_at: Mapping[int, torch.Tensor], tolerance: float, mean_k: float,
+                    ours: torch.Tensor, tasks: Sequence[str]) -> dict[str, Any] | None:
+    """One adaptive point against one static row mixed to the same mean k (:func:`mixture_of`)."""
+    theirs = mixture_of(right_at, mean_k)
+    if theirs is None:
+        return None
+    return {"row": name, "tolerance": tolerance, "mean_k": mean_k, "adaptive_accuracy": task_average(ours, tasks),
+            "row_accuracy": task_average(theirs, tasks), **paired_difference(ours.double(), theirs)}
+
+
 def plot_curve(curve: dict[str, Any], path: str | Path, title: str) -> None:
     """Accuracy against mean blocks skipped: the adaptive curve, each static method, fixed-k PuDDing, dense."""
     from pudding.core.extras import pyplot
@@ -231,7 +267,10 @@ def plot_curve(curve: dict[str, Any], path: str | Path, title: str) -> None:
     adaptive = curve["adaptive"]
     ax.plot([p["mean_k"] for p in adaptive], [p["accuracy"] for p in adaptive], "-", color="black", lw=2,
             label="PuDDing, adaptive (tolerance sweep)")
+    # each static row's line starts at dense: the lines between points are what random mixing of depths reaches
+    start = [curve["dense"]] if "dense" in curve else []
     for name, points in [*curve["static"].items(), ("PuDDing, fixed k", curve["fixed"])]:
+        points = start + points
         ax.plot([p["mean_k"] for p in points], [p["accuracy"] for p in points], "o--", label=name)
     if "dense" in curve:
         ax.plot([0], [curve["dense"]["accuracy"]], "k*", markersize=12, label="dense")
