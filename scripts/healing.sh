@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Healing at k=6 on the main table's 2,400 evaluation documents (issue 18, docs/HEALING.md):
+# Healing at k=6 (K=3: at k=3) on the main table's 2,400 evaluation documents (issue 18, docs/HEALING.md):
 # LoRA adapters (PEFT) for the paper's PuDDing (one per pool set, and one shared by every route) and for SLEB and
 # Shortened-LLaMA PPL, same data and steps; each healed model scored by `pudding eval` on the medium table's
 # documents; the table's unhealed rows reused, not scored again (scripts/heal_table.py checks them).
@@ -9,9 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=${P:-.venv/bin/pudding}
-T=results/smollm2/medium/k6        # the main table: its documents, its unhealed rows, its artifacts
-H=${H:-results/smollm2/healing}    # adapters, healed scores, the table
-RUN=${RUN:-results/smollm2/healing-run}  # training checkpoints
+K=${K:-6}                          # the table's k: K=3 heals the k=3 table (scripts/reproduce_medium_k3.sh)
+T=results/smollm2/medium/k$K       # the main table: its documents, its unhealed rows, its artifacts
+SUFFIX=$([ "$K" = 6 ] || echo "-k$K")
+H=${H:-results/smollm2/healing$SUFFIX}        # adapters, healed scores, the table
+RUN=${RUN:-results/smollm2/healing$SUFFIX-run}  # training checkpoints
 ART=$H/pudding                     # a copy of the paper's PuDDing (TL pool, TL labels, embed-mlp MSE router)
 TASKS=arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq
 STEPS=${STEPS:-60}
