@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from pudding.core.errors import PuddingError
-from pudding.core.provenance import atomic_write_json, provenance
+from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
 from pudding.pool.artifact import DENSE_SOURCE, CandidatePool, PoolEntry, ladder_pool
 from pudding.routing.adaptive import adaptive_curve, check_adaptive, combine_labels, plot_curve
 from pudding.routing.model import PuddingModel
@@ -129,8 +129,10 @@ def main(argv=None) -> int:
     atomic_write_json(out / "adaptive-curve.json", {**result, "provenance": provenance()})
     plot_curve(result["curve"], out / "adaptive-curve.png",
                f"Adaptive depth: {result['curve']['documents']} evaluation documents")
-    print(render(result))
-    print(f"wrote {out / 'adaptive-curve.json'} and {out / 'adaptive-curve.png'}")
+    summary = render(result)
+    atomic_write_text(out / "adaptive-curve.md", summary + "\n")
+    print(summary)
+    print(f"wrote {out / 'adaptive-curve.json'}, {out / 'adaptive-curve.md'} and {out / 'adaptive-curve.png'}")
     return 0
 
 

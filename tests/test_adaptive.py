@@ -489,7 +489,9 @@ def test_curve_script_end_to_end_on_a_tiny_model(ladder, tiny_dir, tmp_path, cap
     status = adaptive_curve.main(["--artifact", str(tmp_path / "artifact"), "--scores", str(tmp_path / "scores"),
                                   "--baselines", str(tmp_path / "baselines"), "--methods", "sleb,shortgpt",
                                   "--out", str(tmp_path / "out")])
-    assert status == 0 and "paired difference" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert status == 0 and "paired difference" in printed
+    assert (tmp_path / "out" / "adaptive-curve.md").read_text().strip() in printed
     saved = json.loads((tmp_path / "out" / "adaptive-curve.json").read_text())
     curve = saved["curve"]
     assert saved["provenance"]["git"]["commit"] and curve["documents"] == 6 and curve["depths"] == [0, 1, 2, 3]

@@ -483,6 +483,12 @@ def test_a_routed_eval_is_the_tables_pudding_row_and_the_heal_table_sets_it_besi
     assert result["kinds"]["PuDDing again"] == "pudding eval" and result["kinds"]["dense"] == "unhealed (the table's)"
     others = [rows["dense"]["tasks"][t]["value"] for t in tasks[1:]]
     assert rows["dense"]["average_without_favoured"] == pytest.approx(sum(others) / len(others))
+    # without the favoured task, a paired difference is the difference of the document-weighted means of the rest
+    without = result["paired_differences_without_favoured"][label]["dense"]
+    counts = [rows[label]["tasks"][t]["n"] for t in tasks[1:]]
+    gap = [rows[label]["tasks"][t]["value"] - rows["dense"]["tasks"][t]["value"] for t in tasks[1:]]
+    assert without["n"] == sum(counts)
+    assert without["difference"] == pytest.approx(sum(g * n for g, n in zip(gap, counts)) / sum(counts))
     assert (tmp_path / "table" / "healing-table-paired.png").stat().st_size > 10_000
     with pytest.raises(ConfigError, match="--ours names rows that do not exist"):
         heal_table["main"](["--run", str(out), "--ours", "nobody", "--out", str(tmp_path / "x")])

@@ -25,6 +25,7 @@ from pudding.core.omit import parse_omission
 from pudding.core.provenance import read_json
 from pudding.core.tasks import get_task
 from pudding.evaluation.tables import mean_stderr
+from pudding.pool.artifact import CandidatePool
 from pudding.routing.labels import Labels
 from pudding.routing.model import PuddingModel
 from pudding.routing.train import is_correct, routing_data
@@ -48,6 +49,8 @@ class TableDocuments:
     set_names: list[str]
     sets: list[tuple]
     num_blocks: int
+    baseline_sets: dict[str, tuple]  # static method -> the blocks the table's baselines omit at its k
+
 
     @classmethod
     def load(cls, run: Path) -> TableDocuments:
@@ -57,14 +60,27 @@ class TableDocuments:
         table = labels.table
         return cls(main, list(table["task"]), list(table["doc_id"]), list(table["gold"]), data.texts,
                    data.correct.tolist(), list(labels.meta["set_names"]), [tuple(s) for s in labels.meta["sets"]],
-                   labels.meta["identity"]["model"]["num_blocks"])
+                   labels.meta["identity"]["model"]["num_blocks"], _baseline_sets(run))
 
     @property
     def k(self) -> int:
         return self.main["config"]["k"]
 
-    def column(self, names: tuple[str, ...]) -> int | None:
-        return next((self.set_names.index(n) for n in names if n in self.set_names), None)
+    def column(self, row: str) -> int | None:
+        """The scores' column of a static row: found by its blocks, since scores shared with another run (a
+        depth ladder's) name sets their own way; by name for runs that kept no baselines folder."""
+        blocks = () if row == "dense" else self.baseline_sets.get(row)
+        if blocks is not None:
+            return self.sets.index(blocks) if blocks in self.sets else None
+        return next((self.set_names.index(n) for n in SAVED_STATIC[row] if n in self.set_names), None)
+
+
+def _baseline_sets(run: Path) -> dict[str, tuple]:
+    """Each static method's set in the baselines a reproduction used (its folder keeps a copy, at its k)."""
+    if not (run / "baselines" / "pool.json").exists():
+        return {}
+    baselines = CandidatePool.from_pretrained(run / "baselines")
+    return {source.method: tuple(entry.blocks) for entry in baselines.sets for source in entry.sources}
 
 
 def _artifact_path(main: dict, name: str) -> Path:
@@ -90,8 +106,8 @@ def check_average(docs: TableDocuments, label: str, values: list[float]) -> None
 def static_cells(docs: TableDocuments) -> dict[str, list[float]]:
     """The table's fixed static rows, from the saved scores."""
     cells = {}
-    for row, names in SAVED_STATIC.items():
-        column = docs.column(names)
+    for row in SAVED_STATIC:
+        column = docs.column(row)
         if column is not None and row in docs.main["rows"]:
             cells[row] = [c[column] for c in docs.correct]
             check_average(docs, row, cells[row])
