@@ -31,3 +31,10 @@ rm -rf src/pudding/artifacts/smollm2-135m-k6
 $P train-router --labels results/smollm2/medium-choice-prob/k6/labels \
     --pool results/smollm2/medium-run/smollm2/medium/k6/pools/pool-plus-baselines-plus-extra \
     --router task --loss mse --target tl --safe --out src/pudding/artifacts/smollm2-135m-k6 --no-progress
+# 9. the shipped k=3 artifact ("default-k3"): the configuration that scripts/reproduce_medium_k3.sh chose on
+#    calibration prompts (a task router, MSE on choice-prob labels, safe routing, the 3 sets of the TL pool plus
+#    the baselines that calibration ranked first), retrained from the committed labels; the same weights and
+#    validation numbers as results/smollm2/medium/k3/routers/task-mse-choice-prob-pool-plus-baselines-safe-top3
+rm -rf src/pudding/artifacts/smollm2-135m-k3
+$P train-router --labels results/smollm2/adaptive/labels --pool results/smollm2/medium-run/smollm2/medium/k3/pools/top3 \
+    --router task --loss mse --target choice-prob --safe --out src/pudding/artifacts/smollm2-135m-k3 --no-progress

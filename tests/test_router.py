@@ -543,3 +543,27 @@ def test_a_router_only_model_refuses_to_save_before_writing_anything(trained, tm
     with pytest.raises(ConfigError, match="router-only"):
         router_only.save_pretrained(tmp_path / "half")
     assert not (tmp_path / "half").exists()
+
+
+def test_shipped_artifacts_resolve_by_name_and_the_k3_one_is_the_k3_runs_calibration_choice():
+    """'default-k3' is the router the k=3 reproduction chose on calibration prompts (scripts/build_default.sh
+    step 9 retrains it from the committed labels): the same weights, the same choice-prob target and sets."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from pudding.pool.artifact import SHIPPED_ARTIFACTS, artifact_folder
+
+    assert artifact_folder("default") == SHIPPED_ARTIFACTS["default"] and artifact_folder("x/y") == Path("x/y")
+    shipped = artifact_folder("default-k3")
+    name = "task-mse-choice-prob-pool-plus-baselines-safe-top3"
+    chosen = Path(__file__).parents[1] / "results/smollm2/medium/k3/routers" / name
+    main = json.loads((chosen.parents[1] / "main.json").read_text())
+    assert name in next(row for row in main["kinds"] if row.startswith("PuDDing, best variant"))
+    ours, theirs = load_file(shipped / "router.safetensors"), load_file(chosen / "router.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    config = json.loads((shipped / "pudding.json").read_text())
+    assert config["router"]["target"] == "choice-prob" and config["router"]["default_set"] is not None
+    sets = [json.loads((folder / "pool.json").read_text())["sets"] for folder in (shipped, chosen)]
+    assert sets[0] == sets[1]

@@ -56,13 +56,14 @@ def test_piqa_accuracy_on_200_docs_is_near_the_known_0_64(smollm2):
     assert 0.58 <= value <= 0.72
 
 
-def test_shipped_artifact_routes_and_generates(smollm2):
-    """The committed PuDDing artifact loads on a fresh machine, routes, and generates without its blocks."""
+@pytest.mark.parametrize(("name", "k"), [("default", 6), ("default-k3", 3)])
+def test_shipped_artifact_routes_and_generates(smollm2, name, k):
+    """Each committed PuDDing artifact loads on a fresh machine, routes, and generates without its blocks."""
     from pudding.routing.model import PuddingModel
 
     model, tokenizer = smollm2
-    pudding = PuddingModel.from_pretrained("default", model=model, tokenizer=tokenizer)
-    assert pudding.pool.sets and all(len(e.blocks) == 6 for e in pudding.pool.sets)
+    pudding = PuddingModel.from_pretrained(name, model=model, tokenizer=tokenizer)
+    assert pudding.pool.sets and all(len(e.blocks) == k for e in pudding.pool.sets)
     prompts = ["Question: Which gas do plants absorb from the air?\nAnswer:",
                "How do I get a stain out of a shirt?"]
     routes = pudding.route(prompts)
@@ -70,7 +71,7 @@ def test_shipped_artifact_routes_and_generates(smollm2):
     outputs = pudding.generate(prompts, max_new_tokens=4)
     assert [o.route for o in outputs] == routes and all(o.completion_tokens >= 1 for o in outputs)
     # routing again after a reload gives the same decisions
-    assert PuddingModel.from_pretrained("default", model=model, tokenizer=tokenizer).route(prompts) == routes
+    assert PuddingModel.from_pretrained(name, model=model, tokenizer=tokenizer).route(prompts) == routes
 
 
 def test_default_model_exports_as_a_plain_checkpoint_that_matches(smollm2, tmp_path):

@@ -21,6 +21,7 @@ from pudding.cli_config import (
 )
 from pudding.cli_config import positive_int as _positive_int
 from pudding.core.errors import ConfigError, PuddingError
+from pudding.core.fields import SHIPPED_HELP
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
@@ -381,7 +382,7 @@ def read_prompts(path: str) -> list[str]:
 
 def _add_route(sub) -> None:
     parser = sub.add_parser("route", help="route prompts in bulk: print each prompt's chosen omission set")
-    parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
+    parser.add_argument("--model", default="default", help=SHIPPED_HELP)
     parser.add_argument("--file", required=True, help=".jsonl with a \"prompt\" per line, or plain text lines")
     parser.add_argument("--tolerance", type=_tolerance, default=None,
                         help="adaptive depth (ladder artifacts): the deepest set whose predicted drop is at most this")
@@ -405,7 +406,7 @@ def _run_route(args) -> int:
 def _add_generate(sub) -> None:
     parser = sub.add_parser("generate", help="route a prompt and generate without its chosen blocks")
     parser.add_argument("prompts", nargs="+", help="one or more prompts")
-    parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
+    parser.add_argument("--model", default="default", help=SHIPPED_HELP)
     parser.add_argument("--max-new-tokens", type=_positive_int, default=48)
     parser.add_argument("--compare-dense", action="store_true", help="also generate with the dense model and time it")
     parser.add_argument("--tolerance", type=_tolerance, default=None,
@@ -442,7 +443,7 @@ def _add_serve(sub) -> None:
     parser = sub.add_parser("serve", help="OpenAI-compatible server that routes every request",
                             description="Serve /v1/completions and /v1/chat/completions, routing each request and "
                                         "batching requests that chose the same set. Binds to 127.0.0.1 by default.")
-    parser.add_argument("--model", default="default", help="PuDDing artifact folder, or 'default'")
+    parser.add_argument("--model", default="default", help=SHIPPED_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     parser.add_argument("--port", type=_port, default=8000, help="port to bind (default: 8000)")
     add_config_flags(parser, "pudding.serving.server:ServeSettings")  # host and port are run_server's, not settings
@@ -486,7 +487,7 @@ def _add_export(sub) -> None:
                                         "layers are packed fbgemm kernels, not tensors a checkpoint holds); "
                                         "quantize when loading it, e.g. pudding eval --quantize int8.")
     parser.add_argument("--model", default="default",
-                        help="with --omit: a base model spec; with --all-sets: a PuDDing artifact or 'default'")
+                        help=f"with --omit: a base model spec; with --all-sets: {SHIPPED_HELP}")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--omit", help="comma-separated 0-based blocks to remove")
     which.add_argument("--all-sets", action="store_true", help="export every set of a PuDDing artifact + manifest")

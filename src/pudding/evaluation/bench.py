@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pudding.core.errors import ConfigError, PuddingError
-from pudding.core.fields import QuantizationFields
+from pudding.core.fields import SHIPPED_HELP, QuantizationFields
 from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
 
 VARIANTS = ("dense", "static", "routed")
@@ -48,7 +48,7 @@ class BenchConfig(QuantizationFields):
     """Settings of ``pudding bench``; each field's help text is its documentation. Every variant runs the model
     quantized as ``quantize`` says."""
 
-    model: str = field(default="default", metadata={"help": "PuDDing artifact folder, or 'default'"})
+    model: str = field(default="default", metadata={"help": SHIPPED_HELP})
     lengths: tuple[int, ...] = field(default=(128, 256, 512), metadata={
         "help": "comma-separated prompt lengths in tokens for pre-fill"})
     new_tokens: int = field(default=128, metadata={"type": "int", "help": "tokens generated in the decode test"})
@@ -167,10 +167,10 @@ def _load_variant(variant: str, config: BenchConfig) -> _Variant:
     from pudding.core.lazy import BlockStore, build_lazy_model, write_cache
     from pudding.core.load import context_length, load_tokenizer
     from pudding.core.omit import prune_blocks, require_whole_blocks
-    from pudding.pool.artifact import DEFAULT_ARTIFACT
+    from pudding.pool.artifact import artifact_folder
     from pudding.routing.model import PuddingModel, read_config
 
-    folder = DEFAULT_ARTIFACT if config.model == "default" else Path(config.model)
+    folder = artifact_folder(config.model)
     spec = read_config(folder)["base_model"]["spec"]
     load_start = time.perf_counter()
     store = None
@@ -368,10 +368,10 @@ def measurement_errors(speed: dict[str, Any], limit: float) -> list[str]:
 def _check_before_running(config: BenchConfig) -> None:
     """What can be checked from the artifact and the model's config alone, before three processes load it."""
     from pudding.core.load import context_length, load_config
-    from pudding.pool.artifact import DEFAULT_ARTIFACT
+    from pudding.pool.artifact import artifact_folder
     from pudding.routing.model import read_config
 
-    folder = DEFAULT_ARTIFACT if config.model == "default" else Path(config.model)
+    folder = artifact_folder(config.model)
     artifact = read_config(folder)
     check_lengths(config, context_length(load_config(artifact["base_model"]["spec"])))
     if config.tolerance is not None:  # refused here, not after a process has loaded the model

@@ -53,7 +53,7 @@ from pudding.evaluation.tables import (
     static_columns,
     switch_rates,
 )
-from pudding.pool.artifact import DEFAULT_ARTIFACT, CandidatePool, PoolEntry, SetSource, shrink_pool
+from pudding.pool.artifact import SHIPPED_ARTIFACTS, CandidatePool, PoolEntry, SetSource, shrink_pool
 from pudding.pool.executor import ExecutorFields
 from pudding.pruning.candidates import PoolConfig, build_baselines, build_pool
 from pudding.pruning.importance import (
@@ -426,7 +426,7 @@ def _router(config: ReproduceConfig, spec: RouterSpec, pools: dict[str, tuple[Ca
     wanted = {"pool": pool.fingerprint(), "train": {k: v for k, v in asdict(train_config).items()
                                                     if k not in ("labels", "pool", "out", "progress")},
               "labels": labels_identity(Labels.read_meta(labels_dir))}
-    shipped = [DEFAULT_ARTIFACT] if config.model == "default" else []
+    shipped = list(SHIPPED_ARTIFACTS.values()) if config.model == "default" else []
     # Large routers' weights are not committed (.gitignore), so a folder may hold a router's record without
     # it: such a folder is not reused, and in this run's own folder the router is trained again.
     elsewhere = shipped + [p for p in _found(config.reuse_root, "training.json")

@@ -481,7 +481,7 @@ def _plan_hash(plan: list[OmissionSet]) -> str:
 def _resolve_pool(config: HealConfig) -> tuple[CandidatePool, Path, Path | None]:
     """The pool to heal, the artifact folder to write into, and the folder to copy the pool (or the whole
     artifact: router and all) from into it, None when the adapters go into the source itself."""
-    from pudding.pool.artifact import CONFIG_FILE, DEFAULT_ARTIFACT
+    from pudding.pool.artifact import CONFIG_FILE, artifact_folder, is_shipped
 
     if config.omit:
         spec = config.model
@@ -493,10 +493,10 @@ def _resolve_pool(config: HealConfig) -> tuple[CandidatePool, Path, Path | None]
         pool = CandidatePool(entries, {"spec": spec, "name": model_name(spec), "fingerprint": fingerprint},
                              {"source": "pudding heal --omit"}, provenance())
         return pool, Path(config.out), Path(config.out)
-    folder = DEFAULT_ARTIFACT if config.pool == "default" else Path(config.pool)
+    folder = artifact_folder(config.pool)
     pool = CandidatePool.from_pretrained(folder)
     is_artifact = (folder / CONFIG_FILE).is_file()
-    if config.out is None and (not is_artifact or config.pool == "default"):
+    if config.out is None and (not is_artifact or is_shipped(config.pool)):
         raise ConfigError(f"{config.pool} is {'the shipped artifact' if is_artifact else 'a pool, not an artifact'}; "
                           "give --out, the folder the adapters are written to")
     out = Path(config.out) if config.out is not None else folder

@@ -26,7 +26,21 @@ SUBLAYER_POOL_FORMAT = "pudding.pool/2"
 """A pool with a set that names sub-layers ("12.attn"); readers of /1 expect block indices only, so such a
 pool is written as /2 and a whole-block pool stays /1, byte for byte what it always was."""
 CONFIG_FILE = "pudding.json"  # a routed artifact's config, beside its pool.json
-DEFAULT_ARTIFACT = Path(__file__).parents[1] / "artifacts" / "smollm2-135m-k6"
+SHIPPED = Path(__file__).parents[1] / "artifacts"
+# Artifacts shipped inside the package for the embedded SmolLM2, by the name a user gives instead of a folder.
+# "default" stays the k=6 one that earlier releases loaded; "default-k3" is the k at which routing beats the
+# static baselines on this model (README, "At k=3 of 30").
+SHIPPED_ARTIFACTS = {"default": SHIPPED / "smollm2-135m-k6", "default-k3": SHIPPED / "smollm2-135m-k3"}
+DEFAULT_ARTIFACT = SHIPPED_ARTIFACTS["default"]
+
+
+def artifact_folder(spec: str | Path) -> Path:
+    """The folder of an artifact given by folder or by a shipped artifact's name (:data:`SHIPPED_ARTIFACTS`)."""
+    return SHIPPED_ARTIFACTS.get(str(spec), Path(spec))
+
+
+def is_shipped(spec: str | Path) -> bool:
+    return str(spec) in SHIPPED_ARTIFACTS
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ each group with those blocks omitted (the residual stream passes through) and a 
 - ``pool.json``: the candidate pool;
 - ``router.safetensors``: the router's trained tensors (the head; the encoder too when it was fine-tuned).
 
-``from_pretrained("default")`` loads the artifact shipped inside the package for the embedded SmolLM2.
+``from_pretrained("default")`` loads the artifact shipped inside the package for the embedded SmolLM2 (k=6), and
+``from_pretrained("default-k3")`` the one at k=3 (:data:`pudding.pool.artifact.SHIPPED_ARTIFACTS`).
 
 **Prompt limits.** An empty prompt is refused. The router truncates a long prompt to its ``max_length``; the
 LLM does not truncate: a prompt that, with ``max_new_tokens``, exceeds the model's context is refused.
@@ -38,7 +39,7 @@ from pudding.core.load import context_length, load_config, load_model, model_fin
 from pudding.core.omit import OmissionSet, omit_blocks
 from pudding.core.provenance import atomic_write_json, provenance, read_json
 from pudding.core.quantize import check_quantization, check_quantized
-from pudding.pool.artifact import CONFIG_FILE, DEFAULT_ARTIFACT, POOL_FILE, CandidatePool
+from pudding.pool.artifact import CONFIG_FILE, POOL_FILE, CandidatePool, artifact_folder
 from pudding.routing.adaptive import check_adaptive, check_tolerance, choose_by_tolerance
 from pudding.routing.router import Router, RouterConfig, build_router, load_router_weights, save_router
 
@@ -173,7 +174,7 @@ class PuddingModel:
         check_quantization(quantize, quantize_head, skip=quantize_skip)
         if model is not None and quantize != "none":
             check_quantized(model, quantize, quantize_head, quantize_skip)
-        folder = DEFAULT_ARTIFACT if str(path) == "default" else Path(path)
+        folder = artifact_folder(path)
         config = read_config(folder)
         pool = CandidatePool.from_pretrained(folder)
         check_pool(config, pool, folder)
