@@ -74,6 +74,29 @@ def test_shipped_artifact_routes_and_generates(smollm2, name, k):
     assert PuddingModel.from_pretrained(name, model=model, tokenizer=tokenizer).route(prompts) == routes
 
 
+def test_shipped_adaptive_artifact_chooses_depth_by_tolerance_and_the_fixed_ones_refuse_it(smollm2):
+    """'default-adaptive' routes over a depth ladder: a huge tolerance puts every prompt at the deepest rung,
+    tolerance 0 never goes deeper than that, and generation reports the tolerance; 'default' has one depth."""
+    from pudding.core.errors import ConfigError
+    from pudding.routing.model import PuddingModel
+
+    model, tokenizer = smollm2
+    pudding = PuddingModel.from_pretrained("default-adaptive", model=model, tokenizer=tokenizer)
+    depths = sorted({e.k for e in pudding.pool.sets})
+    assert depths == [0, 3, 6]
+    prompts = ["Question: Which gas do plants absorb from the air?\nAnswer:", "Is the sun a star?"]
+    deepest = pudding.route(prompts, tolerance=1e6)
+    assert [len(r.blocks) for r in deepest] == [6, 6] and all(r.tolerance == 1e6 for r in deepest)
+    dense = next(i for i, e in enumerate(pudding.pool.sets) if e.k == 0)
+    for route in pudding.route(prompts, tolerance=0):  # the deepest set predicted at least as good as dense
+        fits = [e.k for e, score in zip(pudding.pool.sets, route.scores) if score >= route.scores[dense] - 1e-6]
+        assert len(route.blocks) == max(fits) and route.scores[route.set_index] >= route.scores[dense] - 1e-6
+    outputs = pudding.generate(prompts, tolerance=1e6, max_new_tokens=2)
+    assert [o.route for o in outputs] == deepest
+    with pytest.raises(ConfigError, match="ladder|depth"):
+        PuddingModel.from_pretrained("default", model=model, tokenizer=tokenizer).route(prompts, tolerance=0.1)
+
+
 def test_default_model_exports_as_a_plain_checkpoint_that_matches(smollm2, tmp_path):
     """The GGUF-loaded default model exports (transformers refuses to save a GGUF-quantized model as is).
 

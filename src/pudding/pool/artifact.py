@@ -29,8 +29,10 @@ CONFIG_FILE = "pudding.json"  # a routed artifact's config, beside its pool.json
 SHIPPED = Path(__file__).parents[1] / "artifacts"
 # Artifacts shipped inside the package for the embedded SmolLM2, by the name a user gives instead of a folder.
 # "default" stays the k=6 one that earlier releases loaded; "default-k3" is the k at which routing beats the
-# static baselines on this model (README, "At k=3 of 30").
-SHIPPED_ARTIFACTS = {"default": SHIPPED / "smollm2-135m-k6", "default-k3": SHIPPED / "smollm2-135m-k3"}
+# static baselines on this model (README, "At k=3 of 30"); "default-adaptive" routes over a depth ladder
+# (dense, k=3, k=6), so a request's tolerance chooses how many blocks to skip (docs/ADAPTIVE.md).
+SHIPPED_ARTIFACTS = {"default": SHIPPED / "smollm2-135m-k6", "default-k3": SHIPPED / "smollm2-135m-k3",
+                     "default-adaptive": SHIPPED / "smollm2-135m-ladder"}
 DEFAULT_ARTIFACT = SHIPPED_ARTIFACTS["default"]
 
 
