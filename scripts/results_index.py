@@ -32,8 +32,9 @@ FOLDERS = {
     "smollm2/pool-128": "the TL pool at k=6 searched on 128 documents per task (the medium budget's)",
     "smollm2/baselines-128": "SLEB, Shortened-LLaMA PPL and Taylor+, ShortGPT at k=6 on 128 documents per task",
     "smollm2/medium/k6": "the `medium` reproduction at k=6: labels, calibration headroom, then tables and routers",
-    "smollm2/medium/k3": ("the `medium` reproduction at k=3 (scripts/reproduce_medium_k3.sh): the k=6 searches' first "
-                          "3 removals, the adaptive run's labels and scores; tables, routers, the table without BoolQ"),
+    "smollm2/medium/k3": ("the `medium` reproduction at k=3 (scripts/reproduce_medium_k3.sh): the k=6 searches' "
+                          "first 3 removals, the adaptive run's labels and scores; tables, routers, the table "
+                          "without BoolQ"),
     "smollm2/medium": "accuracy against k across the medium runs",
     "smollm2/choice-prob-64": ("choice-prob searches of the six paper tasks (64 documents each): the accuracy-aimed "
                                "extra pool of the medium run"),
@@ -57,8 +58,9 @@ FOLDERS = {
                         "PuDDing with their training curves, the healed rows' scores, and the healing table"),
     "smollm2/healing-k3": ("healing at k=3 (K=3 scripts/healing.sh): the same adapters, rows and table on the k=3 "
                            "reproduction's documents"),
-    "smollm2/adaptive": ("adaptive depth (scripts/adaptive_depth.sh, ladder k = 0, 3, 6): the depth ladder, its labels "
-                         "and router, the per-set scores of the main table's documents, the curve and the speed"),
+    "smollm2/adaptive": ("adaptive depth (scripts/adaptive_depth.sh, ladder k = 0, 3, 6): the depth ladder, its "
+                         "labels and router, the per-set scores of the main table's documents, the curve and the "
+                         "speed"),
     "smollm2/bench-int8-smooth": "pre-fill and decode of dense, static and routed SmolLM2 with int8-smooth blocks",
     "smollm2/bench": "pre-fill and decode speed of dense, static and routed SmolLM2 (the shipped router)",
     "smollm2/bench-llm-embed": "the same with the llm-embed router",
