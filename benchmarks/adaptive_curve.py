@@ -19,12 +19,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from pudding.core.errors import PuddingError
+from pudding.core.errors import ConfigError, PuddingError
 from pudding.core.provenance import atomic_write_json, atomic_write_text, provenance
-from pudding.pool.artifact import DENSE_SOURCE, CandidatePool, PoolEntry, ladder_pool
+from pudding.pool.artifact import DENSE_SOURCE, CandidatePool, PoolEntry, artifact_folder, ladder_pool
 from pudding.routing.adaptive import adaptive_curve, check_adaptive, combine_labels, plot_curve
-from pudding.routing.model import PuddingModel
-from pudding.routing.train import routing_data
+from pudding.routing.model import PuddingModel, read_config
+from pudding.routing.train import routing_data, split_rows
 
 STATIC_METHODS = ("sleb", "shortened_ppl", "shortgpt")  # the issue's rows; taylor can be added with --methods
 
@@ -42,8 +42,10 @@ def static_sets(baselines: CandidatePool, depths: list[int], methods: tuple[str,
     return found
 
 
-def measure(artifact: str, scores: list[str], baselines: str, methods: tuple[str, ...], points: int) -> dict:
-    """The curve (see :func:`pudding.routing.adaptive.adaptive_curve`) for one ladder artifact on scored documents."""
+def measure(artifact: str, scores: list[str], baselines: str, methods: tuple[str, ...], points: int,
+            held_out: bool = False) -> dict:
+    """The curve (see :func:`pudding.routing.adaptive.adaptive_curve`) for one ladder artifact on scored documents;
+    with ``held_out``, only on the prompts its router held out from training (for calibration labels)."""
     pudding = PuddingModel.from_pretrained(artifact, router_only=True)
     depths = [e.k for e in pudding.pool.sets]
     check_adaptive(depths, pudding.router.config.loss)
@@ -55,6 +57,8 @@ def measure(artifact: str, scores: list[str], baselines: str, methods: tuple[str
     unique = list(dict.fromkeys(wanted))
     needed = CandidatePool(tuple(PoolEntry(b, (DENSE_SOURCE,)) for b in unique), pudding.pool.model)
     data = routing_data(combine_labels(scores, needed))
+    if held_out:
+        data = data.subset(held_out_rows(artifact, data.texts))
     column = {blocks: i for i, blocks in enumerate(unique)}
     curve = adaptive_curve(pudding.router.scores(data.texts), depths, data.correct,
                            [column[e.blocks] for e in pudding.pool.sets], data.tasks,
@@ -64,7 +68,20 @@ def measure(artifact: str, scores: list[str], baselines: str, methods: tuple[str
             "router": {"kind": pudding.router.config.kind, "loss": pudding.router.config.loss,
                        "target": pudding.router.config.target},
             "ladder": {"pool": pudding.pool.fingerprint(), "sets": [e.name for e in pudding.pool.sets],
-                       "depths": depths}, "tasks": sorted(set(data.tasks))}
+                       "depths": depths}, "tasks": sorted(set(data.tasks)), "held_out": held_out}
+
+
+def held_out_rows(artifact: str, texts: list[str]) -> list[int]:
+    """The rows of ``texts`` that the artifact's router held out from training: its validation questions (the
+    split is by question text, so routers trained on the same labels with the same fraction share it)."""
+    training = read_config(artifact_folder(artifact)).get("training", {}).get("config", {})
+    if "val_fraction" not in training:
+        raise ConfigError(f"{artifact} records no validation fraction, so its held-out prompts are unknown")
+    rows = split_rows(texts, training["val_fraction"])[1]
+    if not rows:
+        raise ConfigError("none of these prompts was held out from the router's training: --held-out is for the "
+                          "calibration labels it was trained on")
+    return rows
 
 
 def _sets_of(folder: str) -> list[list[int]]:
@@ -76,7 +93,8 @@ def _sets_of(folder: str) -> list[list[int]]:
 def render(result: dict) -> str:
     """A few lines: each matched comparison, adaptive minus the row at the same mean k."""
     curve = result["curve"]
-    lines = [f"{curve['documents']} documents; ladder depths {curve['depths']}; router target "
+    which = " (calibration prompts held out from the router's training)" if result.get("held_out") else ""
+    lines = [f"{curve['documents']} documents{which}; ladder depths {curve['depths']}; router target "
              f"{result['router']['target']} (tolerance units)"]
     if "dense" in curve:
         lines.append(f"dense: accuracy {curve['dense']['accuracy']:.3f}")
@@ -103,9 +121,10 @@ def _mixture_summary(comparisons: list[dict]) -> list[str]:
         above = sum(m["ci95"][0] > 0 for m in points)
         below = sum(m["ci95"][1] < 0 for m in points)
         worst = min(points, key=lambda m: m["difference"])
-        lines.append(f"  {row}: above in {above} and below in {below} of {len(points)} points; worst "
-                     f"{worst['difference']:+.3f} [{worst['ci95'][0]:+.3f}, {worst['ci95'][1]:+.3f}] at mean k "
-                     f"{worst['mean_k']:.2f}")
+        mean = sum(m["difference"] for m in points) / len(points)
+        lines.append(f"  {row}: above in {above} and below in {below} of {len(points)} points; mean difference "
+                     f"{mean:+.3f}; worst {worst['difference']:+.3f} [{worst['ci95'][0]:+.3f}, "
+                     f"{worst['ci95'][1]:+.3f}] at mean k {worst['mean_k']:.2f}")
     return lines
 
 
@@ -118,17 +137,21 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(STATIC_METHODS), help="static methods to draw")
     parser.add_argument("--points", type=int, default=41, help="tolerances on the adaptive curve")
     parser.add_argument("--out", required=True, help="folder for adaptive-curve.json and adaptive-curve.png")
+    parser.add_argument("--held-out", action="store_true",
+                        help="only the prompts the router held out from training: pass its calibration labels as "
+                             "--scores to compare routers (a label target, say) without evaluation documents")
     args = parser.parse_args(argv)
     try:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        result = measure(args.artifact, args.scores, args.baselines, methods, args.points)
+        result = measure(args.artifact, args.scores, args.baselines, methods, args.points, args.held_out)
     except PuddingError as error:
         print(f"adaptive_curve: error: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)
     atomic_write_json(out / "adaptive-curve.json", {**result, "provenance": provenance()})
     plot_curve(result["curve"], out / "adaptive-curve.png",
-               f"Adaptive depth: {result['curve']['documents']} evaluation documents")
+               f"Adaptive depth: {result['curve']['documents']} "
+               f"{'held-out calibration prompts' if args.held_out else 'evaluation documents'}")
     summary = render(result)
     atomic_write_text(out / "adaptive-curve.md", summary + "\n")
     print(summary)

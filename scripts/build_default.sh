@@ -38,9 +38,11 @@ $P train-router --labels results/smollm2/medium-choice-prob/k6/labels \
 rm -rf src/pudding/artifacts/smollm2-135m-k3
 $P train-router --labels results/smollm2/adaptive/labels --pool results/smollm2/medium-run/smollm2/medium/k3/pools/top3 \
     --router task --loss mse --target choice-prob --safe --out src/pudding/artifacts/smollm2-135m-k3 --no-progress
-# 10. the shipped adaptive-depth artifact ("default-adaptive"): the router of scripts/adaptive_depth.sh over the
-#     depth ladder (dense, 8 sets at k=3, 9 at k=6), retrained from its committed labels (the same weights as
-#     results/smollm2/adaptive/router); requests choose their depth with --tolerance (docs/ADAPTIVE.md)
+# 10. the shipped adaptive-depth artifact ("default-adaptive"): a router over the depth ladder of
+#     scripts/adaptive_depth.sh (dense, 8 sets at k=3, 9 at k=6) predicting choice-prob, the target that
+#     scripts/adaptive_target.sh chose on held-out calibration prompts; retrained from the committed labels (the
+#     same weights as results/smollm2/adaptive/router-choice-prob); requests choose their depth with --tolerance,
+#     in probability units (docs/ADAPTIVE.md)
 rm -rf src/pudding/artifacts/smollm2-135m-ladder
 $P train-router --labels results/smollm2/adaptive/labels --pool results/smollm2/adaptive/ladder --router embed-mlp \
-    --loss mse --target tl --out src/pudding/artifacts/smollm2-135m-ladder --no-progress
+    --loss mse --target choice-prob --out src/pudding/artifacts/smollm2-135m-ladder --no-progress

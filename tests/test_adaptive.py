@@ -469,7 +469,8 @@ def test_curve_script_end_to_end_on_a_tiny_model(ladder, tiny_dir, tmp_path, cap
     import sys
     from pathlib import Path
 
-    from pudding.routing.labels import LabelConfig, build_labels
+    from pudding.routing.labels import LabelConfig, Labels, build_labels
+    from pudding.routing.train import routing_data, split_rows
 
     sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
     import adaptive_curve
@@ -504,6 +505,20 @@ def test_curve_script_end_to_end_on_a_tiny_model(ladder, tiny_dir, tmp_path, cap
                                   "--baselines", str(tmp_path / "baselines"), "--methods", "taylor",
                                   "--out", str(tmp_path / "x")])
     assert status == 2 and "no ['taylor']" in capsys.readouterr().err
+    # --held-out: only the prompts the router's validation split holds out (here, of an untrained router, refused;
+    # then with a recorded fraction, exactly the split's rows)
+    args = ["--artifact", str(tmp_path / "artifact"), "--scores", str(tmp_path / "scores"), "--baselines",
+            str(tmp_path / "baselines"), "--methods", "sleb", "--held-out", "--out", str(tmp_path / "held")]
+    assert adaptive_curve.main(args) == 2 and "no validation fraction" in capsys.readouterr().err
+    config = json.loads((tmp_path / "artifact" / "pudding.json").read_text())
+    config["training"] = {"config": {"val_fraction": 0.5}}
+    (tmp_path / "artifact" / "pudding.json").write_text(json.dumps(config))
+    texts = routing_data(Labels.load(tmp_path / "scores")).texts
+    held = adaptive_curve.held_out_rows(str(tmp_path / "artifact"), texts)
+    assert held == split_rows(texts, 0.5)[1] and 0 < len(held) < len(texts)
+    assert adaptive_curve.main(args) == 0 and "held out from the router's training" in capsys.readouterr().out
+    held_curve = json.loads((tmp_path / "held" / "adaptive-curve.json").read_text())
+    assert held_curve["held_out"] and held_curve["curve"]["documents"] == len(held)
 
 
 def test_a_static_row_mixed_to_a_mean_k_is_the_line_between_its_neighbouring_depths():

@@ -567,3 +567,22 @@ def test_shipped_artifacts_resolve_by_name_and_the_k3_one_is_the_k3_runs_calibra
     assert config["router"]["target"] == "choice-prob" and config["router"]["default_set"] is not None
     sets = [json.loads((folder / "pool.json").read_text())["sets"] for folder in (shipped, chosen)]
     assert sets[0] == sets[1]
+
+
+def test_the_shipped_adaptive_artifact_is_the_router_whose_target_calibration_chose():
+    """'default-adaptive' is the ladder router with the label target that scripts/adaptive_target.sh chose on
+    held-out calibration prompts (its choice.json), with the same weights (scripts/build_default.sh step 10)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from pudding.pool.artifact import artifact_folder
+
+    adaptive = Path(__file__).parents[1] / "results/smollm2/adaptive"
+    chosen = json.loads((adaptive / "target-selection" / "choice.json").read_text())["chosen"]
+    trained = adaptive / ("router" if chosen == "tl" else f"router-{chosen}")
+    shipped = artifact_folder("default-adaptive")
+    assert json.loads((shipped / "pudding.json").read_text())["router"]["target"] == chosen
+    ours, theirs = load_file(shipped / "router.safetensors"), load_file(trained / "router.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
