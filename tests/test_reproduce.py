@@ -521,3 +521,21 @@ def test_reviewer_rows_are_refused_at_another_k_on_other_documents_or_against_an
     with pytest.raises(ConfigError, match="row 'sleb' recomputes to"):
         measure(copy, [])
     assert blocks_removed({"model": {"num_blocks": 4}}, {"omitted": []}, 6) == 2
+
+
+def test_a_tables_static_rows_are_found_by_their_blocks_whatever_the_scores_call_them():
+    """Scores shared with a depth ladder name sets their own way ("sleb-ppl-k3"), and a set that two sources
+    share is stored once under one name: the columns come from the table's baselines by blocks, and by name only
+    for a run without a baselines folder."""
+    from pudding.evaluation.external import TableDocuments
+
+    def docs(baseline_sets):
+        return TableDocuments(main={}, tasks=[], doc_ids=[], golds=[], texts=[], correct=[],
+                              set_names=["dense", "arc_easy-tl-k3", "winogrande-tl-k3", "sleb-ppl-k3"],
+                              sets=[(), (7, 18, 19), (12, 14, 17), (16, 17, 18)], num_blocks=30,
+                              baseline_sets=baseline_sets)
+
+    ladder = docs({"sleb": (16, 17, 18), "shortened_ppl": (12, 14, 17), "shortgpt": (13, 14, 17)})
+    assert [ladder.column(row) for row in ("dense", "sleb", "shortened_ppl", "shortgpt")] == [0, 3, 2, None]
+    by_name = docs({})
+    assert [by_name.column(row) for row in ("dense", "sleb", "shortened_ppl")] == [0, None, None]

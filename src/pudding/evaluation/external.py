@@ -51,7 +51,6 @@ class TableDocuments:
     num_blocks: int
     baseline_sets: dict[str, tuple]  # static method -> the blocks the table's baselines omit at its k
 
-
     @classmethod
     def load(cls, run: Path) -> TableDocuments:
         main = read_json(run / "main.json", f"{run} holds no main.json; pass a `pudding reproduce` output folder")
