@@ -11,14 +11,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=${P:-.venv/bin/pudding}
-A=results/smollm2/adaptive
+A=${A:-results/smollm2/adaptive}
 S=$A/target-selection
-[ -e $A/router-choice-prob/router.safetensors ] || $P train-router --labels $A/labels --pool $A/ladder \
-    --router embed-mlp --loss mse --target choice-prob --out $A/router-choice-prob --no-progress
+BASELINES=${BASELINES:-results/smollm2/baselines-128}  # the ladder's baselines (baselines-k9 for a k=9 ladder)
+# trained again each run (a minute, seeded): the ladder may have grown since
+$P train-router --labels $A/labels --pool $A/ladder --router embed-mlp --loss mse --target choice-prob \
+    --out $A/router-choice-prob --no-progress
 for target in tl choice-prob; do
     artifact=$A/router-$target; [ $target = tl ] && artifact=$A/router
     .venv/bin/python benchmarks/adaptive_curve.py --artifact $artifact --scores $A/labels \
-        --baselines results/smollm2/baselines-128 --held-out --out $S/$target
+        --baselines $BASELINES --held-out --out $S/$target
 done
 CHOSEN=$(.venv/bin/python - "$S" <<'PY'
 import json, sys
@@ -36,5 +38,5 @@ PY
 echo "chosen on held-out calibration prompts: $CHOSEN ($S/choice.json)"
 if [ "$CHOSEN" = choice-prob ]; then
     .venv/bin/python benchmarks/adaptive_curve.py --artifact $A/router-choice-prob --scores $A/scores \
-        --baselines results/smollm2/baselines-128 --out $A/choice-prob
+        --baselines $BASELINES --out $A/choice-prob
 fi

@@ -61,6 +61,9 @@ FOLDERS = {
     "smollm2/adaptive": ("adaptive depth (scripts/adaptive_depth.sh, ladder k = 0, 3, 6): the depth ladder, its "
                          "labels and router, the per-set scores of the main table's documents, the curve and the "
                          "speed"),
+    "smollm2/adaptive-k9": ("adaptive depth with a k=9 rung (A=results/smollm2/adaptive-k9 DEPTHS=0,3,6,9 "
+                            "scripts/adaptive_depth.sh, in progress): the searches and SLEB extended from k=6, and "
+                            "the k<=6 ladder's score shards reused as hard links"),
     "smollm2/bench-int8-smooth": "pre-fill and decode of dense, static and routed SmolLM2 with int8-smooth blocks",
     "smollm2/bench": "pre-fill and decode speed of dense, static and routed SmolLM2 (the shipped router)",
     "smollm2/bench-llm-embed": "the same with the llm-embed router",
