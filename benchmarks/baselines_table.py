@@ -88,10 +88,11 @@ def main() -> None:
     result = {"config": {"run": str(args.run), "rows": args.row}, "provenance": provenance(),
               **measure(args.run, rows)}
     atomic_write_json(args.run / f"{OUTPUT}.json", result)
-    atomic_write_text(args.run / f"{OUTPUT}.md", render(result))
+    text = render(result)
+    atomic_write_text(args.run / f"{OUTPUT}.md", text)
     plot_paired_differences(result, args.run / f"{OUTPUT}-paired.png")
     plot_accuracy_vs_k(args.run.parent, result["budget"])
-    print(render(result))
+    print(text)
 
 
 if __name__ == "__main__":

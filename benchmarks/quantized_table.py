@@ -232,8 +232,9 @@ def main() -> None:
     result = {"config": {**vars(args), "scores_config": config}, "provenance": provenance(), **result}
     out = Path(args.out)
     atomic_write_json(out / "quantized-table.json", result)
-    atomic_write_text(out / "quantized-table.md", render(result))
-    print(render(result))
+    text = render(result)
+    atomic_write_text(out / "quantized-table.md", text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -109,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"config": {"run": str(args.run), "rows": args.row, "ours": args.ours, "favoured": sorted(favoured)},
               "provenance": provenance(), **measure(args.run, rows, args.ours, favoured)}
     atomic_write_json(args.out / f"{args.name}.json", result)
-    atomic_write_text(args.out / f"{args.name}.md", render(result))
+    text = render(result)
+    atomic_write_text(args.out / f"{args.name}.md", text)
     plot_paired_differences(result, args.out / f"{args.name}-paired.png", title="each named row minus every other row")
-    print(render(result))
+    print(text)
     return 0
 
 

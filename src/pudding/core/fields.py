@@ -54,6 +54,7 @@ class QuantizationFields:
         """The settings as the keyword arguments of ``load_model`` and ``PuddingModel.from_pretrained``."""
         return {"quantize": self.quantize, "quantize_head": self.quantize_head, "quantize_skip": self.quantize_skip}
 
+
 # The help of every --model that takes a PuDDing artifact (pudding.pool.artifact.SHIPPED_ARTIFACTS names them)
 SHIPPED_HELP = ("PuDDing artifact folder, or a shipped one: 'default' (SmolLM2, k=6), 'default-k3', or "
                 "'default-adaptive' (a depth ladder, for --tolerance)")

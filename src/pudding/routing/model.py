@@ -11,7 +11,8 @@ each group with those blocks omitted (the residual stream passes through) and a 
 - ``router.safetensors``: the router's trained tensors (the head; the encoder too when it was fine-tuned).
 
 ``from_pretrained("default")`` loads the artifact shipped inside the package for the embedded SmolLM2 (k=6), and
-``from_pretrained("default-k3")`` the one at k=3 (:data:`pudding.pool.artifact.SHIPPED_ARTIFACTS`).
+``from_pretrained("default-k3")`` the one at k=3, ``from_pretrained("default-adaptive")`` the depth-ladder one
+for ``tolerance`` (:data:`pudding.pool.artifact.SHIPPED_ARTIFACTS`).
 
 **Prompt limits.** An empty prompt is refused. The router truncates a long prompt to its ``max_length``; the
 LLM does not truncate: a prompt that, with ``max_new_tokens``, exceeds the model's context is refused.
